@@ -1,0 +1,378 @@
+//! Page bitmaps. [`SharedBitmap`] lives in a memfd the supervisor holds, so a
+//! role that dies loses none of it: the source's `sent` set and the
+//! destination's `received` set. [`Bitmap`] is a private one (a dirty set, the
+//! requests in flight).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::mem::{create_memfd, Access, Mapping, MemError};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"PCBITMAP");
+const HEADER_WORDS: usize = 8;
+const H_MAGIC: usize = 0;
+const H_BITS: usize = 1;
+const H_HINT: usize = 2;
+const H_COUNT: usize = 3;
+
+fn words_for(bits: u64) -> usize {
+    bits.div_ceil(64) as usize
+}
+
+/// Errors opening a shared bitmap handed over by the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum BitmapError {
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    #[error("shared bitmap has bad magic {0:#x}")]
+    BadMagic(u64),
+    #[error("shared bitmap holds {actual} bits, expected {expected}")]
+    WrongSize { actual: u64, expected: u64 },
+}
+
+/// A bitmap in shared memory with a small header: the bit count, a running
+/// count of set bits, and a hint word roles use to talk about a position
+/// (the page-server posts the last requested page for the ram-sender).
+pub struct SharedBitmap {
+    map: Mapping,
+    bits: u64,
+}
+
+impl SharedBitmap {
+    /// Creates a new, all-clear bitmap in a fresh memfd (supervisor side).
+    pub fn create(name: &str, bits: u64) -> Result<(SharedBitmap, OwnedFd), BitmapError> {
+        let len = (HEADER_WORDS + words_for(bits)) * 8;
+        let fd = create_memfd(name, len as u64)?;
+        let map = Mapping::new(fd.as_fd(), len, Access::ReadWrite)?;
+        let w = map.atomic_words();
+        w[H_BITS].store(bits, Ordering::Relaxed);
+        w[H_MAGIC].store(MAGIC, Ordering::Release);
+        Ok((SharedBitmap { map, bits }, fd))
+    }
+
+    /// Maps a bitmap created by the supervisor (role side).
+    pub fn open(fd: BorrowedFd<'_>, bits: u64) -> Result<SharedBitmap, BitmapError> {
+        let len = (HEADER_WORDS + words_for(bits)) * 8;
+        let map = Mapping::new(fd, len, Access::ReadWrite)?;
+        let w = map.atomic_words();
+        let magic = w[H_MAGIC].load(Ordering::Acquire);
+        if magic != MAGIC {
+            return Err(BitmapError::BadMagic(magic));
+        }
+        let actual = w[H_BITS].load(Ordering::Relaxed);
+        if actual != bits {
+            return Err(BitmapError::WrongSize {
+                actual,
+                expected: bits,
+            });
+        }
+        Ok(SharedBitmap { map, bits })
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        &self.map.atomic_words()[HEADER_WORDS..HEADER_WORDS + words_for(self.bits)]
+    }
+
+    fn header(&self, i: usize) -> &AtomicU64 {
+        &self.map.atomic_words()[i]
+    }
+
+    pub fn len(&self) -> u64 {
+        self.bits
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    fn locate(&self, bit: u64) -> (&AtomicU64, u64) {
+        assert!(
+            bit < self.bits,
+            "bit {bit} outside a bitmap of {}",
+            self.bits
+        );
+        (&self.words()[(bit / 64) as usize], 1u64 << (bit % 64))
+    }
+
+    pub fn get(&self, bit: u64) -> bool {
+        let (w, m) = self.locate(bit);
+        w.load(Ordering::Acquire) & m != 0
+    }
+
+    /// Sets a bit; true if this call set it (it was clear). The one call
+    /// that wins a race is the one that owns the page.
+    pub fn test_and_set(&self, bit: u64) -> bool {
+        let (w, m) = self.locate(bit);
+        let won = w.fetch_or(m, Ordering::AcqRel) & m == 0;
+        if won {
+            self.header(H_COUNT).fetch_add(1, Ordering::AcqRel);
+        }
+        won
+    }
+
+    /// Clears a bit; true if it was set.
+    pub fn clear(&self, bit: u64) -> bool {
+        let (w, m) = self.locate(bit);
+        let was = w.fetch_and(!m, Ordering::AcqRel) & m != 0;
+        if was {
+            self.header(H_COUNT).fetch_sub(1, Ordering::AcqRel);
+        }
+        was
+    }
+
+    /// Number of set bits, as kept by the running count.
+    pub fn count(&self) -> u64 {
+        self.header(H_COUNT).load(Ordering::Acquire)
+    }
+
+    /// Recounts the set bits and repairs the running count (after a role
+    /// died between setting a bit and counting it).
+    pub fn recount(&self) -> u64 {
+        let n: u64 = self
+            .words()
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+            .sum();
+        self.header(H_COUNT).store(n, Ordering::Release);
+        n
+    }
+
+    /// True when every bit is set.
+    pub fn is_full(&self) -> bool {
+        self.count() >= self.bits
+    }
+
+    /// First clear bit at or after `from`, if any.
+    pub fn next_clear(&self, from: u64) -> Option<u64> {
+        self.scan(from, true)
+    }
+
+    /// First set bit at or after `from`, if any.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        self.scan(from, false)
+    }
+
+    fn scan(&self, from: u64, want_clear: bool) -> Option<u64> {
+        if from >= self.bits {
+            return None;
+        }
+        let words = self.words();
+        let mut wi = (from / 64) as usize;
+        let mut mask = !0u64 << (from % 64);
+        while wi < words.len() {
+            let mut v = words[wi].load(Ordering::Acquire);
+            if want_clear {
+                v = !v;
+            }
+            v &= mask;
+            if v != 0 {
+                let bit = wi as u64 * 64 + u64::from(v.trailing_zeros());
+                return (bit < self.bits).then_some(bit);
+            }
+            wi += 1;
+            mask = !0;
+        }
+        None
+    }
+
+    /// The hint word (0 = no hint).
+    pub fn hint(&self) -> u64 {
+        self.header(H_HINT).load(Ordering::Acquire)
+    }
+
+    pub fn set_hint(&self, value: u64) {
+        self.header(H_HINT).store(value, Ordering::Release)
+    }
+
+    /// A copy of the bits (for exchanging the set with a peer).
+    pub fn snapshot(&self) -> Bitmap {
+        let mut b = Bitmap::new(self.bits);
+        for (dst, src) in b.words.iter_mut().zip(self.words()) {
+            *dst = src.load(Ordering::Acquire);
+        }
+        b
+    }
+}
+
+/// A plain, private bitmap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bitmap {
+    words: Vec<u64>,
+    bits: u64,
+}
+
+impl Bitmap {
+    pub fn new(bits: u64) -> Bitmap {
+        Bitmap {
+            words: vec![0; words_for(bits)],
+            bits,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.bits
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    pub fn get(&self, bit: u64) -> bool {
+        assert!(bit < self.bits);
+        self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+    }
+
+    /// Sets a bit; true if it was clear.
+    pub fn set(&mut self, bit: u64) -> bool {
+        assert!(
+            bit < self.bits,
+            "bit {bit} outside a bitmap of {}",
+            self.bits
+        );
+        let w = &mut self.words[(bit / 64) as usize];
+        let m = 1u64 << (bit % 64);
+        let was_clear = *w & m == 0;
+        *w |= m;
+        was_clear
+    }
+
+    /// Clears a bit; true if it was set.
+    pub fn clear(&mut self, bit: u64) -> bool {
+        assert!(bit < self.bits);
+        let w = &mut self.words[(bit / 64) as usize];
+        let m = 1u64 << (bit % 64);
+        let was_set = *w & m != 0;
+        *w &= !m;
+        was_set
+    }
+
+    pub fn set_range(&mut self, first: u64, count: u64) {
+        for b in first..first + count {
+            self.set(b);
+        }
+    }
+
+    pub fn set_all(&mut self) {
+        for w in &mut self.words {
+            *w = !0;
+        }
+        let tail = self.bits % 64;
+        if tail != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last = (1u64 << tail) - 1;
+            }
+        }
+    }
+
+    pub fn clear_all(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = 0);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Runs of set bits as `(first, count)`, each at most `max_run` long.
+    pub fn runs(&self, max_run: u64) -> Runs<'_> {
+        Runs {
+            map: self,
+            pos: 0,
+            max_run,
+        }
+    }
+
+    fn next_set(&self, from: u64) -> Option<u64> {
+        if from >= self.bits {
+            return None;
+        }
+        let mut wi = (from / 64) as usize;
+        let mut v = self.words[wi] & (!0u64 << (from % 64));
+        loop {
+            if v != 0 {
+                let bit = wi as u64 * 64 + u64::from(v.trailing_zeros());
+                return (bit < self.bits).then_some(bit);
+            }
+            wi += 1;
+            if wi >= self.words.len() {
+                return None;
+            }
+            v = self.words[wi];
+        }
+    }
+}
+
+/// Iterator over runs of set bits.
+pub struct Runs<'a> {
+    map: &'a Bitmap,
+    pos: u64,
+    max_run: u64,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        let first = self.map.next_set(self.pos)?;
+        let mut end = first + 1;
+        while end < self.map.bits && end - first < self.max_run && self.map.get(end) {
+            end += 1;
+        }
+        self.pos = end;
+        Some((first, end - first))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_bitmap_counts_and_scans() {
+        let (b, fd) = SharedBitmap::create("t", 130).unwrap();
+        assert!(b.test_and_set(0));
+        assert!(!b.test_and_set(0));
+        assert!(b.test_and_set(129));
+        assert!(b.test_and_set(64));
+        assert_eq!(b.count(), 3);
+        assert_eq!(b.next_set(1), Some(64));
+        assert_eq!(b.next_set(65), Some(129));
+        assert_eq!(b.next_clear(0), Some(1));
+        assert!(b.clear(64));
+        assert!(!b.clear(64));
+        assert_eq!(b.count(), 2);
+        // A second mapping (another role) sees the same bits.
+        let other = SharedBitmap::open(fd.as_fd(), 130).unwrap();
+        assert!(other.get(129));
+        assert!(!other.get(64));
+        other.set_hint(77);
+        assert_eq!(b.hint(), 77);
+        assert!(matches!(
+            SharedBitmap::open(fd.as_fd(), 131),
+            Err(BitmapError::WrongSize { .. })
+        ));
+        for i in 0..130 {
+            b.test_and_set(i);
+        }
+        assert!(b.is_full());
+        assert_eq!(b.next_clear(0), None);
+        assert_eq!(b.recount(), 130);
+    }
+
+    #[test]
+    fn local_bitmap_runs() {
+        let mut b = Bitmap::new(200);
+        b.set_range(3, 5);
+        b.set(64);
+        b.set(65);
+        b.set(199);
+        let runs: Vec<_> = b.runs(3).collect();
+        assert_eq!(runs, vec![(3, 3), (6, 2), (64, 2), (199, 1)]);
+        assert_eq!(b.count(), 8);
+        b.set_all();
+        assert_eq!(b.count(), 200);
+        assert_eq!(b.runs(1000).collect::<Vec<_>>(), vec![(0, 200)]);
+        b.clear_all();
+        assert_eq!(b.runs(10).next(), None);
+    }
+}

@@ -1,0 +1,16 @@
+//! What more than one postcopy process truly shares: the wire protocol, the
+//! messages between supervisor and roles, shared bitmaps, memfd mappings,
+//! userfaultfd, page digests and the migration state machine.
+
+pub mod bitmap;
+pub mod control;
+pub mod digest;
+pub mod guest;
+pub mod logging;
+pub mod mem;
+pub mod msg;
+pub mod role;
+pub mod state;
+pub mod types;
+pub mod uffd;
+pub mod wire;

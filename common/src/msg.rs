@@ -1,0 +1,312 @@
+//! Messages between the supervisor and each process it starts, one enum per
+//! direction per process. They travel over ipc-channel; fds travel beside them
+//! on the fd socket (see [`crate::role`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::GuestConfig;
+use crate::role::RoleOutput;
+use crate::types::{MemLayout, RemoteAddr};
+use crate::wire::Package;
+
+// ---------------------------------------------------------------- guest
+
+/// Which end of the migration a guest process is.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Side {
+    /// Runs the workload from the start; memory is tracked for dirty pages.
+    Source,
+    /// Waits for pages and state; may fault pages in through userfaultfd.
+    Destination { postcopy: bool },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GuestInit {
+    pub config: GuestConfig,
+    pub side: Side,
+}
+
+/// Supervisor → guest.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ToGuest {
+    /// Map memory (fds: `memory`, and `serial` for KVM) and prepare. The guest
+    /// answers Ready and sends its fds: source `uffd` + `pagemap`,
+    /// postcopy destination `uffd`.
+    Init(GuestInit),
+    /// Start the workload from the beginning (source).
+    Run,
+    /// Stop at a safe point; answer Stopped.
+    Stop,
+    /// Continue after a Stop (the source after a failed migration).
+    Resume,
+    /// Answer State with everything needed to continue where it stopped.
+    SaveState,
+    /// Register guest memory with the userfaultfd in missing mode.
+    Listen,
+    /// Load a state saved on the other host; answer Loaded.
+    Load(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Answer Progress.
+    Ping,
+    /// Exit.
+    Quit,
+}
+
+/// Guest → supervisor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum FromGuest {
+    Ready {
+        /// Where guest memory is mapped in the guest process.
+        base: RemoteAddr,
+    },
+    Running,
+    Stopped,
+    State(#[serde(with = "serde_bytes")] Vec<u8>),
+    Listening,
+    Loaded,
+    /// Workload progress: writes (process) or passes (KVM) so far.
+    Progress {
+        ops: u64,
+    },
+    Error(String),
+}
+
+impl RoleOutput for FromGuest {
+    fn fatal(text: String) -> Self {
+        FromGuest::Error(text)
+    }
+}
+
+// ---------------------------------------------------------------- ram-sender
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SenderSetup {
+    pub layout: MemLayout,
+    pub guest_base: RemoteAddr,
+    /// Bytes per second on the main stream; 0 = unlimited.
+    pub max_bandwidth: u64,
+}
+
+/// Supervisor → ram-sender.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ToRamSender {
+    /// fds: `memory`, `pagemap`, `uffd`, `sent`, `main`.
+    Start(SenderSetup),
+    /// After Synced: another precopy round.
+    Continue,
+    /// The guest is stopped and precopy converged: final sync, send the rest,
+    /// then wait for the package.
+    Complete,
+    /// The guest is stopped: final sync, discard set, then wait for the package.
+    Switchover,
+    /// Send the device-state package; after a switchover, push every page
+    /// not sent yet; after Complete, end the stream.
+    Package(Package),
+    SetMaxBandwidth(u64),
+    /// Stop sending and exit.
+    Quit,
+}
+
+/// Numbers from one dirty sync.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RoundStats {
+    /// Dirty syncs so far, this one included.
+    pub sync_count: u32,
+    /// Pages sent as data in the round that just ended.
+    pub round_pages: u64,
+    pub round_zero_pages: u64,
+    pub round_bytes: u64,
+    pub round_us: u64,
+    /// Dirty pages found by this sync: what the next round must send.
+    pub pending_pages: u64,
+    /// Bytes per second over the round.
+    pub bandwidth: f64,
+    /// Pages dirtied per second over the round.
+    pub dirty_rate: f64,
+    /// Everything sent so far.
+    pub total_bytes: u64,
+    pub total_pages: u64,
+    pub total_zero_pages: u64,
+}
+
+/// Live numbers during a round.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SendProgress {
+    pub total_bytes: u64,
+    pub total_pages: u64,
+    /// Pages still to send in this round.
+    pub round_left: u64,
+    pub bandwidth: f64,
+}
+
+/// The final sync at stop.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FinalSync {
+    pub sync_count: u32,
+    /// Totals at the moment the guest stopped (what precopy sent).
+    pub precopy_bytes: u64,
+    pub precopy_pages: u64,
+    pub precopy_zero_pages: u64,
+    pub dirty_pages: u64,
+    /// Pages the destination must drop (sent before, dirtied since).
+    pub discard_pages: u64,
+    /// Bytes sent after the guest stopped (precopy completion: the rest).
+    pub bytes: u64,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub sync_us: u64,
+    pub send_us: u64,
+}
+
+/// The postcopy background push.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PushStats {
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+    pub us: u64,
+}
+
+/// ram-sender → supervisor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum FromRamSender {
+    /// A dirty sync finished; waits for Continue, Complete or Switchover.
+    Synced(RoundStats),
+    Progress(SendProgress),
+    FinalSyncDone(FinalSync),
+    /// The package is on the wire (precopy completion: so is EOS).
+    PackageSent {
+        bytes: u64,
+    },
+    /// Postcopy: every page has been sent.
+    PushDone(PushStats),
+    Error(String),
+}
+
+impl RoleOutput for FromRamSender {
+    fn fatal(text: String) -> Self {
+        FromRamSender::Error(text)
+    }
+}
+
+// ---------------------------------------------------------------- page-server
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServerSetup {
+    pub layout: MemLayout,
+}
+
+/// Supervisor → page-server.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ToPageServer {
+    /// fds: `memory`, `sent`, `return`, `urgent`.
+    Start(ServerSetup),
+    Quit,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServerStats {
+    pub requests: u64,
+    pub pages_urgent: u64,
+    pub zero_pages: u64,
+    /// Requested pages already on their way on the main stream.
+    pub pages_in_flight: u64,
+    pub bytes: u64,
+}
+
+/// page-server → supervisor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum FromPageServer {
+    /// The destination has every page (POSTCOPY_DONE on the return path).
+    PostcopyDone(ServerStats),
+    /// The return path ended.
+    Closed(ServerStats),
+    Error(String),
+}
+
+impl RoleOutput for FromPageServer {
+    fn fatal(text: String) -> Self {
+        FromPageServer::Error(text)
+    }
+}
+
+// ---------------------------------------------------------------- fault-handler
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HandlerSetup {
+    pub layout: MemLayout,
+    /// Where the destination guest mapped memory (for userfaultfd ioctls).
+    pub guest_base: RemoteAddr,
+    /// A userfaultfd was handed over; postcopy may follow.
+    pub postcopy: bool,
+    /// Record a digest of every page as it is placed.
+    pub digests: bool,
+}
+
+/// Supervisor → fault-handler.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ToFaultHandler {
+    /// fds: `memory`, `received`, `main`, `return`, `urgent`, optional
+    /// `uffd` and `digests`.
+    Start(HandlerSetup),
+    /// The guest registered its memory with the userfaultfd: serve faults
+    /// and place the rest of the stream with UFFDIO_COPY.
+    Listening,
+    Quit,
+}
+
+/// Fault latency, µs, from reading the fault to placing the page.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    /// Bucket N counts faults with latency in [2^N, 2^(N+1)) µs (bucket 0
+    /// also holds latencies under 1 µs).
+    pub hist_log2_us: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PostcopyStats {
+    /// Page requests sent on the return path.
+    pub requests: u64,
+    /// Fault events read from the userfaultfd.
+    pub faults: u64,
+    /// Faults resolved without a request (page already here or known zero).
+    pub faults_local: u64,
+    pub pages_urgent: u64,
+    pub pages_background: u64,
+    /// Sum over faults of (placed − read), µs.
+    pub blocktime_us: u64,
+    pub latency: LatencySummary,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RecvProgress {
+    pub pages_received: u64,
+    pub bytes: u64,
+    pub rounds: u32,
+    pub discarded: u64,
+}
+
+/// fault-handler → supervisor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum FromFaultHandler {
+    Progress(RecvProgress),
+    /// The package arrived (after every precopy page and the discard set).
+    /// With `listen`, the handler waits for Listening before reading on.
+    Package(Package, RecvProgress),
+    /// EOS after a plain precopy: every page is in.
+    PrecopyDone(RecvProgress),
+    /// Every page is placed and the userfaultfd unregistered.
+    PostcopyDone(PostcopyStats, RecvProgress),
+    Error(String),
+}
+
+impl RoleOutput for FromFaultHandler {
+    fn fatal(text: String) -> Self {
+        FromFaultHandler::Error(text)
+    }
+}

@@ -1,0 +1,962 @@
+//! The wire protocol between the two hosts (docs/protocol.md is its description;
+//! this module is its definition). Every connection opens with a [`Hello`]; after
+//! that, frames with a fixed 8-byte header. Page payloads are raw bytes; control
+//! payloads are MessagePack. Every field read from the wire is checked here, so a
+//! caller that gets a [`Frame`] holds only ranges that fit guest memory.
+
+use crate::types::{MemLayout, MigrationId, PageRange, RangeError, PAGE_SIZE};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::fmt;
+use std::io::{self, Read, Write};
+
+/// First four bytes of every hello and hello reply.
+pub const MAGIC: [u8; 4] = *b"PCPY";
+/// The protocol version this build speaks. Peers must speak exactly this one.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Length of a [`Hello`] on the wire.
+pub const HELLO_LEN: usize = 32;
+/// Length of a [`HelloReply`] on the wire.
+pub const HELLO_REPLY_LEN: usize = 16;
+/// Length of the fixed frame header.
+pub const FRAME_HEADER_LEN: usize = 8;
+/// Length of the range sub-header that starts PAGES, ZERO and REQUEST payloads.
+pub const RANGE_LEN: usize = 16;
+/// Header plus range sub-header: what precedes the page bytes of a PAGES frame.
+pub const PAGES_PREFIX_LEN: usize = FRAME_HEADER_LEN + RANGE_LEN;
+/// Most pages one PAGES frame may carry (1 MiB of data).
+pub const MAX_PAGES_PER_FRAME: u32 = 256;
+/// Most pages one page request may ask for.
+pub const MAX_PAGES_PER_REQUEST: u32 = 512;
+/// Most ranges one DISCARD frame may carry.
+pub const MAX_DISCARD_RANGES: usize = 65536;
+/// Largest PACKAGE or CONTROL payload.
+pub const MAX_MESSAGE_LEN: u32 = 64 << 20;
+
+/// What a connection carries; named in its hello.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnKind {
+    /// Supervisor ↔ supervisor, MessagePack control messages both ways.
+    Control,
+    /// ram-sender → fault-handler: bulk pages, discard set, device-state package.
+    Main,
+    /// fault-handler → page-server: page requests and postcopy completion.
+    ReturnPath,
+    /// page-server → fault-handler: requested pages, never queued behind bulk.
+    Urgent,
+}
+
+impl ConnKind {
+    fn code(self) -> u8 {
+        match self {
+            ConnKind::Control => 1,
+            ConnKind::Main => 2,
+            ConnKind::ReturnPath => 3,
+            ConnKind::Urgent => 4,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            1 => ConnKind::Control,
+            2 => ConnKind::Main,
+            3 => ConnKind::ReturnPath,
+            4 => ConnKind::Urgent,
+            _ => return None,
+        })
+    }
+
+    fn allows(self, ty: FrameType) -> bool {
+        use FrameType as T;
+        match self {
+            ConnKind::Control => matches!(ty, T::Control),
+            ConnKind::Main => matches!(
+                ty,
+                T::Pages | T::Zero | T::Round | T::Discard | T::Package | T::Eos
+            ),
+            ConnKind::ReturnPath => matches!(ty, T::Request | T::PostcopyDone),
+            ConnKind::Urgent => matches!(ty, T::Pages | T::Zero),
+        }
+    }
+}
+
+impl fmt::Display for ConnKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConnKind::Control => "control",
+            ConnKind::Main => "main-stream",
+            ConnKind::ReturnPath => "return-path",
+            ConnKind::Urgent => "urgent",
+        })
+    }
+}
+
+/// Why a hello was refused; sent back in the [`HelloReply`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum HelloStatus {
+    Ok,
+    BadMagic,
+    VersionMismatch,
+    BadKind,
+    UnknownMigration,
+    Unexpected,
+}
+
+impl HelloStatus {
+    fn code(self) -> u8 {
+        match self {
+            HelloStatus::Ok => 0,
+            HelloStatus::BadMagic => 1,
+            HelloStatus::VersionMismatch => 2,
+            HelloStatus::BadKind => 3,
+            HelloStatus::UnknownMigration => 4,
+            HelloStatus::Unexpected => 5,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => HelloStatus::Ok,
+            1 => HelloStatus::BadMagic,
+            2 => HelloStatus::VersionMismatch,
+            3 => HelloStatus::BadKind,
+            4 => HelloStatus::UnknownMigration,
+            5 => HelloStatus::Unexpected,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for HelloStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HelloStatus::Ok => "accepted",
+            HelloStatus::BadMagic => "bad magic",
+            HelloStatus::VersionMismatch => "protocol version mismatch",
+            HelloStatus::BadKind => "unknown connection kind",
+            HelloStatus::UnknownMigration => "unknown migration id",
+            HelloStatus::Unexpected => "connection not expected now",
+        })
+    }
+}
+
+/// Everything that can be wrong with what came off the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection error: {0}")]
+    Io(#[from] io::Error),
+    #[error("peer closed the {0} connection")]
+    Closed(ConnKind),
+    #[error("bad magic {got:02x?} (expected {MAGIC:02x?}): peer is not a postcopy endpoint")]
+    BadMagic { got: [u8; 4] },
+    #[error("protocol version mismatch: we speak version {ours}, peer speaks version {theirs}")]
+    VersionMismatch { ours: u16, theirs: u16 },
+    #[error("hello names unknown connection kind {0}")]
+    BadKind(u8),
+    #[error("hello has nonzero reserved bytes")]
+    BadHelloReserved,
+    #[error(
+        "peer refused our {kind} hello: {status} (peer speaks protocol version {peer_version})"
+    )]
+    Refused {
+        kind: ConnKind,
+        status: HelloStatus,
+        peer_version: u16,
+    },
+    #[error("peer sent an unknown hello status {0}")]
+    BadHelloStatus(u8),
+    #[error("hello for migration {got} but this endpoint serves migration {expected}")]
+    UnknownMigration {
+        got: MigrationId,
+        expected: MigrationId,
+    },
+    #[error("unknown frame type {ty:#04x} on the {conn} connection")]
+    UnknownFrameType { conn: ConnKind, ty: u8 },
+    #[error("frame type {ty} is not allowed on the {conn} connection")]
+    FrameNotAllowed { conn: ConnKind, ty: FrameType },
+    #[error("{ty} frame has nonzero flags/reserved bits ({flags:#04x}, {reserved:#06x})")]
+    BadHeaderBits {
+        ty: FrameType,
+        flags: u8,
+        reserved: u16,
+    },
+    #[error("{ty} frame has length {len}, expected {expected}")]
+    BadLength {
+        ty: FrameType,
+        len: u32,
+        expected: String,
+    },
+    #[error("{ty} frame has nonzero reserved word {reserved:#x}")]
+    BadRangeReserved { ty: FrameType, reserved: u32 },
+    #[error("{ty} frame carries {count} pages, more than the limit of {max}")]
+    TooManyPages { ty: FrameType, count: u32, max: u32 },
+    #[error("{ty} frame names memory outside the guest: {source}")]
+    Range {
+        ty: FrameType,
+        #[source]
+        source: RangeError,
+    },
+    #[error("malformed {what}: {detail}")]
+    Decode { what: &'static str, detail: String },
+    #[error("could not encode {what}: {detail}")]
+    Encode { what: &'static str, detail: String },
+}
+
+impl WireError {
+    /// True when the peer went away (closed, reset, broken pipe) rather than
+    /// sending something wrong.
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            WireError::Closed(_) => true,
+            WireError::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::NotConnected
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// The first bytes on every connection, client → server.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub kind: ConnKind,
+    pub migration: MigrationId,
+}
+
+impl Hello {
+    pub fn encode(&self) -> [u8; HELLO_LEN] {
+        let mut b = [0u8; HELLO_LEN];
+        b[0..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        b[6] = self.kind.code();
+        b[8..24].copy_from_slice(&self.migration.0);
+        b
+    }
+
+    /// Parses a hello. Magic and version are checked first, so a peer from
+    /// another protocol or version gets an error naming both versions.
+    pub fn decode(b: &[u8; HELLO_LEN]) -> Result<Hello, WireError> {
+        let magic: [u8; 4] = b[0..4].try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(WireError::BadMagic { got: magic });
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(WireError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: version,
+            });
+        }
+        let kind = ConnKind::from_code(b[6]).ok_or(WireError::BadKind(b[6]))?;
+        if b[7] != 0 || b[24..32].iter().any(|&x| x != 0) {
+            return Err(WireError::BadHelloReserved);
+        }
+        let migration = MigrationId(b[8..24].try_into().expect("16 bytes"));
+        Ok(Hello { kind, migration })
+    }
+}
+
+/// The server's answer to a hello. Its layout never changes between versions,
+/// so each side can tell the other which version it speaks.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct HelloReply {
+    pub version: u16,
+    pub status: HelloStatus,
+}
+
+impl HelloReply {
+    pub fn encode(&self) -> [u8; HELLO_REPLY_LEN] {
+        let mut b = [0u8; HELLO_REPLY_LEN];
+        b[0..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&self.version.to_le_bytes());
+        b[6] = self.status.code();
+        b
+    }
+
+    pub fn decode(b: &[u8; HELLO_REPLY_LEN]) -> Result<HelloReply, WireError> {
+        let magic: [u8; 4] = b[0..4].try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(WireError::BadMagic { got: magic });
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        let status = HelloStatus::from_code(b[6]).ok_or(WireError::BadHelloStatus(b[6]))?;
+        Ok(HelloReply { version, status })
+    }
+}
+
+/// Client side of the opening: send our hello, read the verdict.
+pub fn client_hello<S: Read + Write>(
+    stream: &mut S,
+    kind: ConnKind,
+    migration: MigrationId,
+) -> Result<(), WireError> {
+    stream.write_all(&Hello { kind, migration }.encode())?;
+    stream.flush()?;
+    let mut b = [0u8; HELLO_REPLY_LEN];
+    read_exact_or_closed(stream, &mut b, kind)?;
+    let reply = HelloReply::decode(&b)?;
+    if reply.version != PROTOCOL_VERSION {
+        return Err(WireError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: reply.version,
+        });
+    }
+    match reply.status {
+        HelloStatus::Ok => Ok(()),
+        status => Err(WireError::Refused {
+            kind,
+            status,
+            peer_version: reply.version,
+        }),
+    }
+}
+
+/// Server side, first half: read and check a hello. A bad magic or version is
+/// answered with a refusal here; the caller decides on the rest with
+/// [`server_reply`].
+pub fn server_read_hello<S: Read + Write>(stream: &mut S) -> Result<Hello, WireError> {
+    let mut b = [0u8; HELLO_LEN];
+    read_exact_or_closed(stream, &mut b, ConnKind::Control)?;
+    match Hello::decode(&b) {
+        Ok(h) => Ok(h),
+        Err(e) => {
+            let status = match e {
+                WireError::BadMagic { .. } => HelloStatus::BadMagic,
+                WireError::VersionMismatch { .. } => HelloStatus::VersionMismatch,
+                WireError::BadKind(_) => HelloStatus::BadKind,
+                _ => HelloStatus::Unexpected,
+            };
+            // Best effort: the peer may already be gone.
+            let _ = server_reply(stream, status);
+            Err(e)
+        }
+    }
+}
+
+/// Server side, second half: accept or refuse.
+pub fn server_reply<S: Write>(stream: &mut S, status: HelloStatus) -> Result<(), WireError> {
+    stream.write_all(
+        &HelloReply {
+            version: PROTOCOL_VERSION,
+            status,
+        }
+        .encode(),
+    )?;
+    stream.flush()?;
+    Ok(())
+}
+
+/// Frame types, one byte on the wire.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FrameType {
+    Pages,
+    Zero,
+    Round,
+    Discard,
+    Package,
+    Eos,
+    Request,
+    PostcopyDone,
+    Control,
+}
+
+impl FrameType {
+    pub fn code(self) -> u8 {
+        match self {
+            FrameType::Pages => 0x01,
+            FrameType::Zero => 0x02,
+            FrameType::Round => 0x03,
+            FrameType::Discard => 0x04,
+            FrameType::Package => 0x05,
+            FrameType::Eos => 0x06,
+            FrameType::Request => 0x10,
+            FrameType::PostcopyDone => 0x11,
+            FrameType::Control => 0x20,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0x01 => FrameType::Pages,
+            0x02 => FrameType::Zero,
+            0x03 => FrameType::Round,
+            0x04 => FrameType::Discard,
+            0x05 => FrameType::Package,
+            0x06 => FrameType::Eos,
+            0x10 => FrameType::Request,
+            0x11 => FrameType::PostcopyDone,
+            0x20 => FrameType::Control,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for FrameType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FrameType::Pages => "PAGES",
+            FrameType::Zero => "ZERO",
+            FrameType::Round => "ROUND",
+            FrameType::Discard => "DISCARD",
+            FrameType::Package => "PACKAGE",
+            FrameType::Eos => "EOS",
+            FrameType::Request => "REQUEST",
+            FrameType::PostcopyDone => "POSTCOPY_DONE",
+            FrameType::Control => "CONTROL",
+        })
+    }
+}
+
+/// Encodes a frame header.
+pub fn frame_header(ty: FrameType, len: u32) -> [u8; FRAME_HEADER_LEN] {
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    h[0] = ty.code();
+    h[4..8].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+fn range_bytes(range: PageRange) -> [u8; RANGE_LEN] {
+    let mut b = [0u8; RANGE_LEN];
+    b[0..8].copy_from_slice(&range.first().get().to_le_bytes());
+    b[8..12].copy_from_slice(&range.count().to_le_bytes());
+    b
+}
+
+/// The 24 bytes that precede the page data of a PAGES frame. The caller writes
+/// `range.count()` pages right after them.
+pub fn pages_prefix(range: PageRange) -> [u8; PAGES_PREFIX_LEN] {
+    assert!(range.count() <= MAX_PAGES_PER_FRAME);
+    let mut b = [0u8; PAGES_PREFIX_LEN];
+    let len = RANGE_LEN as u32 + range.count() * PAGE_SIZE as u32;
+    b[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(FrameType::Pages, len));
+    b[FRAME_HEADER_LEN..].copy_from_slice(&range_bytes(range));
+    b
+}
+
+fn range_frame(ty: FrameType, range: PageRange) -> [u8; PAGES_PREFIX_LEN] {
+    let mut b = [0u8; PAGES_PREFIX_LEN];
+    b[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(ty, RANGE_LEN as u32));
+    b[FRAME_HEADER_LEN..].copy_from_slice(&range_bytes(range));
+    b
+}
+
+/// A whole ZERO frame: these pages are all zero bytes.
+pub fn zero_frame(range: PageRange) -> [u8; PAGES_PREFIX_LEN] {
+    range_frame(FrameType::Zero, range)
+}
+
+/// A whole REQUEST frame (return path).
+pub fn request_frame(range: PageRange) -> [u8; PAGES_PREFIX_LEN] {
+    assert!(range.count() <= MAX_PAGES_PER_REQUEST);
+    range_frame(FrameType::Request, range)
+}
+
+/// A whole ROUND frame: the sender finished dirty sync number `sync`.
+pub fn round_frame(sync: u32) -> [u8; FRAME_HEADER_LEN + 8] {
+    let mut b = [0u8; FRAME_HEADER_LEN + 8];
+    b[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(FrameType::Round, 8));
+    b[FRAME_HEADER_LEN..FRAME_HEADER_LEN + 4].copy_from_slice(&sync.to_le_bytes());
+    b
+}
+
+/// A header-only frame (EOS, POSTCOPY_DONE).
+pub fn empty_frame(ty: FrameType) -> [u8; FRAME_HEADER_LEN] {
+    debug_assert!(matches!(ty, FrameType::Eos | FrameType::PostcopyDone));
+    frame_header(ty, 0)
+}
+
+/// DISCARD frames for a set of ranges (several frames if there are many).
+pub fn discard_frames(ranges: &[PageRange]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in ranges.chunks(MAX_DISCARD_RANGES) {
+        let len = (chunk.len() * RANGE_LEN) as u32;
+        out.extend_from_slice(&frame_header(FrameType::Discard, len));
+        for r in chunk {
+            out.extend_from_slice(&range_bytes(*r));
+        }
+    }
+    out
+}
+
+/// A frame carrying a MessagePack message (CONTROL or PACKAGE).
+pub fn message_frame<T: Serialize>(
+    ty: FrameType,
+    msg: &T,
+    what: &'static str,
+) -> Result<Vec<u8>, WireError> {
+    debug_assert!(matches!(ty, FrameType::Control | FrameType::Package));
+    let payload = rmp_serde::to_vec_named(msg).map_err(|e| WireError::Encode {
+        what,
+        detail: e.to_string(),
+    })?;
+    if payload.len() > MAX_MESSAGE_LEN as usize {
+        return Err(WireError::Encode {
+            what,
+            detail: format!(
+                "{} bytes is more than the {MAX_MESSAGE_LEN}-byte limit",
+                payload.len()
+            ),
+        });
+    }
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
+    out.extend_from_slice(&frame_header(ty, payload.len() as u32));
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Decodes a MessagePack payload, naming what it was meant to be on failure.
+pub fn decode_message<T: DeserializeOwned>(
+    payload: &[u8],
+    what: &'static str,
+) -> Result<T, WireError> {
+    rmp_serde::from_slice(payload).map_err(|e| WireError::Decode {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+/// The device-state package: sent once, on the main stream, at the end of
+/// precopy. The destination reads it whole before it needs the stream for pages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Package {
+    /// Register the destination's userfaultfd: postcopy follows.
+    pub listen: bool,
+    /// Start the destination guest once the state is loaded.
+    pub run: bool,
+    /// The guest's saved state (CPU-like state of the process or KVM guest).
+    #[serde(with = "serde_bytes")]
+    pub guest_state: Vec<u8>,
+}
+
+/// One frame read off a connection, already checked.
+#[derive(Debug, PartialEq)]
+pub enum Frame<'a> {
+    /// Page contents, `range.count()` pages back to back.
+    Pages { range: PageRange, data: &'a [u8] },
+    /// These pages are all zero.
+    Zero { range: PageRange },
+    /// The sender finished dirty sync `sync`.
+    Round { sync: u32 },
+    /// Drop these pages: they were sent in precopy and dirtied since.
+    Discard { ranges: Vec<PageRange> },
+    /// The device-state package.
+    Package(Package),
+    /// End of the main stream: every page has been sent.
+    Eos,
+    /// Send these pages on the urgent connection.
+    Request { range: PageRange },
+    /// The destination has every page.
+    PostcopyDone,
+    /// A MessagePack control message, decoded by the caller.
+    Control(&'a [u8]),
+}
+
+/// Reads and checks frames from one connection.
+pub struct FrameReader<R> {
+    inner: R,
+    conn: ConnKind,
+    layout: MemLayout,
+    buf: Vec<u8>,
+    bytes: u64,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(inner: R, conn: ConnKind, layout: MemLayout) -> Self {
+        FrameReader {
+            inner,
+            conn,
+            layout,
+            buf: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Bytes read so far, headers included.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    /// Reads the next frame. Any error leaves the connection unusable: the
+    /// caller drops it.
+    pub fn next_frame(&mut self) -> Result<Frame<'_>, WireError> {
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        read_exact_or_closed(&mut self.inner, &mut h, self.conn)?;
+        let conn = self.conn;
+        let ty =
+            FrameType::from_code(h[0]).ok_or(WireError::UnknownFrameType { conn, ty: h[0] })?;
+        if !conn.allows(ty) {
+            return Err(WireError::FrameNotAllowed { conn, ty });
+        }
+        let flags = h[1];
+        let reserved = u16::from_le_bytes([h[2], h[3]]);
+        if flags != 0 || reserved != 0 {
+            return Err(WireError::BadHeaderBits {
+                ty,
+                flags,
+                reserved,
+            });
+        }
+        let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        check_len(ty, len)?;
+        self.buf.resize(len as usize, 0);
+        read_exact_or_closed(&mut self.inner, &mut self.buf, conn)?;
+        self.bytes += (FRAME_HEADER_LEN as u64) + u64::from(len);
+        let p = &self.buf[..];
+        let layout = self.layout;
+        Ok(match ty {
+            FrameType::Pages => {
+                let range = parse_range(ty, p, layout, MAX_PAGES_PER_FRAME)?;
+                let expected = RANGE_LEN + range.count() as usize * PAGE_SIZE;
+                if p.len() != expected {
+                    return Err(WireError::BadLength {
+                        ty,
+                        len,
+                        expected: format!("{expected} for {range}"),
+                    });
+                }
+                Frame::Pages {
+                    range,
+                    data: &p[RANGE_LEN..],
+                }
+            }
+            FrameType::Zero => Frame::Zero {
+                range: parse_range(ty, p, layout, u32::MAX)?,
+            },
+            FrameType::Request => Frame::Request {
+                range: parse_range(ty, p, layout, MAX_PAGES_PER_REQUEST)?,
+            },
+            FrameType::Round => {
+                if p[4..8].iter().any(|&b| b != 0) {
+                    return Err(WireError::BadRangeReserved {
+                        ty,
+                        reserved: u32::from_le_bytes(p[4..8].try_into().expect("4")),
+                    });
+                }
+                Frame::Round {
+                    sync: u32::from_le_bytes(p[0..4].try_into().expect("4")),
+                }
+            }
+            FrameType::Discard => {
+                let mut ranges = Vec::with_capacity(p.len() / RANGE_LEN);
+                for chunk in p.chunks_exact(RANGE_LEN) {
+                    ranges.push(parse_range(ty, chunk, layout, u32::MAX)?);
+                }
+                Frame::Discard { ranges }
+            }
+            FrameType::Package => Frame::Package(decode_message(p, "device-state package")?),
+            FrameType::Eos => Frame::Eos,
+            FrameType::PostcopyDone => Frame::PostcopyDone,
+            FrameType::Control => Frame::Control(p),
+        })
+    }
+}
+
+fn check_len(ty: FrameType, len: u32) -> Result<(), WireError> {
+    let ok = match ty {
+        FrameType::Pages => {
+            len as usize >= RANGE_LEN + PAGE_SIZE
+                && len as usize <= RANGE_LEN + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE
+        }
+        FrameType::Zero | FrameType::Request => len as usize == RANGE_LEN,
+        FrameType::Round => len == 8,
+        FrameType::Discard => {
+            len > 0
+                && (len as usize).is_multiple_of(RANGE_LEN)
+                && len as usize <= MAX_DISCARD_RANGES * RANGE_LEN
+        }
+        FrameType::Package | FrameType::Control => len > 0 && len <= MAX_MESSAGE_LEN,
+        FrameType::Eos | FrameType::PostcopyDone => len == 0,
+    };
+    if ok {
+        Ok(())
+    } else {
+        let expected = match ty {
+            FrameType::Pages => format!("{RANGE_LEN} + 4096 × (1..={MAX_PAGES_PER_FRAME})"),
+            FrameType::Zero | FrameType::Request => RANGE_LEN.to_string(),
+            FrameType::Round => "8".into(),
+            FrameType::Discard => format!(
+                "a nonzero multiple of {RANGE_LEN} up to {}",
+                MAX_DISCARD_RANGES * RANGE_LEN
+            ),
+            FrameType::Package | FrameType::Control => format!("1..={MAX_MESSAGE_LEN}"),
+            FrameType::Eos | FrameType::PostcopyDone => "0".into(),
+        };
+        Err(WireError::BadLength { ty, len, expected })
+    }
+}
+
+fn parse_range(
+    ty: FrameType,
+    p: &[u8],
+    layout: MemLayout,
+    max: u32,
+) -> Result<PageRange, WireError> {
+    let first = u64::from_le_bytes(p[0..8].try_into().expect("8"));
+    let count = u32::from_le_bytes(p[8..12].try_into().expect("4"));
+    let reserved = u32::from_le_bytes(p[12..16].try_into().expect("4"));
+    if reserved != 0 {
+        return Err(WireError::BadRangeReserved { ty, reserved });
+    }
+    if count > max {
+        return Err(WireError::TooManyPages { ty, count, max });
+    }
+    layout
+        .range(first, count)
+        .map_err(|source| WireError::Range { ty, source })
+}
+
+fn read_exact_or_closed<R: Read + ?Sized>(
+    r: &mut R,
+    buf: &mut [u8],
+    conn: ConnKind,
+) -> Result<(), WireError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => {
+                return Err(if filled == 0 {
+                    WireError::Closed(conn)
+                } else {
+                    WireError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "{conn} connection closed in the middle of a frame ({filled} of {} bytes)",
+                            buf.len()
+                        ),
+                    ))
+                })
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WireError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes a control message as one CONTROL frame.
+pub fn send_control<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), WireError> {
+    let frame = message_frame(FrameType::Control, msg, "control message")?;
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one control message.
+pub fn recv_control<R: Read, T: DeserializeOwned>(r: &mut FrameReader<R>) -> Result<T, WireError> {
+    match r.next_frame()? {
+        Frame::Control(p) => decode_message(p, "control message"),
+        other => unreachable!("control connection yielded {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn layout() -> MemLayout {
+        MemLayout::new(64 * PAGE_SIZE as u64).unwrap()
+    }
+
+    fn reader(bytes: Vec<u8>, conn: ConnKind) -> FrameReader<Cursor<Vec<u8>>> {
+        FrameReader::new(Cursor::new(bytes), conn, layout())
+    }
+
+    #[test]
+    fn hello_round_trips() {
+        let id = MigrationId([7; 16]);
+        let h = Hello {
+            kind: ConnKind::Urgent,
+            migration: id,
+        };
+        assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn hello_with_wrong_magic_or_version_is_refused() {
+        let mut b = Hello {
+            kind: ConnKind::Main,
+            migration: MigrationId([0; 16]),
+        }
+        .encode();
+        b[0] = b'X';
+        assert!(matches!(Hello::decode(&b), Err(WireError::BadMagic { .. })));
+        b[0] = b'P';
+        b[4..6].copy_from_slice(&9u16.to_le_bytes());
+        let err = Hello::decode(&b).unwrap_err();
+        assert!(matches!(
+            err,
+            WireError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: 9
+            }
+        ));
+        let text = err.to_string();
+        assert!(
+            text.contains("version 1") && text.contains("version 9"),
+            "{text}"
+        );
+        b[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        b[6] = 42;
+        assert!(matches!(Hello::decode(&b), Err(WireError::BadKind(42))));
+    }
+
+    #[test]
+    fn pages_frame_round_trips() {
+        let range = layout().range(3, 2).unwrap();
+        let mut bytes = pages_prefix(range).to_vec();
+        bytes.extend(std::iter::repeat_n(0xabu8, 2 * PAGE_SIZE));
+        bytes.extend_from_slice(&zero_frame(layout().range(9, 40).unwrap()));
+        bytes.extend_from_slice(&round_frame(5));
+        bytes.extend_from_slice(&empty_frame(FrameType::Eos));
+        let mut r = reader(bytes, ConnKind::Main);
+        match r.next_frame().unwrap() {
+            Frame::Pages { range: got, data } => {
+                assert_eq!(got, range);
+                assert_eq!(data.len(), 2 * PAGE_SIZE);
+                assert!(data.iter().all(|&b| b == 0xab));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            r.next_frame().unwrap(),
+            Frame::Zero {
+                range: layout().range(9, 40).unwrap()
+            }
+        );
+        assert_eq!(r.next_frame().unwrap(), Frame::Round { sync: 5 });
+        assert_eq!(r.next_frame().unwrap(), Frame::Eos);
+        assert!(matches!(
+            r.next_frame(),
+            Err(WireError::Closed(ConnKind::Main))
+        ));
+    }
+
+    #[test]
+    fn discard_and_package_round_trip() {
+        let l = layout();
+        let ranges = vec![l.range(0, 1).unwrap(), l.range(10, 20).unwrap()];
+        let pkg = Package {
+            listen: true,
+            run: true,
+            guest_state: vec![1, 2, 3],
+        };
+        let mut bytes = discard_frames(&ranges);
+        bytes.extend(message_frame(FrameType::Package, &pkg, "package").unwrap());
+        let mut r = reader(bytes, ConnKind::Main);
+        assert_eq!(r.next_frame().unwrap(), Frame::Discard { ranges });
+        assert_eq!(r.next_frame().unwrap(), Frame::Package(pkg));
+    }
+
+    #[test]
+    fn out_of_range_pages_are_refused() {
+        let mut bytes = frame_header(FrameType::Request, 16).to_vec();
+        bytes.extend_from_slice(&63u64.to_le_bytes());
+        bytes.extend_from_slice(&2u32.to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        let err = reader(bytes, ConnKind::ReturnPath)
+            .next_frame()
+            .unwrap_err();
+        assert!(matches!(err, WireError::Range { .. }), "{err}");
+        assert!(err.to_string().contains("63"), "{err}");
+    }
+
+    #[test]
+    fn frames_are_checked_against_the_connection_kind() {
+        let bytes = empty_frame(FrameType::Eos).to_vec();
+        let err = reader(bytes, ConnKind::Urgent).next_frame().unwrap_err();
+        assert!(matches!(err, WireError::FrameNotAllowed { .. }), "{err}");
+        let err = reader(vec![0x77, 0, 0, 0, 0, 0, 0, 0], ConnKind::Main)
+            .next_frame()
+            .unwrap_err();
+        assert!(err.to_string().contains("0x77"), "{err}");
+    }
+
+    #[test]
+    fn malformed_lengths_and_bits_are_refused() {
+        // PAGES claiming one page but carrying half of one.
+        let mut bytes = frame_header(FrameType::Pages, (RANGE_LEN + 2048) as u32).to_vec();
+        bytes.extend(vec![0; RANGE_LEN + 2048]);
+        let err = reader(bytes, ConnKind::Main).next_frame().unwrap_err();
+        assert!(matches!(err, WireError::BadLength { .. }), "{err}");
+        // PAGES whose range says 2 pages but the payload holds 1.
+        let range = layout().range(0, 2).unwrap();
+        let mut bytes = frame_header(FrameType::Pages, (RANGE_LEN + PAGE_SIZE) as u32).to_vec();
+        bytes.extend_from_slice(&range_bytes(range));
+        bytes.extend(vec![0; PAGE_SIZE]);
+        let err = reader(bytes, ConnKind::Main).next_frame().unwrap_err();
+        assert!(matches!(err, WireError::BadLength { .. }), "{err}");
+        // Nonzero flags.
+        let mut bytes = empty_frame(FrameType::Eos).to_vec();
+        bytes[1] = 1;
+        let err = reader(bytes, ConnKind::Main).next_frame().unwrap_err();
+        assert!(matches!(err, WireError::BadHeaderBits { .. }), "{err}");
+        // Oversized request.
+        let mut bytes = frame_header(FrameType::Request, 16).to_vec();
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        bytes.extend_from_slice(&4096u32.to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        let err = reader(bytes, ConnKind::ReturnPath)
+            .next_frame()
+            .unwrap_err();
+        assert!(matches!(err, WireError::TooManyPages { .. }), "{err}");
+        // Torn frame: header promises more than arrives.
+        let mut bytes = pages_prefix(layout().range(0, 1).unwrap()).to_vec();
+        bytes.extend(vec![0; 100]);
+        let err = reader(bytes, ConnKind::Main).next_frame().unwrap_err();
+        assert!(err.is_disconnect(), "{err}");
+        // Garbage where a package should be.
+        let mut bytes = frame_header(FrameType::Package, 3).to_vec();
+        bytes.extend_from_slice(&[0xc1, 0xc1, 0xc1]);
+        let err = reader(bytes, ConnKind::Main).next_frame().unwrap_err();
+        assert!(matches!(err, WireError::Decode { .. }), "{err}");
+    }
+
+    #[test]
+    fn client_hello_reports_peer_version() {
+        // A fake server that answers with version 3.
+        struct Fake {
+            out: Vec<u8>,
+            input: Cursor<Vec<u8>>,
+        }
+        impl Read for Fake {
+            fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+                self.input.read(b)
+            }
+        }
+        impl Write for Fake {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.out.extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let reply = HelloReply {
+            version: 3,
+            status: HelloStatus::VersionMismatch,
+        };
+        let mut fake = Fake {
+            out: vec![],
+            input: Cursor::new(reply.encode().to_vec()),
+        };
+        let err = client_hello(&mut fake, ConnKind::Control, MigrationId([1; 16])).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("version 1") && text.contains("version 3"),
+            "{text}"
+        );
+        assert_eq!(fake.out.len(), HELLO_LEN);
+    }
+}

@@ -1,0 +1,620 @@
+//! The fault-handler owns the destination's page placement. In precopy it
+//! writes pages from the main stream into the memfd. Once the guest registered
+//! its memory with the userfaultfd ("listening"), every page goes in through
+//! UFFDIO_COPY / UFFDIO_ZEROPAGE, atomically, and guest faults become page
+//! requests on the return path, one per missing page.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
+use common::digest::{page_digest, zero_page_digest};
+use common::mem::{punch_hole, Access, Mapping, MemError};
+use common::msg::{FromFaultHandler, HandlerSetup, PostcopyStats, RecvProgress, ToFaultHandler};
+use common::role::{LinkError, RoleLink};
+use common::types::{MemLayout, PageRange, RemoteAddr, PAGE_SIZE};
+use common::uffd::{Placed, Uffd, UffdError};
+use common::wire::{
+    empty_frame, request_frame, ConnKind, Frame, FrameReader, FrameType, WireError,
+};
+use ipc_channel::ipc::IpcSender;
+
+use crate::latency::Latencies;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    #[error("received bitmap: {0}")]
+    Bitmap(#[from] BitmapError),
+    #[error("{conn} connection: {source}")]
+    Wire {
+        conn: ConnKind,
+        #[source]
+        source: WireError,
+    },
+    #[error("return path: {0}")]
+    ReturnPath(std::io::Error),
+    #[error("placing pages: {0}")]
+    Uffd(#[from] UffdError),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("the source ended the main stream with {missing} of {pages} pages never sent")]
+    Incomplete { missing: u64, pages: u64 },
+}
+
+/// Where page placement stands.
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+enum Mode {
+    /// Before the package: write through our own mapping.
+    Precopy,
+    /// The package arrived with `listen`: waiting for the guest to register.
+    AwaitingListen,
+    /// Guest memory is registered: place only through the userfaultfd.
+    Postcopy,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Pages a request was sent for.
+    requested: Option<Bitmap>,
+    /// Faults waiting per page: when each was read.
+    waiters: HashMap<u64, Vec<Instant>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    faults: AtomicU64,
+    faults_local: AtomicU64,
+    pages_urgent: AtomicU64,
+    pages_background: AtomicU64,
+    discarded: AtomicU64,
+    rounds: AtomicU32,
+    main_bytes: AtomicU64,
+    urgent_bytes: AtomicU64,
+}
+
+struct Handler {
+    layout: MemLayout,
+    base: RemoteAddr,
+    memfd: OwnedFd,
+    mem: Mapping,
+    received: SharedBitmap,
+    digests: Option<Mapping>,
+    uffd: Option<Uffd>,
+    mode: RwLock<Mode>,
+    mode_changed: Condvar,
+    mode_lock: Mutex<()>,
+    /// Pages we may have written data to (precopy): a zero page for one of
+    /// these must punch a hole; others already read as zero.
+    written: Mutex<Bitmap>,
+    pending: Mutex<Pending>,
+    latencies: Mutex<Latencies>,
+    ret: Mutex<TcpStream>,
+    counters: Counters,
+    done: AtomicBool,
+    tx: IpcSender<FromFaultHandler>,
+}
+
+/// Which connection a page came on.
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Via {
+    Main,
+    Urgent,
+}
+
+pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), HandlerError> {
+    let setup = match link.recv()? {
+        ToFaultHandler::Start(s) => s,
+        ToFaultHandler::Quit => return Ok(()),
+        other => {
+            return Err(HandlerError::Protocol(format!(
+                "expected Start, got {other:?}"
+            )))
+        }
+    };
+    let mut fds = link.fds.recv()?;
+    let HandlerSetup {
+        layout,
+        guest_base,
+        postcopy,
+        digests,
+    } = setup;
+    let memfd = fds.take("memory")?;
+    let mem = Mapping::new(
+        memfd.as_fd(),
+        layout.mem_bytes() as usize,
+        Access::ReadWrite,
+    )?;
+    let received = SharedBitmap::open(fds.take("received")?.as_fd(), layout.pages())?;
+    let digests = if digests {
+        let fd = fds.take("digests")?;
+        Some(Mapping::new(
+            fd.as_fd(),
+            layout.pages() as usize * 8,
+            Access::ReadWrite,
+        )?)
+    } else {
+        None
+    };
+    let uffd = if postcopy {
+        Some(Uffd::from_fd(fds.take("uffd")?))
+    } else {
+        None
+    };
+    let main = TcpStream::from(fds.take("main")?);
+    let ret = TcpStream::from(fds.take("return")?);
+    let urgent = TcpStream::from(fds.take("urgent")?);
+
+    let h = Arc::new(Handler {
+        layout,
+        base: guest_base,
+        memfd,
+        mem,
+        received,
+        digests,
+        uffd,
+        mode: RwLock::new(Mode::Precopy),
+        mode_changed: Condvar::new(),
+        mode_lock: Mutex::new(()),
+        written: Mutex::new(Bitmap::new(layout.pages())),
+        pending: Mutex::new(Pending::default()),
+        latencies: Mutex::new(Latencies::default()),
+        ret: Mutex::new(ret),
+        counters: Counters::default(),
+        done: AtomicBool::new(false),
+        tx: link.tx.clone(),
+    });
+
+    // Commands: Listening flips the mode; Quit ends the process.
+    {
+        let h = h.clone();
+        let rx = link.rx;
+        std::thread::Builder::new()
+            .name("commands".into())
+            .spawn(move || loop {
+                match rx.recv() {
+                    Ok(ToFaultHandler::Listening) => h.set_listening(),
+                    Ok(ToFaultHandler::Start(_)) => log::warn!("ignoring a second Start"),
+                    Ok(ToFaultHandler::Quit) | Err(_) => std::process::exit(0),
+                }
+            })
+            .expect("spawn command thread");
+    }
+    {
+        let h = h.clone();
+        std::thread::Builder::new()
+            .name("urgent".into())
+            .spawn(move || {
+                if let Err(e) = h.read_urgent(urgent) {
+                    h.fatal(e);
+                }
+            })
+            .expect("spawn urgent reader");
+    }
+    match h.read_main(main) {
+        Ok(()) => {
+            // Stay alive until Quit arrives on the command thread.
+            loop {
+                std::thread::park();
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl Handler {
+    fn fatal(&self, e: HandlerError) -> ! {
+        log::error!("{e}");
+        let _ = self.tx.send(FromFaultHandler::Error(e.to_string()));
+        std::process::exit(1)
+    }
+
+    fn progress(&self) -> RecvProgress {
+        RecvProgress {
+            pages_received: self.received.count(),
+            bytes: self.counters.main_bytes.load(Ordering::Relaxed)
+                + self.counters.urgent_bytes.load(Ordering::Relaxed),
+            rounds: self.counters.rounds.load(Ordering::Relaxed),
+            discarded: self.counters.discarded.load(Ordering::Relaxed),
+        }
+    }
+
+    fn send(&self, msg: FromFaultHandler) -> Result<(), HandlerError> {
+        self.tx
+            .send(msg)
+            .map_err(|e| HandlerError::Link(LinkError::Ipc(format!("{e:?}"))))
+    }
+
+    fn set_listening(self: &Arc<Self>) {
+        let _g = self.mode_lock.lock().expect("mode lock");
+        let mut mode = self.mode.write().expect("mode");
+        if *mode == Mode::AwaitingListen {
+            *mode = Mode::Postcopy;
+            let h = self.clone();
+            std::thread::Builder::new()
+                .name("faults".into())
+                .spawn(move || {
+                    if let Err(e) = h.serve_faults() {
+                        h.fatal(e);
+                    }
+                })
+                .expect("spawn fault thread");
+        } else {
+            log::warn!("Listening while in {mode:?}: ignored");
+        }
+        self.mode_changed.notify_all();
+    }
+
+    fn read_main(self: &Arc<Self>, main: TcpStream) -> Result<(), HandlerError> {
+        let mut reader = FrameReader::new(main, ConnKind::Main, self.layout);
+        let wire = |source| HandlerError::Wire {
+            conn: ConnKind::Main,
+            source,
+        };
+        let mut last_progress = Instant::now();
+        let mut package_seen = false;
+        loop {
+            let frame = match reader.next_frame() {
+                Ok(f) => f,
+                Err(e) if e.is_disconnect() && self.done.load(Ordering::Acquire) => return Ok(()),
+                Err(e) => return Err(wire(e)),
+            };
+            match frame {
+                Frame::Pages { range, data } => self.place(range, Some(data), Via::Main)?,
+                Frame::Zero { range } => self.place(range, None, Via::Main)?,
+                Frame::Round { sync } => self.counters.rounds.store(sync, Ordering::Relaxed),
+                Frame::Discard { ranges } => {
+                    if package_seen {
+                        return Err(HandlerError::Protocol(
+                            "DISCARD after the device-state package".into(),
+                        ));
+                    }
+                    self.discard(&ranges)?;
+                }
+                Frame::Package(pkg) => {
+                    if package_seen {
+                        return Err(HandlerError::Protocol(
+                            "a second device-state package".into(),
+                        ));
+                    }
+                    package_seen = true;
+                    let listen = pkg.listen;
+                    if listen {
+                        if self.uffd.is_none() {
+                            return Err(HandlerError::Protocol(
+                                "the package asks for postcopy, which was not agreed at setup"
+                                    .into(),
+                            ));
+                        }
+                        *self.mode.write().expect("mode") = Mode::AwaitingListen;
+                    }
+                    self.counters
+                        .main_bytes
+                        .store(reader.bytes_read(), Ordering::Relaxed);
+                    log::info!(
+                        "package arrived ({} bytes of guest state, listen={listen})",
+                        pkg.guest_state.len()
+                    );
+                    self.send(FromFaultHandler::Package(pkg, self.progress()))?;
+                    if listen {
+                        // The rest of the stream goes through the userfaultfd,
+                        // which needs the guest's registration first.
+                        let mut g = self.mode_lock.lock().expect("mode lock");
+                        while *self.mode.read().expect("mode") != Mode::Postcopy {
+                            g = self.mode_changed.wait(g).expect("mode lock");
+                        }
+                    }
+                }
+                Frame::Eos => {
+                    self.counters
+                        .main_bytes
+                        .store(reader.bytes_read(), Ordering::Relaxed);
+                    let mode = *self.mode.read().expect("mode");
+                    if mode == Mode::Postcopy {
+                        // Completion comes when the last page is placed,
+                        // possibly by the urgent reader.
+                        self.check_complete()?;
+                        return Ok(());
+                    }
+                    let missing = self.layout.pages() - self.received.count();
+                    if missing != 0 {
+                        return Err(HandlerError::Incomplete {
+                            missing,
+                            pages: self.layout.pages(),
+                        });
+                    }
+                    if !package_seen {
+                        return Err(HandlerError::Protocol(
+                            "the main stream ended without a device-state package".into(),
+                        ));
+                    }
+                    self.done.store(true, Ordering::Release);
+                    log::info!("precopy complete: every page is in");
+                    self.send(FromFaultHandler::PrecopyDone(self.progress()))?;
+                    return Ok(());
+                }
+                other => unreachable!("main stream yielded {other:?}"),
+            }
+            if last_progress.elapsed() >= Duration::from_millis(200) {
+                last_progress = Instant::now();
+                self.counters
+                    .main_bytes
+                    .store(reader.bytes_read(), Ordering::Relaxed);
+                self.send(FromFaultHandler::Progress(self.progress()))?;
+            }
+        }
+    }
+
+    fn read_urgent(self: &Arc<Self>, urgent: TcpStream) -> Result<(), HandlerError> {
+        let mut reader = FrameReader::new(urgent, ConnKind::Urgent, self.layout);
+        loop {
+            let frame = match reader.next_frame() {
+                Ok(f) => f,
+                Err(e) if e.is_disconnect() => return Ok(()),
+                Err(source) => {
+                    return Err(HandlerError::Wire {
+                        conn: ConnKind::Urgent,
+                        source,
+                    })
+                }
+            };
+            match frame {
+                Frame::Pages { range, data } => self.place(range, Some(data), Via::Urgent)?,
+                Frame::Zero { range } => self.place(range, None, Via::Urgent)?,
+                other => unreachable!("urgent connection yielded {other:?}"),
+            }
+            self.counters
+                .urgent_bytes
+                .store(reader.bytes_read(), Ordering::Relaxed);
+        }
+    }
+
+    fn discard(&self, ranges: &[PageRange]) -> Result<(), HandlerError> {
+        let mut written = self.written.lock().expect("written");
+        for r in ranges {
+            punch_hole(self.memfd.as_fd(), r.first().offset().0, r.byte_len())?;
+            for p in r.pages() {
+                let p = p.get();
+                self.received.clear(p);
+                written.clear(p);
+                self.set_digest(p, 0);
+            }
+            self.counters
+                .discarded
+                .fetch_add(u64::from(r.count()), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn set_digest(&self, page: u64, d: u64) {
+        if let Some(t) = &self.digests {
+            t.atomic_words()[page as usize].store(d, Ordering::Relaxed);
+        }
+    }
+
+    /// Places `range` (data, or zeros when `data` is None).
+    fn place(&self, range: PageRange, data: Option<&[u8]>, via: Via) -> Result<(), HandlerError> {
+        let mode = self.mode.read().expect("mode");
+        match *mode {
+            Mode::Precopy => self.place_precopy(range, data),
+            Mode::AwaitingListen => Err(HandlerError::Protocol(format!(
+                "{range} arrived before guest memory was registered"
+            ))),
+            Mode::Postcopy => {
+                drop(mode);
+                self.place_postcopy(range, data, via)
+            }
+        }
+    }
+
+    fn place_precopy(&self, range: PageRange, data: Option<&[u8]>) -> Result<(), HandlerError> {
+        let mut written = self.written.lock().expect("written");
+        match data {
+            Some(data) => {
+                self.mem.write(range.first().offset().0 as usize, data);
+                for (p, page) in range.pages().zip(data.chunks_exact(PAGE_SIZE)) {
+                    written.set(p.get());
+                    self.set_digest(p.get(), page_digest(page));
+                    self.received.test_and_set(p.get());
+                }
+            }
+            None => {
+                let z = zero_page_digest();
+                for p in range.pages() {
+                    let p = p.get();
+                    if written.clear(p) {
+                        punch_hole(self.memfd.as_fd(), p * PAGE_SIZE as u64, PAGE_SIZE as u64)?;
+                    }
+                    self.set_digest(p, z);
+                    self.received.test_and_set(p);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dst(&self, page: u64) -> RemoteAddr {
+        RemoteAddr(self.base.0 + page * PAGE_SIZE as u64)
+    }
+
+    fn place_postcopy(
+        &self,
+        range: PageRange,
+        data: Option<&[u8]>,
+        via: Via,
+    ) -> Result<(), HandlerError> {
+        let uffd = self.uffd.as_ref().expect("postcopy has a uffd");
+        let first = range.first().get();
+        let len = range.byte_len();
+        let mut off = 0u64;
+        while off < len {
+            let dst = RemoteAddr(self.dst(first).0 + off);
+            let placed = match data {
+                Some(d) => uffd.copy(dst, &d[off as usize..], true)?,
+                None => uffd.zeropage(dst, len - off)?,
+            };
+            match placed {
+                Placed::Done => break,
+                Placed::Exists { placed } => {
+                    // Already here: nothing to place, but wake anyone waiting.
+                    off += placed;
+                    let page = first + off / PAGE_SIZE as u64;
+                    log::debug!("page {page} was already placed");
+                    uffd.wake(self.dst(page), PAGE_SIZE as u64)?;
+                    off += PAGE_SIZE as u64;
+                }
+            }
+        }
+        let z = zero_page_digest();
+        let mut newly = 0u64;
+        for (i, p) in range.pages().enumerate() {
+            let p = p.get();
+            let d = match data {
+                Some(d) => page_digest(&d[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]),
+                None => z,
+            };
+            self.set_digest(p, d);
+            if self.received.test_and_set(p) {
+                newly += 1;
+            }
+        }
+        let counter = match via {
+            Via::Main => &self.counters.pages_background,
+            Via::Urgent => &self.counters.pages_urgent,
+        };
+        counter.fetch_add(newly, Ordering::Relaxed);
+        // Faults waiting on these pages are answered now.
+        let now = Instant::now();
+        {
+            let mut pending = self.pending.lock().expect("pending");
+            if !pending.waiters.is_empty() {
+                let mut lat = self.latencies.lock().expect("latencies");
+                for p in range.pages() {
+                    if let Some(ws) = pending.waiters.remove(&p.get()) {
+                        for t in ws {
+                            lat.record(now.duration_since(t));
+                        }
+                    }
+                }
+            }
+        }
+        self.check_complete()
+    }
+
+    /// When every page is placed: unregister, tell the source, tell the
+    /// supervisor. Runs once.
+    fn check_complete(&self) -> Result<(), HandlerError> {
+        if !self.received.is_full() || self.done.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let uffd = self.uffd.as_ref().expect("postcopy has a uffd");
+        uffd.unregister(self.base, self.layout.mem_bytes())?;
+        {
+            let mut ret = self.ret.lock().expect("return path");
+            ret.write_all(&empty_frame(FrameType::PostcopyDone))
+                .map_err(HandlerError::ReturnPath)?;
+            ret.flush().map_err(HandlerError::ReturnPath)?;
+        }
+        let lat = self.latencies.lock().expect("latencies");
+        let c = &self.counters;
+        let stats = PostcopyStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            faults: c.faults.load(Ordering::Relaxed),
+            faults_local: c.faults_local.load(Ordering::Relaxed),
+            pages_urgent: c.pages_urgent.load(Ordering::Relaxed),
+            pages_background: c.pages_background.load(Ordering::Relaxed),
+            blocktime_us: lat.total_us(),
+            latency: lat.summary(),
+        };
+        drop(lat);
+        log::info!(
+            "postcopy complete: {} faults, {} requests, p99 {} µs",
+            stats.faults,
+            stats.requests,
+            stats.latency.p99
+        );
+        self.send(FromFaultHandler::PostcopyDone(stats, self.progress()))
+    }
+
+    /// Reads faults and turns each missing page into one request.
+    fn serve_faults(&self) -> Result<(), HandlerError> {
+        let uffd = self.uffd.as_ref().expect("postcopy has a uffd");
+        {
+            let mut pending = self.pending.lock().expect("pending");
+            pending.requested = Some(Bitmap::new(self.layout.pages()));
+        }
+        let mut faults = Vec::with_capacity(64);
+        let mut pfd = [libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&uffd.as_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        while !self.done.load(Ordering::Acquire) {
+            // SAFETY: poll on one pollfd we own, with a timeout.
+            let r = unsafe { libc::poll(pfd.as_mut_ptr(), 1, 100) };
+            if r <= 0 {
+                continue;
+            }
+            faults.clear();
+            uffd.read_faults(&mut faults)?;
+            for f in &faults {
+                let read_at = Instant::now();
+                self.counters.faults.fetch_add(1, Ordering::Relaxed);
+                let Some(page) = f
+                    .addr
+                    .0
+                    .checked_sub(self.base.0)
+                    .map(|off| off / PAGE_SIZE as u64)
+                    .and_then(|raw| self.layout.page(raw).ok())
+                else {
+                    log::error!("fault at {} outside guest memory", f.addr);
+                    continue;
+                };
+                let p = page.get();
+                let request = {
+                    let mut pending = self.pending.lock().expect("pending");
+                    if self.received.get(p) {
+                        None
+                    } else {
+                        pending.waiters.entry(p).or_default().push(read_at);
+                        Some(pending.requested.as_mut().expect("set above").set(p))
+                    }
+                };
+                match request {
+                    None => {
+                        // Here already: a zero page never materialised, or
+                        // one placed since the fault was queued.
+                        self.counters.faults_local.fetch_add(1, Ordering::Relaxed);
+                        if let Placed::Exists { .. } =
+                            uffd.zeropage(self.dst(p), PAGE_SIZE as u64)?
+                        {
+                            uffd.wake(self.dst(p), PAGE_SIZE as u64)?;
+                        }
+                        self.latencies
+                            .lock()
+                            .expect("latencies")
+                            .record(read_at.elapsed());
+                    }
+                    Some(true) => {
+                        let frame = request_frame(self.layout.range(p, 1).expect("in range"));
+                        let mut ret = self.ret.lock().expect("return path");
+                        ret.write_all(&frame).map_err(HandlerError::ReturnPath)?;
+                        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // A request for this page is in flight already.
+                    Some(false) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}

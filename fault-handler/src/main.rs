@@ -1,0 +1,9 @@
+//! `fault-handler`: the destination role that owns the userfaultfd, places
+//! every incoming page and turns guest faults into page requests.
+
+mod handler;
+mod latency;
+
+fn main() {
+    common::role::role_main::<_, _, _, _>("fault-handler", handler::run)
+}

@@ -1,0 +1,156 @@
+//! The page-server answers the destination's page requests: each requested
+//! page whose `sent` bit it wins is read from the frozen source memory and
+//! sent at once on the urgent connection, never queued behind bulk pages. A
+//! page whose bit is already set is on its way on the main stream.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+
+use common::bitmap::{BitmapError, SharedBitmap};
+use common::mem::{is_zero, Access, Mapping, MemError};
+use common::msg::{FromPageServer, ServerSetup, ServerStats, ToPageServer};
+use common::role::{LinkError, RoleLink};
+use common::types::{MemLayout, PageRange, PAGE_SIZE};
+use common::wire::{
+    pages_prefix, zero_frame, ConnKind, Frame, FrameReader, WireError, MAX_PAGES_PER_FRAME,
+    PAGES_PREFIX_LEN,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    #[error("sent bitmap: {0}")]
+    Bitmap(#[from] BitmapError),
+    #[error("return path: {0}")]
+    ReturnPath(WireError),
+    #[error("urgent connection: {0}")]
+    Urgent(std::io::Error),
+}
+
+pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeError> {
+    let ServerSetup { layout } = match link.recv()? {
+        ToPageServer::Start(s) => s,
+        ToPageServer::Quit => return Ok(()),
+    };
+    let mut fds = link.fds.recv()?;
+    let memfd = fds.take("memory")?;
+    let mem = Mapping::new(memfd.as_fd(), layout.mem_bytes() as usize, Access::ReadOnly)?;
+    let sent = SharedBitmap::open(fds.take("sent")?.as_fd(), layout.pages())?;
+    let ret = TcpStream::from(fds.take("return")?);
+    let urgent = TcpStream::from(fds.take("urgent")?);
+
+    // Commands arrive while this thread blocks on the return path; Quit ends
+    // the process from the side thread.
+    let rx = link.rx;
+    std::thread::Builder::new()
+        .name("commands".into())
+        .spawn(move || loop {
+            match rx.recv() {
+                Ok(ToPageServer::Start(_)) => log::warn!("ignoring a second Start"),
+                Ok(ToPageServer::Quit) | Err(_) => std::process::exit(0),
+            }
+        })
+        .expect("spawn command thread");
+
+    let mut server = Server {
+        layout,
+        mem,
+        sent,
+        urgent,
+        stats: ServerStats::default(),
+        buf: vec![0u8; PAGES_PREFIX_LEN + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE],
+    };
+    let mut reader = FrameReader::new(ret, ConnKind::ReturnPath, layout);
+    loop {
+        match reader.next_frame() {
+            Ok(Frame::Request { range }) => server.serve(range)?,
+            Ok(Frame::PostcopyDone) => {
+                log::info!(
+                    "destination has every page; served {} requests",
+                    server.stats.requests
+                );
+                link.tx
+                    .send(FromPageServer::PostcopyDone(server.stats.clone()))
+                    .map_err(|e| LinkError::Ipc(format!("{e:?}")))?;
+            }
+            Ok(other) => unreachable!("return path yielded {other:?}"),
+            Err(e) if e.is_disconnect() => {
+                link.tx
+                    .send(FromPageServer::Closed(server.stats.clone()))
+                    .map_err(|e| LinkError::Ipc(format!("{e:?}")))?;
+                // Wait for Quit on the command thread.
+                loop {
+                    std::thread::park();
+                }
+            }
+            Err(e) => return Err(ServeError::ReturnPath(e)),
+        }
+    }
+}
+
+struct Server {
+    layout: MemLayout,
+    mem: Mapping,
+    sent: SharedBitmap,
+    urgent: TcpStream,
+    stats: ServerStats,
+    buf: Vec<u8>,
+}
+
+impl Server {
+    fn serve(&mut self, range: PageRange) -> Result<(), ServeError> {
+        self.stats.requests += 1;
+        // Tell the ram-sender where the guest is looking now.
+        self.sent.set_hint(range.end());
+        let mut run: Option<(u64, u32)> = None;
+        for page in range.pages() {
+            let p = page.get();
+            if self.sent.test_and_set(p) {
+                run = match run {
+                    Some((first, n)) if first + u64::from(n) == p && n < MAX_PAGES_PER_FRAME => {
+                        Some((first, n + 1))
+                    }
+                    Some((first, n)) => {
+                        self.send(first, n)?;
+                        Some((p, 1))
+                    }
+                    None => Some((p, 1)),
+                };
+            } else {
+                self.stats.pages_in_flight += 1;
+            }
+        }
+        if let Some((first, n)) = run {
+            self.send(first, n)?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, first: u64, count: u32) -> Result<(), ServeError> {
+        let range = self
+            .layout
+            .range(first, count)
+            .expect("requested pages are in range");
+        let n = count as usize;
+        let data = &mut self.buf[PAGES_PREFIX_LEN..PAGES_PREFIX_LEN + n * PAGE_SIZE];
+        self.mem.read(first as usize * PAGE_SIZE, data);
+        if data.chunks_exact(PAGE_SIZE).all(is_zero) {
+            self.urgent
+                .write_all(&zero_frame(range))
+                .map_err(ServeError::Urgent)?;
+            self.stats.zero_pages += u64::from(count);
+            self.stats.bytes += PAGES_PREFIX_LEN as u64;
+        } else {
+            self.buf[..PAGES_PREFIX_LEN].copy_from_slice(&pages_prefix(range));
+            let frame = &self.buf[..PAGES_PREFIX_LEN + n * PAGE_SIZE];
+            self.urgent.write_all(frame).map_err(ServeError::Urgent)?;
+            self.stats.bytes += frame.len() as u64;
+        }
+        self.stats.pages_urgent += u64::from(count);
+        Ok(())
+    }
+}

@@ -1,0 +1,10 @@
+//! `ram-sender`: the source role that iterates the dirty bitmap and streams
+//! pages to the destination on the main stream.
+
+mod limiter;
+mod pagemap;
+mod sender;
+
+fn main() {
+    common::role::role_main::<_, _, _, _>("ram-sender", sender::run)
+}

@@ -1,0 +1,482 @@
+//! The ram-sender's migration loop: precopy rounds (send dirty pages, sync the
+//! dirty log, report, await the supervisor's decision), then either precopy
+//! completion (send the rest, the package, EOS) or switchover (discard set,
+//! package, then the background push of every page not yet sent).
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::time::Instant;
+
+use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
+use common::mem::{is_zero, Access, Mapping, MemError};
+use common::msg::{
+    FinalSync, FromRamSender, PushStats, RoundStats, SendProgress, SenderSetup, ToRamSender,
+};
+use common::role::{LinkError, RoleLink};
+use common::types::{MemLayout, PageRange, RemoteAddr, PAGE_SIZE};
+use common::uffd::{Uffd, UffdError};
+use common::wire::{
+    discard_frames, empty_frame, message_frame, pages_prefix, round_frame, zero_frame, FrameType,
+    Package, WireError, MAX_PAGES_PER_FRAME, PAGES_PREFIX_LEN,
+};
+
+use crate::limiter::Limiter;
+use crate::pagemap::{Pagemap, ScanError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    #[error("sent bitmap: {0}")]
+    Bitmap(#[from] BitmapError),
+    #[error("dirty tracking: {0}")]
+    Scan(#[from] ScanError),
+    #[error("initial write-protect failed: {0}")]
+    Uffd(#[from] UffdError),
+    #[error("main stream: {0}")]
+    Net(#[from] std::io::Error),
+    #[error("main stream: {0}")]
+    Wire(#[from] WireError),
+    #[error("unexpected command {cmd} while {phase}")]
+    Unexpected { cmd: String, phase: &'static str },
+}
+
+/// How a precopy round ended.
+enum RoundEnd {
+    Finished,
+    Interrupted(ToRamSender),
+}
+
+#[derive(Default)]
+struct Totals {
+    bytes: u64,
+    pages: u64,
+    zero_pages: u64,
+}
+
+struct Sender {
+    link: RoleLink<ToRamSender, FromRamSender>,
+    layout: MemLayout,
+    base: RemoteAddr,
+    mem: Mapping,
+    pagemap: Pagemap,
+    uffd: Uffd,
+    sent: SharedBitmap,
+    out: TcpStream,
+    limiter: Limiter,
+    dirty: Bitmap,
+    buf: Vec<u8>,
+    totals: Totals,
+    sync_count: u32,
+    last_sync: Instant,
+    last_progress: Instant,
+    round_left: u64,
+}
+
+/// Runs the ram-sender role.
+pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> {
+    let setup = match link.recv()? {
+        ToRamSender::Start(s) => s,
+        ToRamSender::Quit => return Ok(()),
+        other => {
+            return Err(SendError::Unexpected {
+                cmd: format!("{other:?}"),
+                phase: "waiting for Start",
+            })
+        }
+    };
+    let mut fds = link.fds.recv()?;
+    let SenderSetup {
+        layout,
+        guest_base,
+        max_bandwidth,
+    } = setup;
+    let memfd = fds.take("memory")?;
+    let mem = Mapping::new(memfd.as_fd(), layout.mem_bytes() as usize, Access::ReadOnly)?;
+    let sent_fd = fds.take("sent")?;
+    let sent = SharedBitmap::open(sent_fd.as_fd(), layout.pages())?;
+    let out = TcpStream::from(fds.take("main")?);
+    let mut s = Sender {
+        layout,
+        base: guest_base,
+        mem,
+        pagemap: Pagemap::new(fds.take("pagemap")?),
+        uffd: Uffd::from_fd(fds.take("uffd")?),
+        sent,
+        out,
+        limiter: Limiter::new(max_bandwidth),
+        dirty: Bitmap::new(layout.pages()),
+        buf: vec![0u8; PAGES_PREFIX_LEN + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE],
+        totals: Totals::default(),
+        sync_count: 0,
+        last_sync: Instant::now(),
+        last_progress: Instant::now(),
+        round_left: 0,
+        link,
+    };
+    s.precopy()
+}
+
+impl Sender {
+    fn precopy(&mut self) -> Result<(), SendError> {
+        // Arm dirty tracking, then treat everything as dirty: the first
+        // round reads every page after the protection is on, so any write
+        // it misses is reported by the next scan.
+        self.uffd
+            .write_protect(self.base, self.layout.mem_bytes(), true)?;
+        self.dirty.set_all();
+        self.sync_count = 1;
+        self.last_sync = Instant::now();
+        log::info!(
+            "precopy of {} pages starts (bandwidth limit {})",
+            self.layout.pages(),
+            match self.limiter.rate() {
+                0 => "none".to_string(),
+                r => format!("{r} B/s"),
+            }
+        );
+        loop {
+            let round_start = Instant::now();
+            let before = (self.totals.bytes, self.totals.pages, self.totals.zero_pages);
+            let end = self.precopy_round()?;
+            if let RoundEnd::Interrupted(cmd) = end {
+                return self.obey_after_round(cmd);
+            }
+            let round_us = round_start.elapsed().as_micros() as u64;
+            let since_sync = self.last_sync.elapsed();
+            let found = self.pagemap.collect_written(
+                self.base,
+                self.layout.mem_bytes(),
+                &mut self.dirty,
+            )?;
+            self.last_sync = Instant::now();
+            self.sync_count += 1;
+            self.write(&round_frame(self.sync_count))?;
+            let round_bytes = self.totals.bytes - before.0;
+            let secs = (round_us as f64 / 1e6).max(1e-6);
+            let stats = RoundStats {
+                sync_count: self.sync_count,
+                round_pages: self.totals.pages - before.1,
+                round_zero_pages: self.totals.zero_pages - before.2,
+                round_bytes,
+                round_us,
+                pending_pages: self.dirty.count(),
+                bandwidth: round_bytes as f64 / secs,
+                dirty_rate: found as f64 / since_sync.as_secs_f64().max(1e-6),
+                total_bytes: self.totals.bytes,
+                total_pages: self.totals.pages,
+                total_zero_pages: self.totals.zero_pages,
+            };
+            log::debug!("sync {}: {found} pages dirtied", self.sync_count);
+            self.link.send(FromRamSender::Synced(stats))?;
+            loop {
+                match self.link.recv()? {
+                    ToRamSender::Continue => break,
+                    ToRamSender::SetMaxBandwidth(r) => self.limiter.set_rate(r),
+                    cmd => return self.obey_after_round(cmd),
+                }
+            }
+        }
+    }
+
+    fn obey_after_round(&mut self, cmd: ToRamSender) -> Result<(), SendError> {
+        match cmd {
+            ToRamSender::Complete => self.complete(),
+            ToRamSender::Switchover => self.switchover(),
+            ToRamSender::Quit => Ok(()),
+            other => Err(SendError::Unexpected {
+                cmd: format!("{other:?}"),
+                phase: "in precopy",
+            }),
+        }
+    }
+
+    /// One pass over the dirty set. Between frames it looks for commands: a
+    /// switchover or quit ends the round early.
+    fn precopy_round(&mut self) -> Result<RoundEnd, SendError> {
+        let runs: Vec<(u64, u64)> = self.dirty.runs(u64::from(MAX_PAGES_PER_FRAME)).collect();
+        self.round_left = self.dirty.count();
+        for (first, count) in runs {
+            match self.link.try_recv() {
+                Ok(Some(ToRamSender::SetMaxBandwidth(r))) => self.limiter.set_rate(r),
+                Ok(Some(cmd)) => return Ok(RoundEnd::Interrupted(cmd)),
+                Ok(None) => {}
+                Err(_) => return Ok(RoundEnd::Interrupted(ToRamSender::Quit)),
+            }
+            self.send_run(first, count as u32)?;
+            for p in first..first + count {
+                self.dirty.clear(p);
+                self.sent.test_and_set(p);
+            }
+            self.round_left = self.round_left.saturating_sub(count);
+            self.maybe_progress()?;
+        }
+        Ok(RoundEnd::Finished)
+    }
+
+    /// Precopy converged and the guest is stopped: the last sync, the rest
+    /// of the pages, the package, end of stream.
+    fn complete(&mut self) -> Result<(), SendError> {
+        let t = Instant::now();
+        let found =
+            self.pagemap
+                .collect_written(self.base, self.layout.mem_bytes(), &mut self.dirty)?;
+        self.sync_count += 1;
+        let sync_us = t.elapsed().as_micros() as u64;
+        let before = (self.totals.bytes, self.totals.pages, self.totals.zero_pages);
+        let t = Instant::now();
+        let dirty_pages = self.dirty.count();
+        let runs: Vec<(u64, u64)> = self.dirty.runs(u64::from(MAX_PAGES_PER_FRAME)).collect();
+        for (first, count) in runs {
+            self.send_run(first, count as u32)?;
+            for p in first..first + count {
+                self.dirty.clear(p);
+                self.sent.test_and_set(p);
+            }
+        }
+        self.out.flush()?;
+        log::info!("final sync found {found} new dirty pages; sent {dirty_pages}");
+        self.link.send(FromRamSender::FinalSyncDone(FinalSync {
+            sync_count: self.sync_count,
+            precopy_bytes: before.0,
+            precopy_pages: before.1,
+            precopy_zero_pages: before.2,
+            dirty_pages,
+            discard_pages: 0,
+            bytes: self.totals.bytes - before.0,
+            pages: self.totals.pages - before.1,
+            zero_pages: self.totals.zero_pages - before.2,
+            sync_us,
+            send_us: t.elapsed().as_micros() as u64,
+        }))?;
+        let pkg = self.await_package()?;
+        let bytes = self.send_package(&pkg)?;
+        self.write(&empty_frame(FrameType::Eos))?;
+        self.link.send(FromRamSender::PackageSent { bytes })?;
+        self.await_quit()
+    }
+
+    /// The guest is stopped and postcopy begins: last sync, discard set,
+    /// package, then push everything not sent yet.
+    fn switchover(&mut self) -> Result<(), SendError> {
+        let t = Instant::now();
+        self.pagemap
+            .collect_written(self.base, self.layout.mem_bytes(), &mut self.dirty)?;
+        self.sync_count += 1;
+        let sync_us = t.elapsed().as_micros() as u64;
+        let t = Instant::now();
+        // Pages sent before and dirtied since: the destination's copy is
+        // stale. They become unsent, so the push or a fault fetches them.
+        let mut discard: Vec<PageRange> = Vec::new();
+        let mut discard_pages = 0u64;
+        let dirty_pages = self.dirty.count();
+        for (first, count) in self.dirty.runs(u32::MAX as u64) {
+            let mut run_start = None;
+            for p in first..first + count {
+                if self.sent.clear(p) {
+                    discard_pages += 1;
+                    run_start.get_or_insert(p);
+                } else if let Some(s) = run_start.take() {
+                    discard.push(self.layout.range(s, (p - s) as u32).expect("in range"));
+                }
+            }
+            if let Some(s) = run_start {
+                discard.push(
+                    self.layout
+                        .range(s, (first + count - s) as u32)
+                        .expect("in range"),
+                );
+            }
+        }
+        let before = self.totals.bytes;
+        if !discard.is_empty() {
+            self.write(&discard_frames(&discard))?;
+        }
+        log::info!("switchover: {dirty_pages} dirty pages, {discard_pages} to discard");
+        self.link.send(FromRamSender::FinalSyncDone(FinalSync {
+            sync_count: self.sync_count,
+            precopy_bytes: before,
+            precopy_pages: self.totals.pages,
+            precopy_zero_pages: self.totals.zero_pages,
+            dirty_pages,
+            discard_pages,
+            bytes: self.totals.bytes - before,
+            pages: 0,
+            zero_pages: 0,
+            sync_us,
+            send_us: t.elapsed().as_micros() as u64,
+        }))?;
+        let pkg = self.await_package()?;
+        let bytes = self.send_package(&pkg)?;
+        self.link.send(FromRamSender::PackageSent { bytes })?;
+        self.push()
+    }
+
+    /// Postcopy background push: every page whose `sent` bit this role wins,
+    /// starting after the page the destination asked for last.
+    fn push(&mut self) -> Result<(), SendError> {
+        let t = Instant::now();
+        let before = (self.totals.bytes, self.totals.pages, self.totals.zero_pages);
+        let pages = self.layout.pages();
+        let mut cursor = 0u64;
+        let mut last_hint = 0u64;
+        loop {
+            match self.link.try_recv() {
+                Ok(Some(ToRamSender::SetMaxBandwidth(r))) => self.limiter.set_rate(r),
+                Ok(Some(ToRamSender::Quit)) | Err(_) => return Ok(()),
+                Ok(Some(other)) => {
+                    return Err(SendError::Unexpected {
+                        cmd: format!("{other:?}"),
+                        phase: "pushing postcopy pages",
+                    })
+                }
+                Ok(None) => {}
+            }
+            let hint = self.sent.hint();
+            if hint != last_hint && hint != 0 && hint <= pages {
+                cursor = hint % pages;
+                last_hint = hint;
+            }
+            let Some(first) = self
+                .sent
+                .next_clear(cursor)
+                .or_else(|| self.sent.next_clear(0))
+            else {
+                break;
+            };
+            let mut count = 0u64;
+            while first + count < pages
+                && count < u64::from(MAX_PAGES_PER_FRAME)
+                && self.sent.test_and_set(first + count)
+            {
+                count += 1;
+            }
+            if count == 0 {
+                // The page-server took it first.
+                cursor = first + 1;
+                continue;
+            }
+            self.send_run(first, count as u32)?;
+            cursor = first + count;
+            self.round_left = pages - self.sent.count();
+            self.maybe_progress()?;
+        }
+        self.write(&empty_frame(FrameType::Eos))?;
+        self.out.flush()?;
+        let stats = PushStats {
+            pages: self.totals.pages - before.1,
+            zero_pages: self.totals.zero_pages - before.2,
+            bytes: self.totals.bytes - before.0,
+            us: t.elapsed().as_micros() as u64,
+        };
+        log::info!(
+            "background push done: {} pages, {} zero, {} bytes",
+            stats.pages,
+            stats.zero_pages,
+            stats.bytes
+        );
+        self.link.send(FromRamSender::PushDone(stats))?;
+        self.await_quit()
+    }
+
+    fn await_package(&mut self) -> Result<Package, SendError> {
+        loop {
+            match self.link.recv()? {
+                ToRamSender::Package(p) => return Ok(p),
+                ToRamSender::SetMaxBandwidth(r) => self.limiter.set_rate(r),
+                other => {
+                    return Err(SendError::Unexpected {
+                        cmd: format!("{other:?}"),
+                        phase: "waiting for the package",
+                    })
+                }
+            }
+        }
+    }
+
+    fn await_quit(&mut self) -> Result<(), SendError> {
+        loop {
+            match self.link.rx.recv() {
+                Ok(ToRamSender::Quit) | Err(_) => return Ok(()),
+                Ok(ToRamSender::SetMaxBandwidth(_)) => {}
+                Ok(other) => {
+                    return Err(SendError::Unexpected {
+                        cmd: format!("{other:?}"),
+                        phase: "finished",
+                    })
+                }
+            }
+        }
+    }
+
+    fn send_package(&mut self, pkg: &Package) -> Result<u64, SendError> {
+        let frame = message_frame(FrameType::Package, pkg, "device-state package")?;
+        self.out.write_all(&frame)?;
+        self.out.flush()?;
+        self.totals.bytes += frame.len() as u64;
+        Ok(frame.len() as u64)
+    }
+
+    /// Sends pages `first..first+count` (count ≤ 256): data pages as PAGES
+    /// frames, zero pages as ZERO frames.
+    fn send_run(&mut self, first: u64, count: u32) -> Result<(), SendError> {
+        debug_assert!((1..=MAX_PAGES_PER_FRAME).contains(&count));
+        let n = count as usize;
+        let data_at = |i: usize| PAGES_PREFIX_LEN + i * PAGE_SIZE;
+        self.mem.read(
+            (first as usize) * PAGE_SIZE,
+            &mut self.buf[data_at(0)..data_at(n)],
+        );
+        let mut i = 0usize;
+        while i < n {
+            let zero = is_zero(&self.buf[data_at(i)..data_at(i + 1)]);
+            let mut j = i + 1;
+            while j < n && is_zero(&self.buf[data_at(j)..data_at(j + 1)]) == zero {
+                j += 1;
+            }
+            let range = self
+                .layout
+                .range(first + i as u64, (j - i) as u32)
+                .expect("dirty pages lie inside guest memory");
+            if zero {
+                self.write(&zero_frame(range))?;
+                self.totals.zero_pages += (j - i) as u64;
+            } else {
+                // The prefix goes right before page i, over the tail of page
+                // i-1, which was sent already or is a zero page.
+                let start = data_at(i) - PAGES_PREFIX_LEN;
+                self.buf[start..data_at(i)].copy_from_slice(&pages_prefix(range));
+                let len = (data_at(j) - start) as u64;
+                self.limiter.take(len);
+                self.out.write_all(&self.buf[start..data_at(j)])?;
+                self.totals.bytes += len;
+                self.totals.pages += (j - i) as u64;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), SendError> {
+        self.limiter.take(bytes.len() as u64);
+        self.out.write_all(bytes)?;
+        self.totals.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn maybe_progress(&mut self) -> Result<(), SendError> {
+        if self.last_progress.elapsed().as_millis() >= 200 {
+            self.last_progress = Instant::now();
+            self.link.send(FromRamSender::Progress(SendProgress {
+                total_bytes: self.totals.bytes,
+                total_pages: self.totals.pages,
+                round_left: self.round_left,
+                bandwidth: 0.0,
+            }))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,342 @@
+//! The command line (README "CLI reference" is its user-facing description).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::control::{PostcopyMode, VerifyMethod};
+use common::guest::{GuestConfig, GuestKind, RandomParams, Workload, KVM_AB_START, KVM_MAX_MEM};
+use common::types::{parse_size, MemLayout, PAGE_SIZE};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "postcopy",
+    version,
+    about = "Live migration with precopy then postcopy, as a pipeline of small processes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Migrate a guest between two ends on this machine over loopback TCP,
+    /// then check its memory and print the report.
+    Demo(DemoArgs),
+    /// Start a guest here, let it run, and migrate it to `--to`.
+    Migrate(MigrateArgs),
+    /// Wait for a migration on `--listen` and run the guest it brings.
+    Incoming(IncomingArgs),
+    /// Switch a running migration (started with --postcopy manual or auto)
+    /// to postcopy now.
+    StartPostcopy(StartArgs),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GuestArg {
+    Process,
+    Kvm,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadArg {
+    Ab,
+    Random,
+    Idle,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PostcopyArg {
+    Never,
+    Auto,
+    Manual,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum VerifyArg {
+    None,
+    Auto,
+    Ab,
+    Digest,
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GuestArgs {
+    /// Which guest to run.
+    #[arg(long, value_enum, default_value = "process")]
+    pub guest: GuestArg,
+    /// Guest memory (256M, 1G, ...).
+    #[arg(long, value_parser = size_arg, default_value = "1G")]
+    pub mem: u64,
+    /// Worker threads (process guest) or vCPUs (KVM guest).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vcpus: u32,
+    /// What the process guest does with its memory.
+    #[arg(long, value_enum, default_value = "ab")]
+    pub workload: WorkloadArg,
+    /// random: size of the hot set, as a size or a percentage of memory.
+    #[arg(long, default_value = "10%")]
+    pub hot_set: String,
+    /// random: percent of writes that land in the hot set.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub hot_ratio: u32,
+    /// random: writes per second per worker (0 = as fast as possible).
+    #[arg(long, default_value_t = 20000)]
+    pub write_rate: u64,
+    /// random: seed of the generators.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// kvm: a 512-byte boot sector to run instead of the built-in workload.
+    #[arg(long)]
+    pub boot_sector: Option<PathBuf>,
+    /// How long the guest runs before the migration starts.
+    #[arg(long, default_value_t = 500)]
+    pub warmup_ms: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MigrationArgs {
+    /// When to switch to postcopy.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub postcopy: PostcopyArg,
+    /// manual: switch after this many dirty syncs.
+    #[arg(long)]
+    pub postcopy_after_syncs: Option<u32>,
+    /// Longest acceptable stop of the guest, in ms.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit: u64,
+    /// Main-stream bandwidth limit in bytes per second (0 = unlimited).
+    #[arg(long, value_parser = size_arg, default_value = "0")]
+    pub max_bandwidth: u64,
+    /// How to check the destination's memory afterwards.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub verify: VerifyArg,
+    /// Byte range for `--verify ab` (START-END, hex or sizes).
+    #[arg(long)]
+    pub verify_range: Option<String>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// kvm: where the source guest's serial output goes.
+    #[arg(long)]
+    pub serial_log: Option<PathBuf>,
+    /// Command socket for `postcopy start-postcopy`.
+    #[arg(long)]
+    pub command_socket: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
+    pub mig: MigrationArgs,
+    /// kvm: where the destination guest's serial output goes.
+    #[arg(long)]
+    pub dest_serial_log: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// Destination, ADDR:PORT.
+    #[arg(long)]
+    pub to: String,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
+    pub mig: MigrationArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct IncomingArgs {
+    /// Address to listen on, ADDR:PORT.
+    #[arg(long, required_unless_present = "listen_fd")]
+    pub listen: Option<String>,
+    /// An already listening socket (used by `demo`).
+    #[arg(long, hide = true)]
+    pub listen_fd: Option<i32>,
+    /// Write the destination's report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// kvm: where the destination guest's serial output goes.
+    #[arg(long)]
+    pub serial_log: Option<PathBuf>,
+    /// Give up if no migration arrives within this many seconds (0 = wait).
+    #[arg(long, default_value_t = 0)]
+    pub accept_timeout: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StartArgs {
+    /// The migration's command socket (default: the only one running).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
+/// Everything the source needs, checked.
+#[derive(Debug, Clone)]
+pub struct SourceOpts {
+    pub guest: GuestConfig,
+    pub postcopy: PostcopyMode,
+    pub postcopy_after_syncs: Option<u32>,
+    pub downtime_limit: Duration,
+    pub max_bandwidth: u64,
+    pub warmup: Duration,
+    pub verify: VerifyMethod,
+    pub verify_ranges: Vec<(u64, u64)>,
+    pub json: Option<PathBuf>,
+    pub serial_log: Option<PathBuf>,
+    pub command_socket: Option<PathBuf>,
+}
+
+fn parse_range(text: &str) -> Result<(u64, u64), String> {
+    let (a, b) = text
+        .split_once('-')
+        .ok_or_else(|| format!("--verify-range {text:?}: expected START-END"))?;
+    let start = parse_size(a).map_err(|e| format!("--verify-range start: {e}"))?;
+    let end = parse_size(b).map_err(|e| format!("--verify-range end: {e}"))?;
+    if start >= end {
+        return Err(format!("--verify-range {text:?}: start must be below end"));
+    }
+    Ok((start, end))
+}
+
+fn hot_pages(text: &str, mem: u64) -> Result<u64, String> {
+    let pages = mem / PAGE_SIZE as u64;
+    let n = if let Some(pct) = text.strip_suffix('%') {
+        let pct: f64 = pct
+            .trim()
+            .parse()
+            .map_err(|_| format!("--hot-set {text:?}: bad percentage"))?;
+        if !(0.0..=100.0).contains(&pct) {
+            return Err(format!("--hot-set {text:?}: percentage must be 0-100"));
+        }
+        (pages as f64 * pct / 100.0) as u64
+    } else {
+        parse_size(text).map_err(|e| format!("--hot-set: {e}"))? / PAGE_SIZE as u64
+    };
+    Ok(n.clamp(1, pages))
+}
+
+impl SourceOpts {
+    pub fn from_args(g: &GuestArgs, m: &MigrationArgs) -> Result<Self, String> {
+        MemLayout::new(g.mem).map_err(|e| format!("--mem: {e}"))?;
+        let kind = match g.guest {
+            GuestArg::Process => GuestKind::Process,
+            GuestArg::Kvm => GuestKind::Kvm,
+        };
+        let boot_sector = match &g.boot_sector {
+            None => None,
+            Some(_) if kind != GuestKind::Kvm => {
+                return Err("--boot-sector needs --guest kvm".into())
+            }
+            Some(path) => {
+                let bytes = std::fs::read(path)
+                    .map_err(|e| format!("--boot-sector {}: {e}", path.display()))?;
+                if bytes.len() != 512 || bytes[510..] != [0x55, 0xAA] {
+                    return Err(format!(
+                        "--boot-sector {}: a boot sector is 512 bytes ending in 0x55 0xAA (got {} bytes{})",
+                        path.display(),
+                        bytes.len(),
+                        if bytes.len() == 512 { ", bad signature" } else { "" }
+                    ));
+                }
+                Some(bytes)
+            }
+        };
+        let workload = match (kind, g.workload) {
+            (GuestKind::Kvm, _) if boot_sector.is_some() => Workload::BootSector,
+            (GuestKind::Kvm, WorkloadArg::Ab) => Workload::Ab,
+            (GuestKind::Kvm, w) => {
+                return Err(format!(
+                    "--guest kvm runs the built-in ab sector or --boot-sector; --workload {} is for the process guest",
+                    format!("{w:?}").to_lowercase()
+                ))
+            }
+            (GuestKind::Process, WorkloadArg::Ab) => Workload::Ab,
+            (GuestKind::Process, WorkloadArg::Idle) => Workload::Idle,
+            (GuestKind::Process, WorkloadArg::Random) => Workload::Random(RandomParams {
+                hot_pages: hot_pages(&g.hot_set, g.mem)?,
+                hot_percent: g.hot_ratio,
+                write_rate: g.write_rate,
+                seed: g.seed,
+            }),
+        };
+        if kind == GuestKind::Kvm {
+            if g.mem > KVM_MAX_MEM {
+                return Err(format!(
+                    "--guest kvm supports at most {} MiB of memory (the top of the 4 GiB space holds the APIC), got {} MiB",
+                    KVM_MAX_MEM >> 20,
+                    g.mem >> 20
+                ));
+            }
+            if boot_sector.is_none() && g.mem <= KVM_AB_START {
+                return Err(
+                    "--guest kvm needs more than 1 MiB of memory: its workload runs above 1 MiB"
+                        .into(),
+                );
+            }
+        }
+        let guest = GuestConfig {
+            kind,
+            mem_bytes: g.mem,
+            vcpus: g.vcpus,
+            workload,
+            boot_sector,
+        };
+        let range = m.verify_range.as_deref().map(parse_range).transpose()?;
+        if let Some((_, end)) = range {
+            if end > g.mem {
+                return Err(format!(
+                    "--verify-range ends at {end:#x}, beyond guest memory ({:#x})",
+                    g.mem
+                ));
+            }
+        }
+        let ab_ok = guest.workload == Workload::Ab || range.is_some();
+        let verify = match m.verify {
+            VerifyArg::None => VerifyMethod::None,
+            VerifyArg::Digest => VerifyMethod::Digest,
+            VerifyArg::Ab if ab_ok => VerifyMethod::Ab,
+            VerifyArg::Ab => {
+                return Err(format!(
+                    "--verify ab needs the ab workload (or --verify-range for a boot sector); this guest runs {}",
+                    guest.workload.name()
+                ))
+            }
+            VerifyArg::Auto if ab_ok => VerifyMethod::Ab,
+            VerifyArg::Auto => VerifyMethod::Digest,
+        };
+        let verify_ranges = match (verify, range) {
+            (VerifyMethod::Ab, Some(r)) => vec![r],
+            (VerifyMethod::Ab, None) => guest.ab_ranges(),
+            _ => vec![],
+        };
+        let postcopy = match m.postcopy {
+            PostcopyArg::Never => PostcopyMode::Never,
+            PostcopyArg::Auto => PostcopyMode::Auto,
+            PostcopyArg::Manual => PostcopyMode::Manual,
+        };
+        if m.postcopy_after_syncs.is_some() && postcopy != PostcopyMode::Manual {
+            return Err("--postcopy-after-syncs goes with --postcopy manual".into());
+        }
+        Ok(SourceOpts {
+            guest,
+            postcopy,
+            postcopy_after_syncs: m.postcopy_after_syncs,
+            downtime_limit: Duration::from_millis(m.downtime_limit),
+            max_bandwidth: m.max_bandwidth,
+            warmup: Duration::from_millis(g.warmup_ms),
+            verify,
+            verify_ranges,
+            json: m.json.clone(),
+            serial_log: m.serial_log.clone(),
+            command_socket: m.command_socket.clone(),
+        })
+    }
+}

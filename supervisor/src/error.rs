@@ -1,0 +1,55 @@
+//! Why a migration did not complete.
+
+use common::control::ExitStatus;
+use common::state::StateError;
+
+use crate::net::NetError;
+use crate::spawn::SpawnError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigError {
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    #[error("{name} failed: {detail}")]
+    Role { name: &'static str, detail: String },
+    #[error("{name} (pid {pid}) died unexpectedly: {status}")]
+    RoleDied {
+        name: &'static str,
+        pid: u32,
+        status: ExitStatus,
+    },
+    #[error("{0} stopped talking to the supervisor")]
+    ChannelClosed(&'static str),
+    #[error("the peer aborted the migration: {0}")]
+    PeerAborted(String),
+    #[error("lost the control connection to the peer: {0}")]
+    PeerLost(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    #[error("timed out after {secs:.0} s waiting for {what}")]
+    Timeout { what: String, secs: f64 },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl MigError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        MigError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! `postcopy`: live migration with precopy then postcopy. See README.md.
+
+use clap::Parser;
+use std::process::ExitCode;
+
+use supervisor::cli::{Cli, Cmd, SourceOpts};
+use supervisor::report::Report;
+use supervisor::{ctlsock, demo, dest, source};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let tag: &'static str = match std::env::var("POSTCOPY_LOG_TAG").ok().as_deref() {
+        Some("dst") => "dst",
+        _ => match cli.cmd {
+            Cmd::Incoming(_) => "dst",
+            _ => "src",
+        },
+    };
+    common::logging::init(tag);
+    match cli.cmd {
+        Cmd::Demo(args) => match SourceOpts::from_args(&args.guest, &args.mig)
+            .and_then(|opts| demo::demo(&args, opts.clone()).map(|r| (r, opts)))
+        {
+            Ok((report, opts)) => conclude(&report, opts.json.as_deref()),
+            Err(e) => usage_error(&e),
+        },
+        Cmd::Migrate(args) => match SourceOpts::from_args(&args.guest, &args.mig) {
+            Ok(opts) => {
+                let json = opts.json.clone();
+                let report = source::migrate(opts, args.to.clone(), &[]);
+                conclude(&report, json.as_deref())
+            }
+            Err(e) => usage_error(&e),
+        },
+        Cmd::Incoming(args) => {
+            let json = args.json.clone();
+            let report = dest::incoming(args);
+            conclude(&report, json.as_deref())
+        }
+        Cmd::StartPostcopy(args) => {
+            match ctlsock::send_command(args.socket.as_deref(), "start-postcopy") {
+                Ok(_) => {
+                    println!("postcopy requested");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("postcopy start-postcopy: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn usage_error(e: &str) -> ExitCode {
+    eprintln!("postcopy: {e}");
+    ExitCode::from(2)
+}
+
+fn conclude(report: &Report, json: Option<&std::path::Path>) -> ExitCode {
+    print!("{}", report.summary());
+    if let Some(path) = json {
+        if let Err(e) = report.write_json(path) {
+            eprintln!("postcopy: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.succeeded() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,213 @@
+//! Connections between the hosts: the supervisor opens (source) or accepts
+//! (destination) every connection, does the hello, sets the socket options,
+//! and only then hands a data connection to a role.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use common::control::ControlMsg;
+use common::types::{MemLayout, MigrationId};
+use common::wire::{
+    client_hello, recv_control, send_control, server_read_hello, server_reply, ConnKind,
+    FrameReader, Hello, HelloStatus, WireError,
+};
+
+use crate::events::Event;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot resolve {addr}: {source}")]
+    Resolve {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{kind} connection to {addr}: {source}")]
+    Hello {
+        kind: ConnKind,
+        addr: String,
+        source: WireError,
+    },
+    #[error("no {what} arrived within {secs} s")]
+    AcceptTimeout { what: String, secs: u64 },
+    #[error("accept failed: {0}")]
+    Accept(std::io::Error),
+    #[error("control connection: {0}")]
+    Control(WireError),
+}
+
+fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) {
+    // SAFETY: setsockopt with a pointer to a live i32 and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
+    if r != 0 {
+        log::debug!(
+            "setsockopt({level}, {name}) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// No Nagle delay (page requests and urgent pages are latency-bound), and
+/// dead-peer detection within ~20 s even when the link silently drops.
+pub fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let fd = stream.as_raw_fd();
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 2);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 5);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 20_000);
+}
+
+/// Connects and says hello as `kind`.
+pub fn connect(addr: &str, kind: ConnKind, id: MigrationId) -> Result<TcpStream, NetError> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|source| NetError::Resolve {
+            addr: addr.to_string(),
+            source,
+        })?
+        .collect();
+    let mut last = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, Duration::from_secs(10)) {
+            Ok(mut s) => {
+                tune(&s);
+                s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                client_hello(&mut s, kind, id).map_err(|source| NetError::Hello {
+                    kind,
+                    addr: addr.to_string(),
+                    source,
+                })?;
+                s.set_read_timeout(None).ok();
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(NetError::Connect {
+        addr: addr.to_string(),
+        source: last.unwrap_or_else(|| std::io::Error::other("no address")),
+    })
+}
+
+/// Accepts connections until one says a good hello. Bad ones are refused
+/// (the refusal names our version) and logged; `check` decides on the rest.
+pub fn accept(
+    listener: &TcpListener,
+    timeout: Option<Duration>,
+    what: &str,
+    mut check: impl FnMut(&Hello) -> HelloStatus,
+) -> Result<(Hello, TcpStream), NetError> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    listener.set_nonblocking(true).map_err(NetError::Accept)?;
+    loop {
+        match listener.accept() {
+            Ok((mut s, peer)) => {
+                s.set_nonblocking(false).map_err(NetError::Accept)?;
+                tune(&s);
+                s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                match server_read_hello(&mut s) {
+                    Ok(h) => {
+                        let status = check(&h);
+                        let _ = server_reply(&mut s, status);
+                        if status == HelloStatus::Ok {
+                            s.set_read_timeout(None).ok();
+                            return Ok((h, s));
+                        }
+                        log::warn!("refused {} connection from {peer}: {status}", h.kind);
+                    }
+                    Err(e) => log::error!("refused connection from {peer}: {e}"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(NetError::AcceptTimeout {
+                        what: what.to_string(),
+                        secs: timeout.map(|t| t.as_secs()).unwrap_or(0),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(NetError::Accept(e)),
+        }
+    }
+}
+
+/// Control frames carry no page ranges; any layout will do for the reader.
+fn control_layout() -> MemLayout {
+    MemLayout::new(common::types::PAGE_SIZE as u64).expect("one page is a valid layout")
+}
+
+/// The control connection: a writer here, a reader thread that turns each
+/// message into an [`Event::Peer`].
+pub struct Control {
+    out: TcpStream,
+}
+
+impl Control {
+    pub fn new(stream: TcpStream, events: Sender<Event>) -> std::io::Result<Self> {
+        let layout = control_layout();
+        let reader = stream.try_clone()?;
+        std::thread::Builder::new()
+            .name("control-reader".into())
+            .spawn(move || {
+                let mut r = FrameReader::new(reader, ConnKind::Control, layout);
+                loop {
+                    match recv_control::<_, ControlMsg>(&mut r) {
+                        Ok(m) => {
+                            if events.send(Event::Peer(m)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = events.send(Event::PeerLost(e.to_string()));
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(Control { out: stream })
+    }
+
+    pub fn send(&mut self, msg: &ControlMsg) -> Result<(), NetError> {
+        send_control(&mut self.out, msg).map_err(NetError::Control)
+    }
+
+    /// Closes our side for good.
+    pub fn shutdown(&mut self) {
+        let _ = self.out.flush();
+        let _ = self.out.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Reads one control message synchronously (during setup, before the reader
+/// thread exists).
+pub fn recv_one(stream: &TcpStream, timeout: Duration) -> Result<ControlMsg, NetError> {
+    stream.set_read_timeout(Some(timeout)).ok();
+    let mut r = FrameReader::new(stream, ConnKind::Control, control_layout());
+    let m = recv_control(&mut r).map_err(NetError::Control);
+    stream.set_read_timeout(None).ok();
+    m
+}
+
+/// Sends one control message synchronously.
+pub fn send_one(mut stream: &TcpStream, msg: &ControlMsg) -> Result<(), NetError> {
+    send_control(&mut stream, msg).map_err(NetError::Control)
+}

@@ -1,0 +1,222 @@
+//! When precopy ends, and how (docs/state-machine.md, "Switching"). After
+//! each dirty sync the supervisor asks [`Policy::decide`]:
+//!
+//! * **converged**: what is pending (dirty pages plus the guest state) can
+//!   be sent within the downtime limit at the bandwidth the last round
+//!   measured → stop the guest and complete in precopy;
+//! * **postcopy** (`auto`): from the second sync on, precopy will not
+//!   converge if the guest dirties memory at least as fast as the link sends
+//!   it; from the third sync on, also if the pending set shrank by less than
+//!   10% since the previous sync. `manual`: on `start-postcopy` or after
+//!   `--postcopy-after-syncs N`. Either way, only if the guest state alone fits
+//!   the downtime limit (the part that cannot be fetched later);
+//! * otherwise another round.
+
+use std::time::Duration;
+
+use common::control::PostcopyMode;
+use common::msg::RoundStats;
+use common::types::PAGE_SIZE;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Continue,
+    /// Precopy converged: expected downtime in ms.
+    Complete {
+        expected_ms: f64,
+    },
+    Switchover {
+        reason: String,
+    },
+}
+
+pub struct Policy {
+    mode: PostcopyMode,
+    downtime_limit: Duration,
+    after_syncs: Option<u32>,
+    state_bytes: u64,
+    prev_pending: Option<u64>,
+}
+
+impl Policy {
+    pub fn new(
+        mode: PostcopyMode,
+        downtime_limit: Duration,
+        after_syncs: Option<u32>,
+        state_bytes: u64,
+    ) -> Self {
+        Policy {
+            mode,
+            downtime_limit,
+            after_syncs,
+            state_bytes,
+            prev_pending: None,
+        }
+    }
+
+    pub fn mode(&self) -> PostcopyMode {
+        self.mode
+    }
+
+    /// Decides after a sync. `requested`: a start-postcopy command arrived.
+    pub fn decide(&mut self, s: &RoundStats, requested: bool) -> Decision {
+        let bw = s.bandwidth.max(1.0);
+        let pending_bytes = s.pending_pages * PAGE_SIZE as u64;
+        let expected = (pending_bytes + self.state_bytes) as f64 / bw;
+        let limit = self.downtime_limit.as_secs_f64();
+        let prev = self.prev_pending.replace(s.pending_pages);
+        if expected <= limit {
+            return Decision::Complete {
+                expected_ms: expected * 1e3,
+            };
+        }
+        if self.mode == PostcopyMode::Never {
+            return Decision::Continue;
+        }
+        let state_fits = self.state_bytes as f64 / bw <= limit;
+        let reason = if requested {
+            Some("start-postcopy was requested".to_string())
+        } else if self.mode == PostcopyMode::Manual {
+            self.after_syncs
+                .filter(|&n| s.sync_count >= n)
+                .map(|n| format!("{n} dirty syncs done (--postcopy-after-syncs)"))
+        } else {
+            let dirty_bytes_rate = s.dirty_rate * PAGE_SIZE as f64;
+            if s.sync_count >= 2 && dirty_bytes_rate >= bw {
+                Some(format!(
+                    "guest dirties {:.0} MB/s, link sends {:.0} MB/s",
+                    dirty_bytes_rate / 1e6,
+                    bw / 1e6
+                ))
+            } else if s.sync_count >= 3 && prev.is_some_and(|p| s.pending_pages * 10 >= p * 9) {
+                Some(format!(
+                    "pending set not shrinking ({} → {} pages); expected downtime {:.0} ms > limit {:.0} ms",
+                    prev.unwrap_or(0),
+                    s.pending_pages,
+                    expected * 1e3,
+                    limit * 1e3
+                ))
+            } else {
+                None
+            }
+        };
+        match reason {
+            Some(reason) if state_fits => Decision::Switchover { reason },
+            Some(reason) => {
+                log::warn!("not switching to postcopy ({reason}): the guest state alone does not fit the downtime limit");
+                Decision::Continue
+            }
+            None => Decision::Continue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(sync: u32, pending: u64, bw: f64, dirty_pps: f64) -> RoundStats {
+        RoundStats {
+            sync_count: sync,
+            pending_pages: pending,
+            bandwidth: bw,
+            dirty_rate: dirty_pps,
+            ..Default::default()
+        }
+    }
+
+    fn policy(mode: PostcopyMode) -> Policy {
+        Policy::new(mode, Duration::from_millis(300), None, 4096)
+    }
+
+    #[test]
+    fn converges_when_pending_fits() {
+        let mut p = policy(PostcopyMode::Never);
+        // 1000 pages at 1 GB/s: ~4 ms.
+        assert!(matches!(
+            p.decide(&round(2, 1000, 1e9, 10.0), false),
+            Decision::Complete { .. }
+        ));
+    }
+
+    #[test]
+    fn never_keeps_going() {
+        let mut p = policy(PostcopyMode::Never);
+        for sync in 2..10 {
+            assert_eq!(
+                p.decide(&round(sync, 1 << 20, 1e8, 1e6), false),
+                Decision::Continue
+            );
+        }
+    }
+
+    #[test]
+    fn auto_switches_on_dirty_rate() {
+        let mut p = policy(PostcopyMode::Auto);
+        // 100 MB/s link, guest dirties 25600 pages/s = 105 MB/s.
+        assert!(matches!(
+            p.decide(&round(2, 100_000, 1e8, 25_600.0), false),
+            Decision::Switchover { .. }
+        ));
+    }
+
+    #[test]
+    fn auto_switches_when_not_shrinking() {
+        let mut p = policy(PostcopyMode::Auto);
+        assert_eq!(
+            p.decide(&round(2, 100_000, 1e8, 100.0), false),
+            Decision::Continue
+        );
+        // Shrank by 5%: not enough.
+        assert!(matches!(
+            p.decide(&round(3, 95_000, 1e8, 100.0), false),
+            Decision::Switchover { .. }
+        ));
+        // Shrinking well: keep iterating.
+        let mut p = policy(PostcopyMode::Auto);
+        p.decide(&round(2, 100_000, 1e8, 100.0), false);
+        assert_eq!(
+            p.decide(&round(3, 50_000, 1e8, 100.0), false),
+            Decision::Continue
+        );
+    }
+
+    #[test]
+    fn manual_waits_for_the_command_or_sync_count() {
+        let mut p = policy(PostcopyMode::Manual);
+        for sync in 2..6 {
+            assert_eq!(
+                p.decide(&round(sync, 1 << 20, 1e8, 1e6), false),
+                Decision::Continue
+            );
+        }
+        assert!(matches!(
+            p.decide(&round(6, 1 << 20, 1e8, 1e6), true),
+            Decision::Switchover { .. }
+        ));
+        let mut p = Policy::new(PostcopyMode::Manual, Duration::from_millis(300), Some(3), 0);
+        assert_eq!(
+            p.decide(&round(2, 1 << 20, 1e8, 1e6), false),
+            Decision::Continue
+        );
+        assert!(matches!(
+            p.decide(&round(3, 1 << 20, 1e8, 1e6), false),
+            Decision::Switchover { .. }
+        ));
+    }
+
+    #[test]
+    fn huge_state_blocks_the_switch() {
+        // 1 GB of state over a 100 MB/s link cannot fit 300 ms.
+        let mut p = Policy::new(
+            PostcopyMode::Auto,
+            Duration::from_millis(300),
+            None,
+            1 << 30,
+        );
+        assert_eq!(
+            p.decide(&round(2, 1 << 20, 1e8, 1e6), true),
+            Decision::Continue
+        );
+    }
+}

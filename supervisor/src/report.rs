@@ -1,0 +1,277 @@
+//! The migration report: a JSON object (`--json FILE`) and a human summary.
+//! Field names are part of the interface: later versions add, never rename.
+
+use serde::Serialize;
+
+use common::control::{ExitStatus, RoleInfo, VerifyResult};
+use common::msg::LatencySummary;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    /// "none", "ab" or "digest".
+    pub method: String,
+    pub pages_checked: u64,
+    /// None when nothing was checked: never a 0 that was not measured.
+    pub mismatches: Option<u64>,
+    pub mismatch_pages: Vec<u64>,
+    pub detail: String,
+}
+
+impl VerifyReport {
+    pub fn none(detail: &str) -> Self {
+        VerifyReport {
+            method: "none".into(),
+            pages_checked: 0,
+            mismatches: None,
+            mismatch_pages: vec![],
+            detail: detail.into(),
+        }
+    }
+
+    pub fn from_result(v: VerifyResult) -> Self {
+        VerifyReport {
+            method: v.method,
+            pages_checked: v.pages_checked,
+            mismatches: Some(v.mismatches),
+            mismatch_pages: v.mismatch_pages,
+            detail: v.detail,
+        }
+    }
+
+    pub fn failed(&self) -> bool {
+        self.mismatches.is_some_and(|m| m > 0)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoleReport {
+    pub name: String,
+    pub host: String,
+    pub pid: u32,
+    pub restarts: u32,
+    /// Exit code, "signal N", or null while still running.
+    pub exit: serde_json::Value,
+}
+
+impl From<&RoleInfo> for RoleReport {
+    fn from(r: &RoleInfo) -> Self {
+        RoleReport {
+            name: r.name.clone(),
+            host: r.host.clone(),
+            pid: r.pid,
+            restarts: r.restarts,
+            exit: match r.exit {
+                None => serde_json::Value::Null,
+                Some(ExitStatus::Code(c)) => c.into(),
+                Some(ExitStatus::Signal(s)) => format!("signal {s}").into(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoundReport {
+    pub sync: u32,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+    pub ms: f64,
+    pub pending_pages: u64,
+    pub bandwidth_mbps: f64,
+    pub dirty_pages_per_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SwitchoverReport {
+    /// Stop the source guest.
+    pub stop: f64,
+    /// The last dirty sync.
+    pub final_sync: f64,
+    /// Send the discard set (postcopy) or the last dirty pages (precopy).
+    pub discard: f64,
+    /// Save the guest state and send the package.
+    pub package: f64,
+    /// From the package on the wire to the destination guest running.
+    pub dest_start: f64,
+    /// Of dest_start: registering the userfaultfd, then loading and starting.
+    pub dest_listen: f64,
+    pub dest_load_run: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub status: String,
+    pub error: Option<String>,
+    pub side: String,
+    pub migration_id: String,
+    pub guest: String,
+    pub workload: String,
+    pub vcpus: u32,
+    pub mem_bytes: u64,
+    pub page_size: u64,
+    pub postcopy_mode: String,
+    pub downtime_limit_ms: u64,
+    pub max_bandwidth: u64,
+    pub total_time_ms: f64,
+    pub setup_time_ms: f64,
+    pub downtime_ms: Option<f64>,
+    pub precopy_bytes: u64,
+    pub downtime_bytes: u64,
+    pub postcopy_bytes: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub dirty_sync_count: u32,
+    pub throughput_mbps: f64,
+    pub verify: VerifyReport,
+    pub roles: Vec<RoleReport>,
+    pub switched_to_postcopy: bool,
+    pub switchover_reason: Option<String>,
+    pub switchover_ms: Option<SwitchoverReport>,
+    pub discarded_pages: u64,
+    pub postcopy_phase_ms: Option<f64>,
+    pub postcopy_requests: u64,
+    pub postcopy_faults: u64,
+    pub pages_urgent: u64,
+    pub pages_background: u64,
+    pub postcopy_blocktime_ms: Option<f64>,
+    pub fault_latency_us: Option<LatencySummary>,
+    pub rounds: Vec<RoundReport>,
+    /// What became of the source guest: "released" after a completed
+    /// migration, "running" after one that failed before switchover.
+    pub source_guest: Option<String>,
+    pub source_verify: Option<VerifyReport>,
+    pub serial_log_source: Option<String>,
+    pub serial_log_destination: Option<String>,
+    pub serial_bytes_destination: Option<u64>,
+}
+
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+impl Report {
+    pub fn succeeded(&self) -> bool {
+        self.status == "completed" && !self.verify.failed()
+    }
+
+    /// The human summary.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let ms = |v: Option<f64>| {
+            v.map(|v| format!("{v:.1} ms"))
+                .unwrap_or_else(|| "-".into())
+        };
+        s.push_str(&format!(
+            "migration {} {} in {:.0} ms (setup {:.0} ms, downtime {})\n",
+            self.migration_id,
+            self.status,
+            self.total_time_ms,
+            self.setup_time_ms,
+            ms(self.downtime_ms)
+        ));
+        if let Some(e) = &self.error {
+            s.push_str(&format!("  error: {e}\n"));
+        }
+        s.push_str(&format!(
+            "  guest {} / {}, {}, {} vCPU{}; postcopy {}\n",
+            self.guest,
+            self.workload,
+            size(self.mem_bytes),
+            self.vcpus,
+            if self.vcpus == 1 { "" } else { "s" },
+            self.postcopy_mode
+        ));
+        s.push_str(&format!(
+            "  precopy {} in {} dirty syncs; downtime {}; postcopy {}; {} pages sent, {} zero pages; {:.0} Mbit/s\n",
+            size(self.precopy_bytes),
+            self.dirty_sync_count,
+            size(self.downtime_bytes),
+            size(self.postcopy_bytes),
+            self.pages_sent,
+            self.zero_pages,
+            self.throughput_mbps
+        ));
+        if self.switched_to_postcopy {
+            s.push_str(&format!(
+                "  switched to postcopy: {}\n",
+                self.switchover_reason.as_deref().unwrap_or("-")
+            ));
+            if let Some(l) = &self.fault_latency_us {
+                s.push_str(&format!(
+                    "  postcopy {}: {} requests, {} faults, {} urgent + {} background pages, {} discarded; fault latency p50 {} µs p99 {} µs max {} µs; blocktime {}\n",
+                    ms(self.postcopy_phase_ms),
+                    self.postcopy_requests,
+                    self.postcopy_faults,
+                    self.pages_urgent,
+                    self.pages_background,
+                    self.discarded_pages,
+                    l.p50,
+                    l.p99,
+                    l.max,
+                    ms(self.postcopy_blocktime_ms)
+                ));
+            }
+        }
+        match self.verify.mismatches {
+            Some(m) => s.push_str(&format!(
+                "  verify {}: {} pages checked, {} mismatches{}\n",
+                self.verify.method,
+                self.verify.pages_checked,
+                m,
+                if m > 0 {
+                    format!(" (first: {:?})", self.verify.mismatch_pages)
+                } else {
+                    String::new()
+                }
+            )),
+            None => s.push_str(&format!(
+                "  verify {}: not checked{}\n",
+                self.verify.method,
+                if self.verify.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", self.verify.detail)
+                }
+            )),
+        }
+        if let Some(g) = &self.source_guest {
+            s.push_str(&format!("  source guest: {g}\n"));
+        }
+        if let Some(v) = &self.source_verify {
+            if let Some(m) = v.mismatches {
+                s.push_str(&format!(
+                    "  source memory check ({}): {} pages, {} mismatches\n",
+                    v.method, v.pages_checked, m
+                ));
+            }
+        }
+        if let Some(p) = &self.serial_log_destination {
+            s.push_str(&format!(
+                "  serial logs: source {}, destination {} ({} bytes after switchover)\n",
+                self.serial_log_source.as_deref().unwrap_or("-"),
+                p,
+                self.serial_bytes_destination.unwrap_or(0)
+            ));
+        }
+        s
+    }
+
+    /// Writes the JSON report atomically (temp file + rename).
+    pub fn write_json(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, text + "\n")?;
+        std::fs::rename(&tmp, path)
+    }
+}

@@ -1,0 +1,200 @@
+//! What both supervisors share while a migration runs: the event channel,
+//! the reaper, the list of processes they started, and the one loop that
+//! waits for a particular event while handling everything else.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use common::control::{ExitStatus, RoleInfo};
+
+use crate::error::MigError;
+use crate::events::{Event, Reaper};
+
+/// One process this supervisor started.
+#[derive(Debug, Clone)]
+pub struct Proc {
+    pub name: &'static str,
+    pub pid: u32,
+    pub exit: Option<ExitStatus>,
+    /// We asked it to quit (its exit is not a failure).
+    pub quitting: bool,
+    pub restarts: u32,
+}
+
+pub struct Session {
+    pub tx: Sender<Event>,
+    rx: Receiver<Event>,
+    pub reaper: Reaper,
+    stash: VecDeque<Event>,
+    pub procs: Vec<Proc>,
+    pub host: &'static str,
+}
+
+impl Session {
+    pub fn new(host: &'static str) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let reaper = Reaper::start(tx.clone())?;
+        Ok(Session {
+            tx,
+            rx,
+            reaper,
+            stash: VecDeque::new(),
+            procs: Vec::new(),
+            host,
+        })
+    }
+
+    /// Starts watching a process we started.
+    pub fn watch(&mut self, name: &'static str, pid: u32) {
+        self.procs.push(Proc {
+            name,
+            pid,
+            exit: None,
+            quitting: false,
+            restarts: 0,
+        });
+        self.reaper.watch(pid);
+    }
+
+    /// Records an exit; returns the process if it was not expected to end.
+    pub fn exited(&mut self, pid: u32, status: ExitStatus) -> Option<Proc> {
+        let p = self.procs.iter_mut().find(|p| p.pid == pid)?;
+        p.exit = Some(status);
+        (!p.quitting).then(|| p.clone())
+    }
+
+    pub fn set_quitting(&mut self, name: &str) {
+        for p in self.procs.iter_mut().filter(|p| p.name == name) {
+            p.quitting = true;
+        }
+    }
+
+    pub fn is_quitting(&self, name: &str) -> bool {
+        self.procs.iter().any(|p| p.name == name && p.quitting)
+    }
+
+    /// Keeps an event for a later `wait`.
+    pub fn stash(&mut self, ev: Event) {
+        self.stash.push_back(ev);
+    }
+
+    fn take_stashed<T>(&mut self, pick: &mut impl FnMut(Event) -> Result<T, Event>) -> Option<T> {
+        let mut i = 0;
+        while i < self.stash.len() {
+            let ev = self.stash.remove(i).expect("index in range");
+            match pick(ev) {
+                Ok(t) => return Some(t),
+                Err(ev) => {
+                    self.stash.insert(i, ev);
+                    i += 1;
+                }
+            }
+        }
+        None
+    }
+
+    fn recv(&self, timeout: Duration) -> Option<Event> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(ev) => Some(ev),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Waits until every process we started has exited, killing the ones
+    /// still there after `grace`.
+    pub fn reap_all(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        let mut killed = false;
+        while self.procs.iter().any(|p| p.exit.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                if killed {
+                    break;
+                }
+                for p in self.procs.iter().filter(|p| p.exit.is_none()) {
+                    log::warn!("{} (pid {}) did not exit; killing it", p.name, p.pid);
+                    // SAFETY: kill(2) on a child we started and have not reaped.
+                    unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+                }
+                killed = true;
+                continue;
+            }
+            if let Some(Event::Exited { pid, status }) =
+                self.recv(left.min(Duration::from_millis(100)))
+            {
+                self.exited(pid, status);
+            }
+            if killed && Instant::now() > deadline + Duration::from_secs(2) {
+                break;
+            }
+        }
+    }
+
+    /// The processes, for the report.
+    pub fn role_infos(&self) -> Vec<RoleInfo> {
+        self.procs
+            .iter()
+            .map(|p| RoleInfo {
+                name: p.name.to_string(),
+                host: self.host.to_string(),
+                pid: p.pid,
+                restarts: p.restarts,
+                exit: p.exit,
+            })
+            .collect()
+    }
+}
+
+/// The waiting loop, shared by both sides: `pick` claims the event being
+/// waited for; everything else goes to `on_event`, which may fail the
+/// migration or stash the event for a later wait.
+pub trait EventLoop {
+    fn session(&mut self) -> &mut Session;
+    fn on_event(&mut self, ev: Event) -> Result<(), MigError>;
+    fn on_tick(&mut self) {}
+
+    fn wait<T>(
+        &mut self,
+        what: &str,
+        timeout: Option<Duration>,
+        mut pick: impl FnMut(Event) -> Result<T, Event>,
+    ) -> Result<T, MigError> {
+        if let Some(t) = self.session().take_stashed(&mut pick) {
+            return Ok(t);
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let slice = match deadline {
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100)),
+                None => Duration::from_millis(100),
+            };
+            match self.session().recv(slice) {
+                Some(ev) => match pick(ev) {
+                    Ok(t) => return Ok(t),
+                    Err(ev) => self.on_event(ev)?,
+                },
+                None => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(MigError::Timeout {
+                            what: what.to_string(),
+                            secs: timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0),
+                        });
+                    }
+                    self.on_tick();
+                }
+            }
+        }
+    }
+
+    /// Lets time pass while handling events.
+    fn idle(&mut self, d: Duration) -> Result<(), MigError> {
+        match self.wait("nothing", Some(d), Err::<(), _>) {
+            Err(MigError::Timeout { .. }) => Ok(()),
+            other => other,
+        }
+    }
+}
