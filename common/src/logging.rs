@@ -7,11 +7,11 @@ use std::time::Instant;
 
 static START: OnceLock<Instant> = OnceLock::new();
 
-/// Starts logging for this process. `RUST_LOG` overrides the default (info).
+/// Starts logging for this process. `RUST_LOG` overrides the default (warn).
 pub fn init(tag: &'static str) {
     START.get_or_init(Instant::now);
     let pid = std::process::id();
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format(move |buf, record| {
             let t = START
                 .get()

@@ -63,9 +63,12 @@ pub enum FromGuest {
     State(#[serde(with = "serde_bytes")] Vec<u8>),
     Listening,
     Loaded,
-    /// Workload progress: writes (process) or passes (KVM) so far.
+    /// Workload progress: writes (process) or serial bytes (KVM) so far;
+    /// `booted` once the workload is past its start-up (ab: memory zeroed,
+    /// idle: memory filled; KVM: the first serial marker).
     Progress {
         ops: u64,
+        booted: bool,
     },
     Error(String),
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
 use common::digest::{page_digest, zero_page_digest};
-use common::mem::{punch_hole, Access, Mapping, MemError};
+use common::mem::{punch_hole, write_at, Access, Mapping, MemError};
 use common::msg::{FromFaultHandler, HandlerSetup, PostcopyStats, RecvProgress, ToFaultHandler};
 use common::role::{LinkError, RoleLink};
 use common::types::{MemLayout, PageRange, RemoteAddr, PAGE_SIZE};
@@ -86,7 +86,6 @@ struct Handler {
     layout: MemLayout,
     base: RemoteAddr,
     memfd: OwnedFd,
-    mem: Mapping,
     received: SharedBitmap,
     digests: Option<Mapping>,
     uffd: Option<Uffd>,
@@ -128,12 +127,9 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
         postcopy,
         digests,
     } = setup;
+    // Never mapped here: pages go in with pwrite (precopy) or through the
+    // userfaultfd (postcopy), so nothing can fault a page in by accident.
     let memfd = fds.take("memory")?;
-    let mem = Mapping::new(
-        memfd.as_fd(),
-        layout.mem_bytes() as usize,
-        Access::ReadWrite,
-    )?;
     let received = SharedBitmap::open(fds.take("received")?.as_fd(), layout.pages())?;
     let digests = if digests {
         let fd = fds.take("digests")?;
@@ -158,7 +154,6 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
         layout,
         base: guest_base,
         memfd,
-        mem,
         received,
         digests,
         uffd,
@@ -420,7 +415,7 @@ impl Handler {
         let mut written = self.written.lock().expect("written");
         match data {
             Some(data) => {
-                self.mem.write(range.first().offset().0 as usize, data);
+                write_at(self.memfd.as_fd(), range.first().offset().0, data)?;
                 for (p, page) in range.pages().zip(data.chunks_exact(PAGE_SIZE)) {
                     written.set(p.get());
                     self.set_digest(p.get(), page_digest(page));

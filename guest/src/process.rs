@@ -54,6 +54,8 @@ pub struct ProcessGuest {
     workers: Vec<JoinHandle<WorkerState>>,
     stop: Arc<AtomicBool>,
     ops: Arc<AtomicU64>,
+    /// Workers past their start-up.
+    booted: Arc<AtomicU64>,
 }
 
 impl ProcessGuest {
@@ -69,6 +71,7 @@ impl ProcessGuest {
             workers: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             ops: Arc::new(AtomicU64::new(0)),
+            booted: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -82,6 +85,7 @@ impl ProcessGuest {
             return;
         }
         self.stop.store(false, Ordering::SeqCst);
+        self.booted.store(0, Ordering::SeqCst);
         let pages = self.config.mem_bytes >> PAGE_SHIFT;
         let n = self.states.len() as u32;
         for (i, state) in self.states.iter().enumerate() {
@@ -93,6 +97,7 @@ impl ProcessGuest {
                 id: i as u64,
                 stop: self.stop.clone(),
                 ops: self.ops.clone(),
+                booted: self.booted.clone(),
                 workload: self.config.workload.clone(),
             };
             let state = state.clone();
@@ -154,6 +159,12 @@ impl ProcessGuest {
         Ok(())
     }
 
+    /// True once every worker is past its start-up: `ab` has zeroed its
+    /// slice, `idle` has filled it (`random` has none).
+    pub fn booted(&self) -> bool {
+        self.booted.load(Ordering::Relaxed) >= self.states.len() as u64
+    }
+
     /// Writes (or, for `ab`, page increments) done so far, across hosts.
     pub fn ops(&self) -> u64 {
         self.ops.load(Ordering::Relaxed)
@@ -194,16 +205,22 @@ struct Worker {
     id: u64,
     stop: Arc<AtomicBool>,
     ops: Arc<AtomicU64>,
+    booted: Arc<AtomicU64>,
     workload: Workload,
 }
 
 impl Worker {
+    fn mark_booted(&self) {
+        self.booted.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
 
     fn run(self, state: WorkerState) -> WorkerState {
         if self.count == 0 {
+            self.mark_booted();
             return state;
         }
         match (state, &self.workload) {
@@ -219,6 +236,9 @@ impl Worker {
     fn run_ab(&self, mut zeroed: bool, mut next: u64) -> WorkerState {
         let bytes = self.mem.atomic_bytes();
         let mut done = 0u64;
+        if zeroed {
+            self.mark_booted();
+        }
         loop {
             let b = &bytes[((self.first + next) << PAGE_SHIFT) as usize];
             if zeroed {
@@ -231,7 +251,10 @@ impl Worker {
             next += 1;
             if next == self.count {
                 next = 0;
-                zeroed = true;
+                if !zeroed {
+                    zeroed = true;
+                    self.mark_booted();
+                }
             }
             if done.is_multiple_of(64) {
                 self.ops.fetch_add(64, Ordering::Relaxed);
@@ -245,6 +268,7 @@ impl Worker {
 
     fn run_random(&self, p: RandomParams, mut rng: u64, mut writes: u64) -> WorkerState {
         let words = self.mem.atomic_words();
+        self.mark_booted();
         let hot = p.hot_pages.clamp(1, self.count);
         let started = Instant::now();
         let base_writes = writes;
@@ -290,6 +314,7 @@ impl Worker {
                 return WorkerState::Idle { filled };
             }
         }
+        self.mark_booted();
         while !self.stopped() {
             std::thread::sleep(Duration::from_millis(5));
         }

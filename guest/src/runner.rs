@@ -80,6 +80,13 @@ impl Engine {
         Ok(())
     }
 
+    fn booted(&self) -> bool {
+        match self {
+            Engine::Process(g) => g.booted(),
+            Engine::Kvm(g) => g.serial_bytes() > 0,
+        }
+    }
+
     fn ops(&self) -> u64 {
         match self {
             Engine::Process(g) => g.ops(),
@@ -166,7 +173,10 @@ pub fn run(link: RoleLink<ToGuest, FromGuest>) -> Result<(), GuestError> {
                 engine.restore(&state)?;
                 link.send(FromGuest::Loaded)?;
             }
-            ToGuest::Ping => link.send(FromGuest::Progress { ops: engine.ops() })?,
+            ToGuest::Ping => link.send(FromGuest::Progress {
+                ops: engine.ops(),
+                booted: engine.booted(),
+            })?,
             ToGuest::Quit => break,
         }
     }

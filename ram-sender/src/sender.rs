@@ -44,6 +44,13 @@ pub enum SendError {
     Unexpected { cmd: String, phase: &'static str },
 }
 
+fn data_at(i: usize) -> usize {
+    PAGES_PREFIX_LEN + i * PAGE_SIZE
+}
+
+/// Pages per push run: small, so a run claims little ahead of the guest.
+const PUSH_RUN: u64 = 64;
+
 /// How a precopy round ended.
 enum RoundEnd {
     Finished,
@@ -347,19 +354,11 @@ impl Sender {
             else {
                 break;
             };
-            let mut count = 0u64;
-            while first + count < pages
-                && count < u64::from(MAX_PAGES_PER_FRAME)
-                && self.sent.test_and_set(first + count)
-            {
+            let mut count = 1u64;
+            while first + count < pages && count < PUSH_RUN && !self.sent.get(first + count) {
                 count += 1;
             }
-            if count == 0 {
-                // The page-server took it first.
-                cursor = first + 1;
-                continue;
-            }
-            self.send_run(first, count as u32)?;
+            self.push_run(first, count as u32)?;
             cursor = first + count;
             self.round_left = pages - self.sent.count();
             self.maybe_progress()?;
@@ -421,36 +420,67 @@ impl Sender {
     }
 
     /// Sends pages `first..first+count` (count ≤ 256): data pages as PAGES
-    /// frames, zero pages as ZERO frames.
+    /// frames, zero pages as ZERO frames, each frame paced by the limiter.
     fn send_run(&mut self, first: u64, count: u32) -> Result<(), SendError> {
+        let zero = self.load(first, count);
+        self.emit(first, &zero, None, true)
+    }
+
+    /// Reads pages into the frame buffer; says which are zero.
+    fn load(&mut self, first: u64, count: u32) -> Vec<bool> {
         debug_assert!((1..=MAX_PAGES_PER_FRAME).contains(&count));
         let n = count as usize;
-        let data_at = |i: usize| PAGES_PREFIX_LEN + i * PAGE_SIZE;
         self.mem.read(
             (first as usize) * PAGE_SIZE,
             &mut self.buf[data_at(0)..data_at(n)],
         );
+        (0..n)
+            .map(|i| is_zero(&self.buf[data_at(i)..data_at(i + 1)]))
+            .collect()
+    }
+
+    /// Writes the loaded pages as frames: maximal runs of pages that are
+    /// alike (zero or not) and, with `won`, that this role owns.
+    fn emit(
+        &mut self,
+        first: u64,
+        zero: &[bool],
+        won: Option<&[bool]>,
+        paced: bool,
+    ) -> Result<(), SendError> {
+        let n = zero.len();
+        let mine = |i: usize| won.is_none_or(|w| w[i]);
         let mut i = 0usize;
         while i < n {
-            let zero = is_zero(&self.buf[data_at(i)..data_at(i + 1)]);
+            if !mine(i) {
+                i += 1;
+                continue;
+            }
             let mut j = i + 1;
-            while j < n && is_zero(&self.buf[data_at(j)..data_at(j + 1)]) == zero {
+            while j < n && mine(j) && zero[j] == zero[i] {
                 j += 1;
             }
             let range = self
                 .layout
                 .range(first + i as u64, (j - i) as u32)
-                .expect("dirty pages lie inside guest memory");
-            if zero {
-                self.write(&zero_frame(range))?;
+                .expect("pages lie inside guest memory");
+            if zero[i] {
+                let frame = zero_frame(range);
+                if paced {
+                    self.limiter.take(frame.len() as u64);
+                }
+                self.out.write_all(&frame)?;
+                self.totals.bytes += frame.len() as u64;
                 self.totals.zero_pages += (j - i) as u64;
             } else {
                 // The prefix goes right before page i, over the tail of page
-                // i-1, which was sent already or is a zero page.
+                // i-1, which was sent already, is a zero page or is not ours.
                 let start = data_at(i) - PAGES_PREFIX_LEN;
                 self.buf[start..data_at(i)].copy_from_slice(&pages_prefix(range));
                 let len = (data_at(j) - start) as u64;
-                self.limiter.take(len);
+                if paced {
+                    self.limiter.take(len);
+                }
                 self.out.write_all(&self.buf[start..data_at(j)])?;
                 self.totals.bytes += len;
                 self.totals.pages += (j - i) as u64;
@@ -458,6 +488,24 @@ impl Sender {
             i = j;
         }
         Ok(())
+    }
+
+    /// Postcopy push of a run of unsent pages. The source memory is frozen,
+    /// so pages are read and paced *before* they are claimed: a claimed
+    /// page goes on the wire at once, never waiting in the limiter while
+    /// the destination asks for it.
+    fn push_run(&mut self, first: u64, count: u32) -> Result<(), SendError> {
+        let zero = self.load(first, count);
+        let bytes: u64 = zero
+            .iter()
+            .map(|&z| if z { 0 } else { PAGE_SIZE as u64 })
+            .sum::<u64>()
+            + PAGES_PREFIX_LEN as u64;
+        self.limiter.take(bytes);
+        let won: Vec<bool> = (0..u64::from(count))
+            .map(|i| self.sent.test_and_set(first + i))
+            .collect();
+        self.emit(first, &zero, Some(&won), false)
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), SendError> {

@@ -169,6 +169,9 @@ pub struct IncomingArgs {
     /// Give up if no migration arrives within this many seconds (0 = wait).
     #[arg(long, default_value_t = 0)]
     pub accept_timeout: u64,
+    /// Print no summary (the demo prints the source's).
+    #[arg(long, hide = true)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug, Clone)]

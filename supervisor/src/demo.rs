@@ -25,6 +25,7 @@ pub fn demo(args: &DemoArgs, opts: SourceOpts) -> Result<Report, String> {
     cmd.arg("incoming")
         .arg("--listen-fd")
         .arg(LISTEN_FD.to_string())
+        .arg("--quiet")
         .env("POSTCOPY_LOG_TAG", "dst");
     if let Some(p) = &args.dest_serial_log {
         cmd.arg("--serial-log").arg(p);

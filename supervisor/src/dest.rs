@@ -518,6 +518,9 @@ impl Dest {
     /// Stops the guest and checks its memory as agreed at setup.
     fn verify(&mut self) -> Result<(), MigError> {
         let req = self.req.clone().expect("setup done");
+        if req.guest.kind == GuestKind::Kvm {
+            self.await_marker()?;
+        }
         self.guest().send(ToGuest::Stop)?;
         self.wait("the guest to stop", Some(STEP_TIMEOUT), |ev| match ev {
             Event::Guest(FromGuest::Stopped) => Ok(()),
@@ -574,6 +577,26 @@ impl Dest {
                     ..Default::default()
                 }))?;
         }
+        Ok(())
+    }
+
+    /// Lets a KVM guest run until it has written to COM1 here (its serial
+    /// log then shows it continued after the switchover), up to 20 s.
+    fn await_marker(&mut self) -> Result<(), MigError> {
+        let Some(path) = self.serial_path.clone() else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if std::fs::metadata(&path)
+                .map(|m| m.len() > 0)
+                .unwrap_or(false)
+            {
+                return Ok(());
+            }
+            self.idle(Duration::from_millis(50))?;
+        }
+        log::warn!("the destination guest wrote nothing to COM1 within 20 s");
         Ok(())
     }
 

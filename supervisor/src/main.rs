@@ -21,21 +21,22 @@ fn main() -> ExitCode {
         Cmd::Demo(args) => match SourceOpts::from_args(&args.guest, &args.mig)
             .and_then(|opts| demo::demo(&args, opts.clone()).map(|r| (r, opts)))
         {
-            Ok((report, opts)) => conclude(&report, opts.json.as_deref()),
+            Ok((report, opts)) => conclude(&report, opts.json.as_deref(), true),
             Err(e) => usage_error(&e),
         },
         Cmd::Migrate(args) => match SourceOpts::from_args(&args.guest, &args.mig) {
             Ok(opts) => {
                 let json = opts.json.clone();
                 let report = source::migrate(opts, args.to.clone(), &[]);
-                conclude(&report, json.as_deref())
+                conclude(&report, json.as_deref(), true)
             }
             Err(e) => usage_error(&e),
         },
         Cmd::Incoming(args) => {
             let json = args.json.clone();
+            let quiet = args.quiet;
             let report = dest::incoming(args);
-            conclude(&report, json.as_deref())
+            conclude(&report, json.as_deref(), !quiet)
         }
         Cmd::StartPostcopy(args) => {
             match ctlsock::send_command(args.socket.as_deref(), "start-postcopy") {
@@ -57,8 +58,10 @@ fn usage_error(e: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn conclude(report: &Report, json: Option<&std::path::Path>) -> ExitCode {
-    print!("{}", report.summary());
+fn conclude(report: &Report, json: Option<&std::path::Path>, summary: bool) -> ExitCode {
+    if summary {
+        print!("{}", report.summary());
+    }
     if let Some(path) = json {
         if let Err(e) = report.write_json(path) {
             eprintln!("postcopy: cannot write {}: {e}", path.display());

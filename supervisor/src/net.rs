@@ -74,6 +74,18 @@ pub fn tune(stream: &TcpStream) {
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 20_000);
 }
 
+/// Keeps at most `bytes` of unsent data queued in the socket, so bulk pages
+/// cannot pile up far ahead of what the link carries (and the package, or
+/// a pushed page the guest waits for, does not queue behind them).
+pub fn limit_unsent(stream: &TcpStream, bytes: i32) {
+    setsockopt_int(
+        stream.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_NOTSENT_LOWAT,
+        bytes,
+    );
+}
+
 /// Connects and says hello as `kind`.
 pub fn connect(addr: &str, kind: ConnKind, id: MigrationId) -> Result<TcpStream, NetError> {
     let addrs: Vec<SocketAddr> = addr

@@ -1,13 +1,17 @@
 //! When precopy ends, and how (docs/state-machine.md, "Switching"). After
 //! each dirty sync the supervisor asks [`Policy::decide`]:
 //!
-//! * **converged**: what is pending (dirty pages plus the guest state) can
-//!   be sent within the downtime limit at the bandwidth the last round
-//!   measured → stop the guest and complete in precopy;
-//! * **postcopy** (`auto`): from the second sync on, precopy will not
-//!   converge if the guest dirties memory at least as fast as the link sends
-//!   it; from the third sync on, also if the pending set shrank by less than
-//!   10% since the previous sync. `manual`: on `start-postcopy` or after
+//! * **converged**: what is pending (dirty pages, counted as full pages, plus
+//!   the guest state) can be sent within the downtime limit at the link's
+//!   bandwidth → stop the guest and complete in precopy. The bandwidth is the
+//!   one measured by the last round that sent at least 4 MiB (a round of
+//!   zero pages measures nothing); before such a round, `--max-bandwidth` if
+//!   set, else an assumed 100 MB/s;
+//! * **postcopy** (`auto`), once the link's bandwidth is known (measured or
+//!   limited): from the second sync on, precopy will not converge if the
+//!   guest dirties memory at least as fast as the link sends it; from the
+//!   third sync on, also if the pending set shrank by less than 10% since
+//!   the previous sync. `manual`: on `start-postcopy` or after
 //!   `--postcopy-after-syncs N`. Either way, only if the guest state alone fits
 //!   the downtime limit (the part that cannot be fetched later);
 //! * otherwise another round.
@@ -36,7 +40,14 @@ pub struct Policy {
     after_syncs: Option<u32>,
     state_bytes: u64,
     prev_pending: Option<u64>,
+    max_bandwidth: u64,
+    measured: Option<f64>,
 }
+
+/// Rounds that send less than this measure no bandwidth.
+const MIN_MEASURED_BYTES: u64 = 4 << 20;
+/// Bandwidth assumed before anything was measured, bytes/s.
+const ASSUMED_BANDWIDTH: f64 = 100e6;
 
 impl Policy {
     pub fn new(
@@ -44,6 +55,7 @@ impl Policy {
         downtime_limit: Duration,
         after_syncs: Option<u32>,
         state_bytes: u64,
+        max_bandwidth: u64,
     ) -> Self {
         Policy {
             mode,
@@ -51,6 +63,17 @@ impl Policy {
             after_syncs,
             state_bytes,
             prev_pending: None,
+            max_bandwidth,
+            measured: None,
+        }
+    }
+
+    /// The bandwidth decisions use, bytes/s.
+    pub fn bandwidth(&self) -> f64 {
+        match (self.measured, self.max_bandwidth) {
+            (Some(m), _) => m,
+            (None, 0) => ASSUMED_BANDWIDTH,
+            (None, max) => max as f64,
         }
     }
 
@@ -60,7 +83,10 @@ impl Policy {
 
     /// Decides after a sync. `requested`: a start-postcopy command arrived.
     pub fn decide(&mut self, s: &RoundStats, requested: bool) -> Decision {
-        let bw = s.bandwidth.max(1.0);
+        if s.round_bytes >= MIN_MEASURED_BYTES && s.bandwidth > 0.0 {
+            self.measured = Some(s.bandwidth);
+        }
+        let bw = self.bandwidth().max(1.0);
         let pending_bytes = s.pending_pages * PAGE_SIZE as u64;
         let expected = (pending_bytes + self.state_bytes) as f64 / bw;
         let limit = self.downtime_limit.as_secs_f64();
@@ -80,6 +106,10 @@ impl Policy {
             self.after_syncs
                 .filter(|&n| s.sync_count >= n)
                 .map(|n| format!("{n} dirty syncs done (--postcopy-after-syncs)"))
+        } else if self.measured.is_none() && self.max_bandwidth == 0 {
+            // Nothing says what the link carries yet: no grounds to give
+            // up on precopy.
+            None
         } else {
             let dirty_bytes_rate = s.dirty_rate * PAGE_SIZE as f64;
             if s.sync_count >= 2 && dirty_bytes_rate >= bw {
@@ -120,13 +150,14 @@ mod tests {
             sync_count: sync,
             pending_pages: pending,
             bandwidth: bw,
+            round_bytes: 64 << 20,
             dirty_rate: dirty_pps,
             ..Default::default()
         }
     }
 
     fn policy(mode: PostcopyMode) -> Policy {
-        Policy::new(mode, Duration::from_millis(300), None, 4096)
+        Policy::new(mode, Duration::from_millis(300), None, 4096, 0)
     }
 
     #[test]
@@ -194,7 +225,13 @@ mod tests {
             p.decide(&round(6, 1 << 20, 1e8, 1e6), true),
             Decision::Switchover { .. }
         ));
-        let mut p = Policy::new(PostcopyMode::Manual, Duration::from_millis(300), Some(3), 0);
+        let mut p = Policy::new(
+            PostcopyMode::Manual,
+            Duration::from_millis(300),
+            Some(3),
+            0,
+            0,
+        );
         assert_eq!(
             p.decide(&round(2, 1 << 20, 1e8, 1e6), false),
             Decision::Continue
@@ -213,10 +250,35 @@ mod tests {
             Duration::from_millis(300),
             None,
             1 << 30,
+            0,
         );
         assert_eq!(
             p.decide(&round(2, 1 << 20, 1e8, 1e6), true),
             Decision::Continue
         );
+    }
+
+    #[test]
+    fn zero_page_rounds_measure_no_bandwidth() {
+        // A first round of zero pages "sends" 20 KB/s; that says nothing
+        // about the link: the limit (or the assumption) stands.
+        let mut p = Policy::new(
+            PostcopyMode::Auto,
+            Duration::from_millis(300),
+            None,
+            4096,
+            128 << 20,
+        );
+        let mut r = round(2, 170_000, 20e3, 100_000.0);
+        r.round_bytes = 30_000;
+        assert!(matches!(p.decide(&r, false), Decision::Switchover { .. }));
+        assert_eq!(p.bandwidth(), (128u64 << 20) as f64);
+        // Without a limit, an unmeasured link is no reason to switch.
+        let mut p = policy(PostcopyMode::Auto);
+        assert_eq!(p.decide(&r, false), Decision::Continue);
+        let mut p = policy(PostcopyMode::Never);
+        r.pending_pages = 100;
+        assert!(matches!(p.decide(&r, false), Decision::Complete { .. }));
+        assert_eq!(p.bandwidth(), 100e6);
     }
 }

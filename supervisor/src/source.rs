@@ -250,6 +250,7 @@ impl Source {
 
     fn run(&mut self) -> Result<(), MigError> {
         self.start_guest()?;
+        self.await_boot()?;
         self.idle(self.opts.warmup)?;
         let t0 = Instant::now();
         self.t0 = Some(t0);
@@ -326,6 +327,33 @@ impl Source {
         Ok(())
     }
 
+    /// Waits until the guest is past its start-up (ab: memory zeroed; idle:
+    /// memory filled; KVM: its first serial marker, which the built-in
+    /// sector writes after its first full pass). Warm-up counts from there.
+    /// A guest that never says so (a sector that never writes COM1) gets a
+    /// warning after a minute and is migrated anyway.
+    fn await_boot(&mut self) -> Result<(), MigError> {
+        const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+        let t = Instant::now();
+        while t.elapsed() < BOOT_TIMEOUT {
+            self.guest().send(ToGuest::Ping)?;
+            let booted = self.wait("guest progress", Some(STEP_TIMEOUT), |ev| match ev {
+                Event::Guest(FromGuest::Progress { booted, .. }) => Ok(booted),
+                other => Err(other),
+            })?;
+            if booted {
+                log::info!("guest booted in {:.1} s", t.elapsed().as_secs_f64());
+                return Ok(());
+            }
+            self.idle(Duration::from_millis(20))?;
+        }
+        log::warn!(
+            "the guest did not finish starting up in {} s; migrating anyway",
+            BOOT_TIMEOUT.as_secs()
+        );
+        Ok(())
+    }
+
     /// Control handshake, then the three data connections and the roles.
     fn setup(&mut self) -> Result<(), MigError> {
         let ctrl = net::connect(&self.to, ConnKind::Control, self.id)?;
@@ -359,6 +387,7 @@ impl Source {
         self.control =
             Some(Control::new(ctrl, self.s.tx.clone()).map_err(|e| MigError::io("control", e))?);
         let main = net::connect(&self.to, ConnKind::Main, self.id)?;
+        net::limit_unsent(&main, 256 << 10);
         let ret = net::connect(&self.to, ConnKind::ReturnPath, self.id)?;
         let urgent = net::connect(&self.to, ConnKind::Urgent, self.id)?;
 
@@ -416,6 +445,7 @@ impl Source {
             self.opts.downtime_limit,
             self.opts.postcopy_after_syncs,
             STATE_ESTIMATE,
+            self.opts.max_bandwidth,
         );
         loop {
             if self.start_requested && policy.mode() != PostcopyMode::Never {
@@ -456,10 +486,11 @@ impl Source {
             ));
             let decision = policy.decide(&stats, self.start_requested);
             log::info!(
-                "sync {}: {} pending pages, {:.0} Mbit/s, {:.0} dirty pages/s -> {decision:?}",
+                "sync {}: {} pending pages, round {:.0} Mbit/s (estimate {:.0}), {:.0} dirty pages/s -> {decision:?}",
                 stats.sync_count,
                 stats.pending_pages,
                 stats.bandwidth * 8.0 / 1e6,
+                policy.bandwidth() * 8.0 / 1e6,
                 stats.dirty_rate
             );
             self.last_round = Some(stats);
@@ -678,7 +709,7 @@ impl Source {
                 "guest progress",
                 Some(Duration::from_secs(5)),
                 |ev| match ev {
-                    Event::Guest(FromGuest::Progress { ops }) => Ok(ops),
+                    Event::Guest(FromGuest::Progress { ops, .. }) => Ok(ops),
                     other => Err(other),
                 },
             )
