@@ -137,8 +137,12 @@ pub enum ControlMsg {
     SourceDigestsEnd,
     /// Destination → source: the memory check.
     Verified(VerifyResult),
-    /// Destination → source: its processes, for the report.
-    DestRoles(Vec<RoleInfo>),
+    /// Destination → source, last: its processes and how much its guest
+    /// wrote to the serial log, for the report.
+    DestDone {
+        roles: Vec<RoleInfo>,
+        serial_bytes: Option<u64>,
+    },
     /// Either way: the migration ends without completing.
     Abort {
         reason: String,
@@ -159,7 +163,7 @@ impl ControlMsg {
             ControlMsg::SourceDigests { .. } => "SourceDigests",
             ControlMsg::SourceDigestsEnd => "SourceDigestsEnd",
             ControlMsg::Verified(_) => "Verified",
-            ControlMsg::DestRoles(_) => "DestRoles",
+            ControlMsg::DestDone { .. } => "DestDone",
             ControlMsg::Abort { .. } => "Abort",
             ControlMsg::Finish => "Finish",
         }

@@ -128,6 +128,9 @@ pub struct MigrationArgs {
     /// Command socket for `postcopy start-postcopy`.
     #[arg(long)]
     pub command_socket: Option<PathBuf>,
+    /// Seconds of silence after which the peer counts as lost.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub link_timeout: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -169,6 +172,9 @@ pub struct IncomingArgs {
     /// Give up if no migration arrives within this many seconds (0 = wait).
     #[arg(long, default_value_t = 0)]
     pub accept_timeout: u64,
+    /// Seconds of silence after which the peer counts as lost.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub link_timeout: u64,
     /// Print no summary (the demo prints the source's).
     #[arg(long, hide = true)]
     pub quiet: bool,
@@ -195,6 +201,7 @@ pub struct SourceOpts {
     pub json: Option<PathBuf>,
     pub serial_log: Option<PathBuf>,
     pub command_socket: Option<PathBuf>,
+    pub link_timeout: Duration,
 }
 
 fn parse_range(text: &str) -> Result<(u64, u64), String> {
@@ -340,6 +347,7 @@ impl SourceOpts {
             json: m.json.clone(),
             serial_log: m.serial_log.clone(),
             command_socket: m.command_socket.clone(),
+            link_timeout: Duration::from_secs(m.link_timeout),
         })
     }
 }

@@ -180,6 +180,10 @@ impl Dest {
         self.handler.as_ref().expect("fault-handler started")
     }
 
+    fn link_timeout(&self) -> Duration {
+        Duration::from_secs(self.args.link_timeout)
+    }
+
     fn listener(&self) -> Result<TcpListener, MigError> {
         if let Some(fd) = self.args.listen_fd {
             // SAFETY: `demo` put a listening socket at this fd for us and
@@ -197,13 +201,14 @@ impl Dest {
         }
         let timeout =
             (self.args.accept_timeout > 0).then(|| Duration::from_secs(self.args.accept_timeout));
-        let (hello, ctrl) = net::accept(&listener, timeout, "migration", |h| {
-            if h.kind == ConnKind::Control {
-                HelloStatus::Ok
-            } else {
-                HelloStatus::Unexpected
-            }
-        })?;
+        let (hello, ctrl) =
+            net::accept(&listener, timeout, self.link_timeout(), "migration", |h| {
+                if h.kind == ConnKind::Control {
+                    HelloStatus::Ok
+                } else {
+                    HelloStatus::Unexpected
+                }
+            })?;
         let id = hello.migration;
         self.report.migration_id = id.to_string();
         let t0 = Instant::now();
@@ -395,15 +400,21 @@ impl Dest {
     fn accept_data(&mut self, listener: &TcpListener, id: MigrationId) -> Result<(), MigError> {
         let mut got: Vec<(ConnKind, OwnedFd)> = Vec::new();
         while got.len() < 3 {
-            let (h, stream) = net::accept(listener, Some(STEP_TIMEOUT), "data connection", |h| {
-                if h.migration != id {
-                    HelloStatus::UnknownMigration
-                } else if h.kind == ConnKind::Control || got.iter().any(|(k, _)| *k == h.kind) {
-                    HelloStatus::Unexpected
-                } else {
-                    HelloStatus::Ok
-                }
-            })?;
+            let (h, stream) = net::accept(
+                listener,
+                Some(STEP_TIMEOUT),
+                self.link_timeout(),
+                "data connection",
+                |h| {
+                    if h.migration != id {
+                        HelloStatus::UnknownMigration
+                    } else if h.kind == ConnKind::Control || got.iter().any(|(k, _)| *k == h.kind) {
+                        HelloStatus::Unexpected
+                    } else {
+                        HelloStatus::Ok
+                    }
+                },
+            )?;
             got.push((h.kind, stream.into()));
         }
         let fd = |k: ConnKind| {
@@ -641,7 +652,10 @@ impl Dest {
         self.s.reap_all(Duration::from_secs(5));
         let roles = self.s.role_infos();
         if let Some(c) = self.control.as_mut() {
-            let _ = c.send(&ControlMsg::DestRoles(roles.clone()));
+            let _ = c.send(&ControlMsg::DestDone {
+                roles: roles.clone(),
+                serial_bytes: self.report.serial_bytes_destination,
+            });
             c.shutdown();
         }
         self.report.roles = roles.iter().map(RoleReport::from).collect();

@@ -63,15 +63,23 @@ fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) {
 }
 
 /// No Nagle delay (page requests and urgent pages are latency-bound), and
-/// dead-peer detection within ~20 s even when the link silently drops.
-pub fn tune(stream: &TcpStream) {
+/// dead-peer detection within about `link_timeout`, even when the link
+/// silently drops: keepalive probes on idle connections, a user timeout on
+/// busy ones.
+pub fn tune(stream: &TcpStream, link_timeout: Duration) {
     let _ = stream.set_nodelay(true);
     let fd = stream.as_raw_fd();
+    let secs = link_timeout.as_secs().clamp(2, 3600) as i32;
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5);
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 2);
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 5);
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 20_000);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, (secs / 2).max(1));
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        (secs / 4).max(1),
+    );
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, secs * 1000);
 }
 
 /// Keeps at most `bytes` of unsent data queued in the socket, so bulk pages
@@ -87,7 +95,12 @@ pub fn limit_unsent(stream: &TcpStream, bytes: i32) {
 }
 
 /// Connects and says hello as `kind`.
-pub fn connect(addr: &str, kind: ConnKind, id: MigrationId) -> Result<TcpStream, NetError> {
+pub fn connect(
+    addr: &str,
+    kind: ConnKind,
+    id: MigrationId,
+    link_timeout: Duration,
+) -> Result<TcpStream, NetError> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|source| NetError::Resolve {
@@ -99,7 +112,7 @@ pub fn connect(addr: &str, kind: ConnKind, id: MigrationId) -> Result<TcpStream,
     for a in &addrs {
         match TcpStream::connect_timeout(a, Duration::from_secs(10)) {
             Ok(mut s) => {
-                tune(&s);
+                tune(&s, link_timeout);
                 s.set_read_timeout(Some(Duration::from_secs(30))).ok();
                 client_hello(&mut s, kind, id).map_err(|source| NetError::Hello {
                     kind,
@@ -123,6 +136,7 @@ pub fn connect(addr: &str, kind: ConnKind, id: MigrationId) -> Result<TcpStream,
 pub fn accept(
     listener: &TcpListener,
     timeout: Option<Duration>,
+    link_timeout: Duration,
     what: &str,
     mut check: impl FnMut(&Hello) -> HelloStatus,
 ) -> Result<(Hello, TcpStream), NetError> {
@@ -132,7 +146,7 @@ pub fn accept(
         match listener.accept() {
             Ok((mut s, peer)) => {
                 s.set_nonblocking(false).map_err(NetError::Accept)?;
-                tune(&s);
+                tune(&s, link_timeout);
                 s.set_read_timeout(Some(Duration::from_secs(10))).ok();
                 match server_read_hello(&mut s) {
                     Ok(h) => {

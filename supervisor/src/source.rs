@@ -356,7 +356,7 @@ impl Source {
 
     /// Control handshake, then the three data connections and the roles.
     fn setup(&mut self) -> Result<(), MigError> {
-        let ctrl = net::connect(&self.to, ConnKind::Control, self.id)?;
+        let ctrl = net::connect(&self.to, ConnKind::Control, self.id, self.opts.link_timeout)?;
         net::send_one(
             &ctrl,
             &ControlMsg::Setup(SetupRequest {
@@ -386,10 +386,15 @@ impl Source {
         }
         self.control =
             Some(Control::new(ctrl, self.s.tx.clone()).map_err(|e| MigError::io("control", e))?);
-        let main = net::connect(&self.to, ConnKind::Main, self.id)?;
+        let main = net::connect(&self.to, ConnKind::Main, self.id, self.opts.link_timeout)?;
         net::limit_unsent(&main, 256 << 10);
-        let ret = net::connect(&self.to, ConnKind::ReturnPath, self.id)?;
-        let urgent = net::connect(&self.to, ConnKind::Urgent, self.id)?;
+        let ret = net::connect(
+            &self.to,
+            ConnKind::ReturnPath,
+            self.id,
+            self.opts.link_timeout,
+        )?;
+        let urgent = net::connect(&self.to, ConnKind::Urgent, self.id, self.opts.link_timeout)?;
 
         let (_sent, sent_fd) = SharedBitmap::create("postcopy-sent", self.layout.pages())
             .map_err(|e| MigError::Setup(format!("sent bitmap: {e}")))?;
@@ -681,11 +686,19 @@ impl Source {
             "the destination's process list",
             Some(Duration::from_secs(20)),
             |ev| match ev {
-                Event::Peer(ControlMsg::DestRoles(r)) => Ok(r),
+                Event::Peer(ControlMsg::DestDone {
+                    roles,
+                    serial_bytes,
+                }) => Ok((roles, serial_bytes)),
                 other => Err(other),
             },
         ) {
-            Ok(roles) => self.report.roles.extend(roles.iter().map(RoleReport::from)),
+            Ok((roles, serial_bytes)) => {
+                self.report.roles.extend(roles.iter().map(RoleReport::from));
+                if let (Some(d), Some(b)) = (self.dest.as_mut(), serial_bytes) {
+                    d.serial_bytes = b;
+                }
+            }
             Err(e) => log::warn!("no process list from the destination: {e}"),
         }
     }

@@ -1,0 +1,964 @@
+//! Whole-system tests: the real `postcopy` binary, real role processes, real
+//! userfaultfd and KVM, real TCP (loopback, or between two network
+//! namespaces). Each migration's memory is checked the way QEMU's migration
+//! tests do (the `ab` rule) or page by page (digests). KVM trials report
+//! "skipped: <reason>" as ignored where KVM is not usable, never as passed.
+
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tests::{
+    bin_dir, check, free_port, kvm_skip_reason, num, postcopy, report, run, start, text, TempDir,
+    TwoHosts,
+};
+
+type TestResult = Result<(), String>;
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // Every migration keeps both CPUs busy: one at a time keeps them honest.
+    args.test_threads.get_or_insert(1);
+    let skip = kvm_skip_reason();
+    if let Some(reason) = &skip {
+        eprintln!("skipped: KVM tests: {reason}");
+    }
+    let plain = |name: &'static str, f: fn() -> TestResult| {
+        Trial::test(name, move || f().map_err(Failed::from))
+    };
+    let kvm = |name: &'static str, f: fn() -> TestResult| {
+        let skip = skip.clone();
+        Trial::ignorable_test(name, move || match &skip {
+            Some(reason) => {
+                eprintln!("skipped: {name}: {reason}");
+                Ok(Completion::ignored_with(format!("skipped: {reason}")))
+            }
+            None => f().map(|()| Completion::Completed).map_err(Failed::from),
+        })
+    };
+    let trials = vec![
+        plain("cli_rejects_unknown_values", cli_rejects_unknown_values),
+        plain(
+            "hello_with_wrong_version_is_refused",
+            hello_with_wrong_version_is_refused,
+        ),
+        plain("source_names_both_versions", source_names_both_versions),
+        plain("precopy_ab", precopy_ab),
+        plain("precopy_random_digest", precopy_random_digest),
+        plain("precopy_idle", precopy_idle),
+        plain("postcopy_ab_two_vcpus", postcopy_ab_two_vcpus),
+        plain("postcopy_random_digest", postcopy_random_digest),
+        plain("manual_start_postcopy", manual_start_postcopy),
+        plain("roles_are_separate_processes", roles_are_separate_processes),
+        plain("two_hosts_over_veth", two_hosts_over_veth),
+        plain("link_cut_before_switchover", link_cut_before_switchover),
+        plain("destination_refuses_postcopy", destination_refuses_postcopy),
+        plain("kvm_unusable_fails_clearly", kvm_unusable_fails_clearly),
+        kvm("kvm_precopy", kvm_precopy),
+        kvm("kvm_postcopy_two_vcpus", kvm_postcopy_two_vcpus),
+        kvm(
+            "kvm_boot_sector_with_verify_range",
+            kvm_boot_sector_with_verify_range,
+        ),
+    ];
+    libtest_mimic::run(&args, trials).exit();
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// Runs `postcopy demo ARGS --json FILE` and returns its report; the
+/// command must exit 0.
+fn demo(args: &[&str], limit_s: u64) -> Result<Value, String> {
+    let dir = TempDir::new("demo");
+    let json = dir.path("r.json");
+    let out = run(
+        postcopy().arg("demo").args(args).arg("--json").arg(&json),
+        Duration::from_secs(limit_s),
+    )?;
+    let r = report(&json).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    check(
+        out.status.success(),
+        format!("demo {args:?} failed\n{}\nreport: {r:#}", out.describe()),
+    )?;
+    Ok(r)
+}
+
+/// The checks every completed migration must pass.
+fn completed(r: &Value) -> TestResult {
+    check(
+        text(r, "status") == "completed",
+        format!("status is not completed: {r:#}"),
+    )?;
+    check(r["error"].is_null(), format!("error set: {}", r["error"]))?;
+    check(
+        r["verify"]["mismatches"].as_u64() == Some(0),
+        format!("verify: {:#}", r["verify"]),
+    )?;
+    let pages = num(r, "mem_bytes")? / 4096;
+    let checked = num(r, "verify.pages_checked")?;
+    check(
+        checked > 0 && checked <= pages,
+        format!("verify checked {checked} pages of {pages}"),
+    )?;
+    for role in r["roles"].as_array().ok_or("no roles")? {
+        check(
+            role["restarts"].as_u64() == Some(0),
+            format!("a role restarted: {role}"),
+        )?;
+    }
+    Ok(())
+}
+
+fn postcopied(r: &Value) -> TestResult {
+    check(
+        r["switched_to_postcopy"].as_bool() == Some(true),
+        format!("did not switch to postcopy: {r:#}"),
+    )?;
+    check(num(r, "postcopy_bytes")? > 0, "postcopy_bytes is 0")?;
+    check(
+        r["fault_latency_us"]["p99"].is_u64(),
+        format!("no fault_latency_us.p99: {}", r["fault_latency_us"]),
+    )?;
+    for part in ["stop", "final_sync", "discard", "package", "dest_start"] {
+        check(
+            r["switchover_ms"][part].is_number(),
+            format!("switchover_ms.{part} missing: {}", r["switchover_ms"]),
+        )?;
+    }
+    check(r["downtime_ms"].is_number(), "no downtime_ms")?;
+    Ok(())
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> TestResult {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!(
+        "timed out after {} s waiting for {what}",
+        limit.as_secs()
+    ))
+}
+
+// ---------------------------------------------------------------- CLI and protocol
+
+fn cli_rejects_unknown_values() -> TestResult {
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["demo", "--postcopy", "sometimes"],
+            &["invalid value 'sometimes'", "never", "auto", "manual"],
+        ),
+        (
+            &["demo", "--workload", "bogus"],
+            &["invalid value 'bogus'", "ab", "random", "idle"],
+        ),
+        (
+            &["demo", "--guest", "xen"],
+            &["invalid value 'xen'", "process", "kvm"],
+        ),
+        (
+            &["demo", "--verify", "maybe"],
+            &["invalid value 'maybe'", "digest"],
+        ),
+        (&["demo", "--mem", "12Q"], &["12Q", "suffix"]),
+        (
+            &["demo", "--workload", "random", "--verify", "ab"],
+            &["--verify ab needs the ab workload"],
+        ),
+        (
+            &["demo", "--postcopy-after-syncs", "3"],
+            &["--postcopy manual"],
+        ),
+        (&["demo", "--guest", "kvm", "--mem", "8G"], &["at most"]),
+    ];
+    for (args, needles) in cases {
+        let out = run(postcopy().args(*args), Duration::from_secs(10))?;
+        check(
+            out.status.code() == Some(2),
+            format!("{args:?} should exit 2\n{}", out.describe()),
+        )?;
+        for n in *needles {
+            check(
+                out.stderr.contains(n),
+                format!("{args:?}: stderr lacks {n:?}\n{}", out.describe()),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn hello(version: u16, kind: u8) -> Vec<u8> {
+    let mut b = vec![0u8; 32];
+    b[0..4].copy_from_slice(b"PCPY");
+    b[4..6].copy_from_slice(&version.to_le_bytes());
+    b[6] = kind;
+    b[8..24].copy_from_slice(&[0x42; 16]);
+    b
+}
+
+fn hello_with_wrong_version_is_refused() -> TestResult {
+    let port = free_port();
+    let dest = start(postcopy().args([
+        "incoming",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--accept-timeout",
+        "10",
+    ]));
+    let connect = || -> Result<TcpStream, String> {
+        let t = Instant::now();
+        loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => return Ok(s),
+                Err(e) if t.elapsed() > Duration::from_secs(5) => {
+                    return Err(format!("incoming never listened: {e}"))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    };
+    // A peer speaking version 99.
+    let mut s = connect()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(&hello(99, 1)).map_err(|e| e.to_string())?;
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply)
+        .map_err(|e| format!("no hello reply: {e}"))?;
+    check(
+        &reply[0..4] == b"PCPY",
+        format!("reply magic {:?}", &reply[0..4]),
+    )?;
+    check(
+        u16::from_le_bytes([reply[4], reply[5]]) == common::wire::PROTOCOL_VERSION,
+        format!(
+            "reply names version {}",
+            u16::from_le_bytes([reply[4], reply[5]])
+        ),
+    )?;
+    check(
+        reply[6] == 2,
+        format!("reply status {} is not 'version mismatch' (2)", reply[6]),
+    )?;
+    // Not a postcopy peer at all.
+    let mut s = connect()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nxxxxxx")
+        .map_err(|e| e.to_string())?;
+    s.read_exact(&mut reply)
+        .map_err(|e| format!("no hello reply: {e}"))?;
+    check(
+        reply[6] == 1,
+        format!("reply status {} is not 'bad magic' (1)", reply[6]),
+    )?;
+    // The destination keeps waiting for a real source, then gives up.
+    let out = dest.finish(Duration::from_secs(20))?;
+    check(
+        out.stderr
+            .contains("we speak version 1, peer speaks version 99"),
+        format!(
+            "destination log does not name both versions\n{}",
+            out.describe()
+        ),
+    )?;
+    check(
+        out.stderr.contains("bad magic"),
+        format!(
+            "destination log does not mention the bad magic\n{}",
+            out.describe()
+        ),
+    )?;
+    check(
+        !out.status.success(),
+        "incoming with no migration should fail",
+    )?;
+    Ok(())
+}
+
+fn source_names_both_versions() -> TestResult {
+    // A fake destination that answers every hello as a version-7 peer.
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let fake = std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut h = [0u8; 32];
+            let _ = s.read_exact(&mut h);
+            let mut reply = [0u8; 16];
+            reply[0..4].copy_from_slice(b"PCPY");
+            reply[4..6].copy_from_slice(&7u16.to_le_bytes());
+            reply[6] = 2;
+            let _ = s.write_all(&reply);
+        }
+    });
+    let dir = TempDir::new("version");
+    let json = dir.path("r.json");
+    let out = run(
+        postcopy()
+            .args([
+                "migrate",
+                "--to",
+                &format!("127.0.0.1:{port}"),
+                "--mem",
+                "16M",
+            ])
+            .arg("--json")
+            .arg(&json),
+        Duration::from_secs(60),
+    )?;
+    let _ = fake.join();
+    check(
+        !out.status.success(),
+        format!("migrate should fail\n{}", out.describe()),
+    )?;
+    let r = report(&json)?;
+    let err = r["error"].as_str().unwrap_or("");
+    check(
+        err.contains("version 1") && err.contains("version 7"),
+        format!("error does not name both versions: {err}"),
+    )?;
+    check(text(&r, "status") == "failed", "status is not failed")?;
+    check(num(&r, "pages_sent")? == 0, "pages moved")?;
+    check(
+        text(&r, "source_guest") == "running",
+        format!("source guest: {}", r["source_guest"]),
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- precopy
+
+fn precopy_ab() -> TestResult {
+    let r = demo(
+        &[
+            "--mem",
+            "128M",
+            "--workload",
+            "ab",
+            "--postcopy",
+            "never",
+            "--vcpus",
+            "2",
+        ],
+        120,
+    )?;
+    completed(&r)?;
+    check(r["verify"]["method"] == "ab", "verify method is not ab")?;
+    check(
+        num(&r, "dirty_sync_count")? >= 2,
+        "fewer than 2 dirty syncs",
+    )?;
+    check(
+        num(&r, "precopy_bytes")? + num(&r, "zero_pages")? * 4096 >= 128 << 20,
+        format!(
+            "precopy_bytes {} plus zero pages do not cover memory",
+            r["precopy_bytes"]
+        ),
+    )?;
+    check(
+        r["switched_to_postcopy"] == false,
+        "switched to postcopy with --postcopy never",
+    )?;
+    check(
+        num(&r, "postcopy_bytes")? == 0,
+        "postcopy bytes in a precopy migration",
+    )?;
+    Ok(())
+}
+
+fn precopy_random_digest() -> TestResult {
+    let r = demo(
+        &[
+            "--mem",
+            "128M",
+            "--workload",
+            "random",
+            "--postcopy",
+            "never",
+            "--verify",
+            "digest",
+        ],
+        120,
+    )?;
+    completed(&r)?;
+    check(
+        r["verify"]["method"] == "digest",
+        "verify method is not digest",
+    )?;
+    check(
+        num(&r, "verify.pages_checked")? == 32768,
+        "digest did not check every page",
+    )?;
+    // Most of a random guest's memory was never written: zero pages.
+    check(num(&r, "zero_pages")? > 0, "no zero pages detected")?;
+    check(
+        num(&r, "dirty_sync_count")? >= 2,
+        "fewer than 2 dirty syncs",
+    )?;
+    Ok(())
+}
+
+fn precopy_idle() -> TestResult {
+    let r = demo(
+        &["--mem", "64M", "--workload", "idle", "--postcopy", "never"],
+        120,
+    )?;
+    completed(&r)?;
+    check(r["verify"]["method"] == "digest", "idle verifies by digest")?;
+    check(num(&r, "pages_sent")? >= 16384, "not every page was sent")?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- postcopy
+
+fn postcopy_ab_two_vcpus() -> TestResult {
+    let r = demo(
+        &[
+            "--mem",
+            "256M",
+            "--workload",
+            "ab",
+            "--vcpus",
+            "2",
+            "--postcopy",
+            "auto",
+            "--max-bandwidth",
+            "64M",
+        ],
+        180,
+    )?;
+    completed(&r)?;
+    postcopied(&r)?;
+    check(num(&r, "postcopy_requests")? > 0, "no page was requested")?;
+    check(num(&r, "discarded_pages")? > 0, "nothing was discarded")?;
+    Ok(())
+}
+
+fn postcopy_random_digest() -> TestResult {
+    // Pages sent in precopy and dirtied before the switch must be fetched
+    // fresh: the digests of the source's frozen pages catch a stale one.
+    let r = demo(
+        &[
+            "--mem",
+            "256M",
+            "--workload",
+            "random",
+            "--write-rate",
+            "0",
+            "--hot-set",
+            "50%",
+            "--postcopy",
+            "auto",
+            "--max-bandwidth",
+            "64M",
+            "--verify",
+            "digest",
+        ],
+        180,
+    )?;
+    completed(&r)?;
+    postcopied(&r)?;
+    check(num(&r, "discarded_pages")? > 0, "nothing was discarded")?;
+    check(
+        num(&r, "verify.pages_checked")? == 65536,
+        "digest did not check every page",
+    )?;
+    Ok(())
+}
+
+fn manual_start_postcopy() -> TestResult {
+    let dir = TempDir::new("manual");
+    let json = dir.path("r.json");
+    let sock = dir.path("cmd.sock");
+    // ab dirties 128 MiB many times a second: at 16 MiB/s precopy alone
+    // never converges.
+    let mut m = start(
+        postcopy()
+            .args([
+                "demo",
+                "--mem",
+                "128M",
+                "--postcopy",
+                "manual",
+                "--max-bandwidth",
+                "16M",
+            ])
+            .arg("--command-socket")
+            .arg(&sock)
+            .arg("--json")
+            .arg(&json),
+    );
+    wait_for("the command socket", Duration::from_secs(30), || {
+        sock.exists()
+    })?;
+    std::thread::sleep(Duration::from_secs(12));
+    check(m.running(), "the migration ended without start-postcopy")?;
+    let out = run(
+        postcopy().arg("start-postcopy").arg("--socket").arg(&sock),
+        Duration::from_secs(10),
+    )?;
+    check(
+        out.status.success(),
+        format!("start-postcopy failed\n{}", out.describe()),
+    )?;
+    let out = m.finish(Duration::from_secs(120))?;
+    let r = report(&json)?;
+    check(
+        out.status.success(),
+        format!("demo failed\n{}\n{r:#}", out.describe()),
+    )?;
+    completed(&r)?;
+    postcopied(&r)?;
+    check(
+        text(&r, "switchover_reason").contains("start-postcopy"),
+        format!("switchover reason: {}", r["switchover_reason"]),
+    )?;
+    check(
+        num(&r, "dirty_sync_count")? >= 2,
+        "switched before a full round",
+    )?;
+    Ok(())
+}
+
+/// Processes whose command name is `comm`.
+fn pids_named(comm: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim() == comm)
+            .unwrap_or(false)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// What each open fd of `pid` points to.
+fn fd_targets(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+fn roles_are_separate_processes() -> TestResult {
+    let dir = TempDir::new("roles");
+    let json = dir.path("r.json");
+    let mut m = start(
+        postcopy()
+            .args([
+                "demo",
+                "--mem",
+                "128M",
+                "--postcopy",
+                "auto",
+                "--max-bandwidth",
+                "24M",
+            ])
+            .arg("--json")
+            .arg(&json),
+    );
+    let roles = ["ram-sender", "page-server", "fault-handler"];
+    let mut seen: Vec<(String, u32)> = Vec::new();
+    let mut guests_seen = 0;
+    let t = Instant::now();
+    while m.running() && t.elapsed() < Duration::from_secs(120) {
+        for name in roles {
+            for pid in pids_named(name) {
+                let pair = (name.to_string(), pid);
+                if !seen.contains(&pair) {
+                    seen.push(pair);
+                }
+                // A role holds only what it was handed: sockets, the
+                // memfds, the userfaultfd, the guest's pagemap, stdio.
+                for target in fd_targets(pid) {
+                    let ok = target.starts_with("socket:")
+                        || target.starts_with("/memfd:")
+                        || target == "anon_inode:[userfaultfd]"
+                        || (target.starts_with("/proc/") && target.ends_with("/pagemap"))
+                        || target == "/dev/null"
+                        || target.starts_with("pipe:");
+                    check(ok, format!("{name} (pid {pid}) holds {target}"))?;
+                }
+            }
+        }
+        guests_seen = guests_seen.max(pids_named("postcopy-guest").len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = m.finish(Duration::from_secs(30))?;
+    let r = report(&json)?;
+    check(
+        out.status.success(),
+        format!("demo failed\n{}", out.describe()),
+    )?;
+    completed(&r)?;
+    check(
+        guests_seen == 2,
+        format!("saw {guests_seen} guest processes at once, expected 2"),
+    )?;
+    for name in roles {
+        let pids: Vec<u32> = seen
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, p)| *p)
+            .collect();
+        check(
+            pids.len() == 1,
+            format!("{name}: pids {pids:?}, expected one for the whole migration"),
+        )?;
+        let reported = r["roles"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["name"] == name)
+            .ok_or(format!("{name} missing from the report"))?;
+        check(
+            reported["pid"].as_u64() == Some(u64::from(pids[0])),
+            format!(
+                "{name}: report pid {} but ran as {}",
+                reported["pid"], pids[0]
+            ),
+        )?;
+        check(
+            reported["exit"] == 0,
+            format!("{name} exit: {}", reported["exit"]),
+        )?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- two hosts
+
+fn two_hosts_over_veth() -> TestResult {
+    let hosts = TwoHosts::new("mig")?;
+    let dir = TempDir::new("veth");
+    let (sj, dj) = (dir.path("src.json"), dir.path("dst.json"));
+    let exe = bin_dir().join("postcopy");
+    let addr = format!("{}:4710", hosts.dst_ip);
+    let dest = start(
+        hosts
+            .exec(&hosts.dst, &exe)
+            .args([
+                "incoming",
+                "--listen",
+                &addr,
+                "--accept-timeout",
+                "60",
+                "--json",
+            ])
+            .arg(&dj),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let out = run(
+        hosts
+            .exec(&hosts.src, &exe)
+            .args([
+                "migrate",
+                "--to",
+                &addr,
+                "--mem",
+                "128M",
+                "--vcpus",
+                "2",
+                "--postcopy",
+                "auto",
+                "--max-bandwidth",
+                "48M",
+                "--json",
+            ])
+            .arg(&sj),
+        Duration::from_secs(180),
+    )?;
+    let dout = dest.finish(Duration::from_secs(30))?;
+    let r = report(&sj)?;
+    check(
+        out.status.success(),
+        format!("migrate failed\n{}\n{r:#}", out.describe()),
+    )?;
+    check(
+        dout.status.success(),
+        format!("incoming failed\n{}", dout.describe()),
+    )?;
+    completed(&r)?;
+    let d = report(&dj)?;
+    check(
+        text(&d, "status") == "completed",
+        format!("destination: {d:#}"),
+    )?;
+    check(
+        d["migration_id"] == r["migration_id"],
+        "the two sides name different migrations",
+    )?;
+    // Processes on both hosts are in the source's report.
+    let hosts_in_report: Vec<&str> = r["roles"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x["host"].as_str())
+        .collect();
+    check(
+        hosts_in_report.contains(&"source") && hosts_in_report.contains(&"destination"),
+        format!("roles: {}", r["roles"]),
+    )?;
+    Ok(())
+}
+
+fn link_cut_before_switchover() -> TestResult {
+    let hosts = TwoHosts::new("cut")?;
+    let dir = TempDir::new("cut");
+    let (sj, dj) = (dir.path("src.json"), dir.path("dst.json"));
+    let exe = bin_dir().join("postcopy");
+    let addr = format!("{}:4711", hosts.dst_ip);
+    let dest = start(
+        hosts
+            .exec(&hosts.dst, &exe)
+            .args([
+                "incoming",
+                "--listen",
+                &addr,
+                "--accept-timeout",
+                "60",
+                "--link-timeout",
+                "3",
+                "--json",
+            ])
+            .arg(&dj),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // 256 MiB at 16 MiB/s: the first round alone takes 16 s.
+    let src = start(
+        hosts
+            .exec(&hosts.src, &exe)
+            .args([
+                "migrate",
+                "--to",
+                &addr,
+                "--mem",
+                "256M",
+                "--postcopy",
+                "auto",
+                "--max-bandwidth",
+                "16M",
+                "--link-timeout",
+                "3",
+                "--json",
+            ])
+            .arg(&sj),
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    hosts.cut()?;
+    let t = Instant::now();
+    let out = src.finish(Duration::from_secs(60))?;
+    let detect = t.elapsed();
+    let r = report(&sj)?;
+    check(!out.status.success(), "the source should report failure")?;
+    check(
+        text(&r, "status") == "failed",
+        format!("status: {}", r["status"]),
+    )?;
+    check(
+        r["switched_to_postcopy"] == false,
+        "the cut should come before the switchover",
+    )?;
+    check(
+        text(&r, "source_guest") == "running",
+        format!(
+            "source guest after the cut: {} ({})",
+            r["source_guest"], r["error"]
+        ),
+    )?;
+    check(
+        r["source_verify"]["mismatches"].as_u64() == Some(0),
+        format!("source memory check: {}", r["source_verify"]),
+    )?;
+    check(
+        detect < Duration::from_secs(30),
+        format!("took {:?} to notice the cut", detect),
+    )?;
+    let dout = dest.finish(Duration::from_secs(60))?;
+    check(!dout.status.success(), "the destination should give up")?;
+    let d = report(&dj)?;
+    check(
+        text(&d, "status") == "failed",
+        format!("destination status: {}", d["status"]),
+    )?;
+    Ok(())
+}
+
+fn destination_refuses_postcopy() -> TestResult {
+    // An unprivileged destination cannot create a userfaultfd that takes
+    // kernel-mode faults (vm.unprivileged_userfaultfd=0): it must refuse at
+    // setup, before any page moves.
+    let unpriv = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .map(|s| s.trim() == "0")
+        .unwrap_or(false);
+    check(unpriv, "this test needs vm.unprivileged_userfaultfd=0")?;
+    let port = free_port();
+    let dir = TempDir::new("refuse");
+    let json = dir.path("r.json");
+    let dest = start(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin_dir().join("postcopy"))
+            .args([
+                "incoming",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--accept-timeout",
+                "30",
+            ]),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let out = run(
+        postcopy()
+            .args([
+                "migrate",
+                "--to",
+                &format!("127.0.0.1:{port}"),
+                "--mem",
+                "64M",
+            ])
+            .arg("--json")
+            .arg(&json),
+        Duration::from_secs(60),
+    )?;
+    let _ = dest.finish(Duration::from_secs(30));
+    let r = report(&json)?;
+    check(!out.status.success(), "migrate should fail")?;
+    let err = r["error"].as_str().unwrap_or("");
+    check(
+        err.contains("refused") && err.contains("postcopy") && err.contains("userfaultfd"),
+        format!("error does not say why: {err}"),
+    )?;
+    check(
+        num(&r, "pages_sent")? == 0 && num(&r, "precopy_bytes")? == 0,
+        "pages moved",
+    )?;
+    check(
+        text(&r, "source_guest") == "running",
+        format!("source guest: {}", r["source_guest"]),
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- KVM
+
+fn kvm_unusable_fails_clearly() -> TestResult {
+    // Hide /dev/kvm in a private mount namespace: the command must fail
+    // saying why, not pass or hang.
+    let exe = bin_dir().join("postcopy");
+    let script = format!(
+        "mount --bind /dev/null /dev/kvm 2>/dev/null || mount -t tmpfs none /dev; exec {} demo --guest kvm --mem 64M --warmup-ms 0",
+        exe.display()
+    );
+    let out = run(
+        Command::new("unshare").args(["-m", "sh", "-c", &script]),
+        Duration::from_secs(60),
+    )?;
+    check(
+        !out.status.success(),
+        format!("must fail without KVM\n{}", out.describe()),
+    )?;
+    let all = format!("{}{}", out.stdout, out.stderr);
+    check(
+        all.contains("KVM is not usable"),
+        format!("no clear message\n{}", out.describe()),
+    )?;
+    Ok(())
+}
+
+fn serial_after_switchover(r: &Value) -> TestResult {
+    check(
+        num(r, "serial_bytes_destination")? > 0,
+        "the destination guest wrote no marker after the switchover",
+    )?;
+    let path = r["serial_log_destination"]
+        .as_str()
+        .ok_or("no destination serial log")?;
+    let len = std::fs::metadata(Path::new(path))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    check(len > 0, format!("{path} is empty"))?;
+    Ok(())
+}
+
+fn kvm_precopy() -> TestResult {
+    let r = demo(
+        &["--guest", "kvm", "--mem", "256M", "--postcopy", "never"],
+        240,
+    )?;
+    completed(&r)?;
+    check(text(&r, "guest") == "kvm", "guest is not kvm")?;
+    check(r["verify"]["method"] == "ab", "verify is not ab")?;
+    check(
+        r["switched_to_postcopy"] == false,
+        "switched with --postcopy never",
+    )?;
+    serial_after_switchover(&r)
+}
+
+fn kvm_postcopy_two_vcpus() -> TestResult {
+    let r = demo(
+        &[
+            "--guest",
+            "kvm",
+            "--mem",
+            "256M",
+            "--vcpus",
+            "2",
+            "--postcopy",
+            "auto",
+            "--max-bandwidth",
+            "64M",
+        ],
+        240,
+    )?;
+    completed(&r)?;
+    postcopied(&r)?;
+    check(num(&r, "postcopy_requests")? > 0, "no page was requested")?;
+    check(num(&r, "vcpus")? == 2, "not 2 vCPUs")?;
+    serial_after_switchover(&r)
+}
+
+fn kvm_boot_sector_with_verify_range() -> TestResult {
+    let sector = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/boot/ab-fixed.bin");
+    let r = demo(
+        &[
+            "--guest",
+            "kvm",
+            "--mem",
+            "600M",
+            "--boot-sector",
+            sector.to_str().ok_or("path")?,
+            "--verify",
+            "ab",
+            "--verify-range",
+            "0x100000-0x20100000",
+            "--postcopy",
+            "auto",
+        ],
+        300,
+    )?;
+    completed(&r)?;
+    check(
+        num(&r, "verify.pages_checked")? == 0x20000,
+        "not every page of the range was checked",
+    )?;
+    check(
+        text(&r, "workload") == "boot-sector",
+        "workload is not boot-sector",
+    )?;
+    serial_after_switchover(&r)
+}
