@@ -248,8 +248,24 @@ impl Bitmap {
     }
 
     pub fn set_range(&mut self, first: u64, count: u64) {
-        for b in first..first + count {
-            self.set(b);
+        let end = first + count;
+        assert!(
+            end <= self.bits,
+            "bits {first}..{end} outside a bitmap of {}",
+            self.bits
+        );
+        let mut b = first;
+        while b < end {
+            let w = (b / 64) as usize;
+            let lo = b % 64;
+            let hi = (end - (b - lo)).min(64);
+            let mask = if hi == 64 {
+                !0u64 << lo
+            } else {
+                ((1u64 << hi) - 1) & (!0u64 << lo)
+            };
+            self.words[w] |= mask;
+            b = b - lo + hi;
         }
     }
 
@@ -369,6 +385,13 @@ mod tests {
         let runs: Vec<_> = b.runs(3).collect();
         assert_eq!(runs, vec![(3, 3), (6, 2), (64, 2), (199, 1)]);
         assert_eq!(b.count(), 8);
+        let mut r = Bitmap::new(300);
+        r.set_range(5, 200);
+        assert_eq!(r.count(), 200);
+        assert_eq!(r.runs(1000).collect::<Vec<_>>(), vec![(5, 200)]);
+        r.set_range(64, 64);
+        r.set_range(299, 1);
+        assert_eq!(r.count(), 201);
         b.set_all();
         assert_eq!(b.count(), 200);
         assert_eq!(b.runs(1000).collect::<Vec<_>>(), vec![(0, 200)]);

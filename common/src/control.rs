@@ -126,6 +126,13 @@ pub enum ControlMsg {
     DestRunning {
         listen_us: u64,
         start_us: u64,
+        /// Time the destination spent dropping the final discard set.
+        discard_us: u64,
+    },
+    /// Destination → source: everything before MARK `id` on the main
+    /// stream has been processed.
+    DestMark {
+        id: u64,
     },
     /// Destination → source: every page is in place.
     DestCompleted(DestSummary),
@@ -159,6 +166,7 @@ impl ControlMsg {
             ControlMsg::SetupAccepted(_) => "SetupAccepted",
             ControlMsg::SetupRefused { .. } => "SetupRefused",
             ControlMsg::DestRunning { .. } => "DestRunning",
+            ControlMsg::DestMark { .. } => "DestMark",
             ControlMsg::DestCompleted(_) => "DestCompleted",
             ControlMsg::SourceDigests { .. } => "SourceDigests",
             ControlMsg::SourceDigestsEnd => "SourceDigestsEnd",

@@ -99,6 +99,11 @@ pub enum ToRamSender {
     /// The guest is stopped and precopy converged: final sync, send the rest,
     /// then wait for the package.
     Complete,
+    /// Postcopy was decided, the guest still runs: send the discard set of
+    /// what is stale now and a MARK, answer PreDiscarded, then wait for
+    /// Switchover. The destination drops those pages before the guest
+    /// stops, so downtime only pays for what is dirtied after this.
+    PreDiscard,
     /// The guest is stopped: final sync, discard set, then wait for the package.
     Switchover,
     /// Send the device-state package; after a switchover, push every page
@@ -176,6 +181,11 @@ pub enum FromRamSender {
     Synced(RoundStats),
     Progress(SendProgress),
     FinalSyncDone(FinalSync),
+    /// The early discard set is on the wire, followed by MARK `mark`.
+    PreDiscarded {
+        pages: u64,
+        mark: u64,
+    },
     /// The package is on the wire (precopy completion: so is EOS).
     PackageSent {
         bytes: u64,
@@ -292,12 +302,16 @@ pub struct RecvProgress {
     pub bytes: u64,
     pub rounds: u32,
     pub discarded: u64,
+    /// Time spent dropping discarded pages, µs.
+    pub discard_us: u64,
 }
 
 /// fault-handler → supervisor.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum FromFaultHandler {
     Progress(RecvProgress),
+    /// Everything before MARK `id` on the main stream has been processed.
+    Mark(u64, RecvProgress),
     /// The package arrived (after every precopy page and the discard set).
     /// With `listen`, the handler waits for Listening before reading on.
     Package(Package, RecvProgress),

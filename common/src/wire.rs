@@ -71,7 +71,7 @@ impl ConnKind {
             ConnKind::Control => matches!(ty, T::Control),
             ConnKind::Main => matches!(
                 ty,
-                T::Pages | T::Zero | T::Round | T::Discard | T::Package | T::Eos
+                T::Pages | T::Zero | T::Round | T::Discard | T::Mark | T::Package | T::Eos
             ),
             ConnKind::ReturnPath => matches!(ty, T::Request | T::PostcopyDone),
             ConnKind::Urgent => matches!(ty, T::Pages | T::Zero),
@@ -360,6 +360,7 @@ pub enum FrameType {
     Discard,
     Package,
     Eos,
+    Mark,
     Request,
     PostcopyDone,
     Control,
@@ -374,6 +375,7 @@ impl FrameType {
             FrameType::Discard => 0x04,
             FrameType::Package => 0x05,
             FrameType::Eos => 0x06,
+            FrameType::Mark => 0x07,
             FrameType::Request => 0x10,
             FrameType::PostcopyDone => 0x11,
             FrameType::Control => 0x20,
@@ -388,6 +390,7 @@ impl FrameType {
             0x04 => FrameType::Discard,
             0x05 => FrameType::Package,
             0x06 => FrameType::Eos,
+            0x07 => FrameType::Mark,
             0x10 => FrameType::Request,
             0x11 => FrameType::PostcopyDone,
             0x20 => FrameType::Control,
@@ -405,6 +408,7 @@ impl fmt::Display for FrameType {
             FrameType::Discard => "DISCARD",
             FrameType::Package => "PACKAGE",
             FrameType::Eos => "EOS",
+            FrameType::Mark => "MARK",
             FrameType::Request => "REQUEST",
             FrameType::PostcopyDone => "POSTCOPY_DONE",
             FrameType::Control => "CONTROL",
@@ -461,6 +465,15 @@ pub fn round_frame(sync: u32) -> [u8; FRAME_HEADER_LEN + 8] {
     let mut b = [0u8; FRAME_HEADER_LEN + 8];
     b[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(FrameType::Round, 8));
     b[FRAME_HEADER_LEN..FRAME_HEADER_LEN + 4].copy_from_slice(&sync.to_le_bytes());
+    b
+}
+
+/// A whole MARK frame: the destination reports when it has processed
+/// everything before it.
+pub fn mark_frame(id: u64) -> [u8; FRAME_HEADER_LEN + 8] {
+    let mut b = [0u8; FRAME_HEADER_LEN + 8];
+    b[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(FrameType::Mark, 8));
+    b[FRAME_HEADER_LEN..].copy_from_slice(&id.to_le_bytes());
     b
 }
 
@@ -544,6 +557,9 @@ pub enum Frame<'a> {
     Round { sync: u32 },
     /// Drop these pages: they were sent in precopy and dirtied since.
     Discard { ranges: Vec<PageRange> },
+    /// Report back (on the control connection) once everything before this
+    /// frame has been processed.
+    Mark { id: u64 },
     /// The device-state package.
     Package(Package),
     /// End of the main stream: every page has been sent.
@@ -652,6 +668,9 @@ impl<R: Read> FrameReader<R> {
                 }
                 Frame::Discard { ranges }
             }
+            FrameType::Mark => Frame::Mark {
+                id: u64::from_le_bytes(p[0..8].try_into().expect("8")),
+            },
             FrameType::Package => Frame::Package(decode_message(p, "device-state package")?),
             FrameType::Eos => Frame::Eos,
             FrameType::PostcopyDone => Frame::PostcopyDone,
@@ -667,7 +686,7 @@ fn check_len(ty: FrameType, len: u32) -> Result<(), WireError> {
                 && len as usize <= RANGE_LEN + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE
         }
         FrameType::Zero | FrameType::Request => len as usize == RANGE_LEN,
-        FrameType::Round => len == 8,
+        FrameType::Round | FrameType::Mark => len == 8,
         FrameType::Discard => {
             len > 0
                 && (len as usize).is_multiple_of(RANGE_LEN)
@@ -682,7 +701,7 @@ fn check_len(ty: FrameType, len: u32) -> Result<(), WireError> {
         let expected = match ty {
             FrameType::Pages => format!("{RANGE_LEN} + 4096 × (1..={MAX_PAGES_PER_FRAME})"),
             FrameType::Zero | FrameType::Request => RANGE_LEN.to_string(),
-            FrameType::Round => "8".into(),
+            FrameType::Round | FrameType::Mark => "8".into(),
             FrameType::Discard => format!(
                 "a nonzero multiple of {RANGE_LEN} up to {}",
                 MAX_DISCARD_RANGES * RANGE_LEN
@@ -818,6 +837,7 @@ mod tests {
         bytes.extend(std::iter::repeat_n(0xabu8, 2 * PAGE_SIZE));
         bytes.extend_from_slice(&zero_frame(layout().range(9, 40).unwrap()));
         bytes.extend_from_slice(&round_frame(5));
+        bytes.extend_from_slice(&mark_frame(77));
         bytes.extend_from_slice(&empty_frame(FrameType::Eos));
         let mut r = reader(bytes, ConnKind::Main);
         match r.next_frame().unwrap() {
@@ -835,6 +855,7 @@ mod tests {
             }
         );
         assert_eq!(r.next_frame().unwrap(), Frame::Round { sync: 5 });
+        assert_eq!(r.next_frame().unwrap(), Frame::Mark { id: 77 });
         assert_eq!(r.next_frame().unwrap(), Frame::Eos);
         assert!(matches!(
             r.next_frame(),

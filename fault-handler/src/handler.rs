@@ -77,6 +77,7 @@ struct Counters {
     pages_urgent: AtomicU64,
     pages_background: AtomicU64,
     discarded: AtomicU64,
+    discard_us: AtomicU64,
     rounds: AtomicU32,
     main_bytes: AtomicU64,
     urgent_bytes: AtomicU64,
@@ -220,6 +221,7 @@ impl Handler {
                 + self.counters.urgent_bytes.load(Ordering::Relaxed),
             rounds: self.counters.rounds.load(Ordering::Relaxed),
             discarded: self.counters.discarded.load(Ordering::Relaxed),
+            discard_us: self.counters.discard_us.load(Ordering::Relaxed),
         }
     }
 
@@ -267,6 +269,12 @@ impl Handler {
                 Frame::Pages { range, data } => self.place(range, Some(data), Via::Main)?,
                 Frame::Zero { range } => self.place(range, None, Via::Main)?,
                 Frame::Round { sync } => self.counters.rounds.store(sync, Ordering::Relaxed),
+                Frame::Mark { id } => {
+                    self.counters
+                        .main_bytes
+                        .store(reader.bytes_read(), Ordering::Relaxed);
+                    self.send(FromFaultHandler::Mark(id, self.progress()))?;
+                }
                 Frame::Discard { ranges } => {
                     if package_seen {
                         return Err(HandlerError::Protocol(
@@ -374,6 +382,7 @@ impl Handler {
     }
 
     fn discard(&self, ranges: &[PageRange]) -> Result<(), HandlerError> {
+        let t = Instant::now();
         let mut written = self.written.lock().expect("written");
         for r in ranges {
             punch_hole(self.memfd.as_fd(), r.first().offset().0, r.byte_len())?;
@@ -387,6 +396,9 @@ impl Handler {
                 .discarded
                 .fetch_add(u64::from(r.count()), Ordering::Relaxed);
         }
+        self.counters
+            .discard_us
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(())
     }
 

@@ -17,8 +17,8 @@ use common::role::{LinkError, RoleLink};
 use common::types::{MemLayout, PageRange, RemoteAddr, PAGE_SIZE};
 use common::uffd::{Uffd, UffdError};
 use common::wire::{
-    discard_frames, empty_frame, message_frame, pages_prefix, round_frame, zero_frame, FrameType,
-    Package, WireError, MAX_PAGES_PER_FRAME, PAGES_PREFIX_LEN,
+    discard_frames, empty_frame, mark_frame, message_frame, pages_prefix, round_frame, zero_frame,
+    FrameType, Package, WireError, MAX_PAGES_PER_FRAME, PAGES_PREFIX_LEN,
 };
 
 use crate::limiter::Limiter;
@@ -78,6 +78,7 @@ struct Sender {
     buf: Vec<u8>,
     totals: Totals,
     sync_count: u32,
+    marks: u64,
     last_sync: Instant,
     last_progress: Instant,
     round_left: u64,
@@ -119,6 +120,7 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
         buf: vec![0u8; PAGES_PREFIX_LEN + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE],
         totals: Totals::default(),
         sync_count: 0,
+        marks: 0,
         last_sync: Instant::now(),
         last_progress: Instant::now(),
         round_left: 0,
@@ -193,6 +195,7 @@ impl Sender {
         match cmd {
             ToRamSender::Complete => self.complete(),
             ToRamSender::Switchover => self.switchover(),
+            ToRamSender::PreDiscard => self.prediscard(),
             ToRamSender::Quit => Ok(()),
             other => Err(SendError::Unexpected {
                 cmd: format!("{other:?}"),
@@ -275,33 +278,9 @@ impl Sender {
         self.sync_count += 1;
         let sync_us = t.elapsed().as_micros() as u64;
         let t = Instant::now();
-        // Pages sent before and dirtied since: the destination's copy is
-        // stale. They become unsent, so the push or a fault fetches them.
-        let mut discard: Vec<PageRange> = Vec::new();
-        let mut discard_pages = 0u64;
-        let dirty_pages = self.dirty.count();
-        for (first, count) in self.dirty.runs(u32::MAX as u64) {
-            let mut run_start = None;
-            for p in first..first + count {
-                if self.sent.clear(p) {
-                    discard_pages += 1;
-                    run_start.get_or_insert(p);
-                } else if let Some(s) = run_start.take() {
-                    discard.push(self.layout.range(s, (p - s) as u32).expect("in range"));
-                }
-            }
-            if let Some(s) = run_start {
-                discard.push(
-                    self.layout
-                        .range(s, (first + count - s) as u32)
-                        .expect("in range"),
-                );
-            }
-        }
         let before = self.totals.bytes;
-        if !discard.is_empty() {
-            self.write(&discard_frames(&discard))?;
-        }
+        let dirty_pages = self.dirty.count();
+        let discard_pages = self.discard_stale()?;
         log::info!("switchover: {dirty_pages} dirty pages, {discard_pages} to discard");
         self.link.send(FromRamSender::FinalSyncDone(FinalSync {
             sync_count: self.sync_count,
@@ -320,6 +299,62 @@ impl Sender {
         let bytes = self.send_package(&pkg)?;
         self.link.send(FromRamSender::PackageSent { bytes })?;
         self.push()
+    }
+
+    /// Pages sent before and dirtied since: the destination's copy is stale.
+    /// They become unsent (so the push or a fault fetches them again) and
+    /// go out in DISCARD frames. Returns how many.
+    fn discard_stale(&mut self) -> Result<u64, SendError> {
+        let mut discard: Vec<PageRange> = Vec::new();
+        let mut pages = 0u64;
+        for (first, count) in self.dirty.runs(u64::from(u32::MAX)) {
+            let mut run_start = None;
+            for p in first..first + count {
+                if self.sent.clear(p) {
+                    pages += 1;
+                    run_start.get_or_insert(p);
+                } else if let Some(s) = run_start.take() {
+                    discard.push(self.layout.range(s, (p - s) as u32).expect("in range"));
+                }
+            }
+            if let Some(s) = run_start {
+                discard.push(
+                    self.layout
+                        .range(s, (first + count - s) as u32)
+                        .expect("in range"),
+                );
+            }
+        }
+        if !discard.is_empty() {
+            self.write(&discard_frames(&discard))?;
+        }
+        Ok(pages)
+    }
+
+    /// Postcopy is decided but the guest still runs: drop what is stale
+    /// now, while it costs no downtime, then wait for the switchover.
+    fn prediscard(&mut self) -> Result<(), SendError> {
+        let pages = self.discard_stale()?;
+        self.marks += 1;
+        let mark = self.marks;
+        self.write(&mark_frame(mark))?;
+        self.out.flush()?;
+        log::info!("early discard of {pages} stale pages");
+        self.link
+            .send(FromRamSender::PreDiscarded { pages, mark })?;
+        loop {
+            match self.link.recv()? {
+                ToRamSender::Switchover => return self.switchover(),
+                ToRamSender::SetMaxBandwidth(r) => self.limiter.set_rate(r),
+                ToRamSender::Quit => return Ok(()),
+                other => {
+                    return Err(SendError::Unexpected {
+                        cmd: format!("{other:?}"),
+                        phase: "after the early discard",
+                    })
+                }
+            }
+        }
     }
 
     /// Postcopy background push: every page whose `sent` bit this role wins,

@@ -94,7 +94,8 @@ pub struct GuestArgs {
     /// kvm: a 512-byte boot sector to run instead of the built-in workload.
     #[arg(long)]
     pub boot_sector: Option<PathBuf>,
-    /// How long the guest runs before the migration starts.
+    /// How long the guest runs, once booted (ab: memory zeroed; idle: memory
+    /// filled; KVM: first serial marker), before the migration starts.
     #[arg(long, default_value_t = 500)]
     pub warmup_ms: u64,
 }

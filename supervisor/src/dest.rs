@@ -52,6 +52,8 @@ struct Dest {
     guest_running: bool,
     digests: Vec<u64>,
     digests_done: bool,
+    /// Discard time already spent at the last MARK (before the stop).
+    mark_discard_us: u64,
 }
 
 /// Waits for one migration and returns the destination's report.
@@ -87,6 +89,7 @@ pub fn incoming(args: IncomingArgs) -> Report {
         guest_running: false,
         digests: Vec::new(),
         digests_done: false,
+        mark_discard_us: 0,
     };
     let t0 = Instant::now();
     let result = d.run();
@@ -102,6 +105,13 @@ impl EventLoop for Dest {
     fn on_event(&mut self, ev: Event) -> Result<(), MigError> {
         match ev {
             Event::Handler(FromFaultHandler::Progress(_)) => Ok(()),
+            Event::Handler(FromFaultHandler::Mark(id, prog)) => {
+                self.mark_discard_us = prog.discard_us;
+                match self.control.as_mut() {
+                    Some(c) => Ok(c.send(&ControlMsg::DestMark { id })?),
+                    None => Ok(()),
+                }
+            }
             Event::Handler(FromFaultHandler::Error(e)) => Err(MigError::Role {
                 name: "fault-handler",
                 detail: e,
@@ -239,11 +249,12 @@ impl Dest {
         self.sm.go(MigrationState::Active)?;
         self.report.setup_time_ms = t0.elapsed().as_secs_f64() * 1e3;
 
-        let (pkg, _) = self.wait("the device-state package", None, |ev| match ev {
+        let (pkg, prog) = self.wait("the device-state package", None, |ev| match ev {
             Event::Handler(FromFaultHandler::Package(p, prog)) => Ok((p, prog)),
             other => Err(other),
         })?;
-        self.start_guest(pkg)?;
+        let discard_us = prog.discard_us.saturating_sub(self.mark_discard_us);
+        self.start_guest(pkg, discard_us)?;
         let (stats, prog) = self.wait("every page", None, |ev| match ev {
             Event::Handler(FromFaultHandler::PrecopyDone(p)) => Ok((None, p)),
             Event::Handler(FromFaultHandler::PostcopyDone(s, p)) => Ok((Some(s), p)),
@@ -443,7 +454,7 @@ impl Dest {
     }
 
     /// The package is here: register (for postcopy), load, run.
-    fn start_guest(&mut self, pkg: Package) -> Result<(), MigError> {
+    fn start_guest(&mut self, pkg: Package, discard_us: u64) -> Result<(), MigError> {
         let t = Instant::now();
         if pkg.listen {
             self.guest().send(ToGuest::Listen)?;
@@ -486,6 +497,7 @@ impl Dest {
             .send(&ControlMsg::DestRunning {
                 listen_us,
                 start_us,
+                discard_us,
             })?;
         Ok(())
     }

@@ -93,7 +93,9 @@ pub struct SwitchoverReport {
     pub package: f64,
     /// From the package on the wire to the destination guest running.
     pub dest_start: f64,
-    /// Of dest_start: registering the userfaultfd, then loading and starting.
+    /// Of dest_start: dropping the final discard set, registering the
+    /// userfaultfd, then loading and starting the guest.
+    pub dest_discard: f64,
     pub dest_listen: f64,
     pub dest_load_run: f64,
 }
@@ -128,6 +130,10 @@ pub struct Report {
     pub switchover_reason: Option<String>,
     pub switchover_ms: Option<SwitchoverReport>,
     pub discarded_pages: u64,
+    /// Of discarded_pages: dropped on the destination before the guest
+    /// stopped (see docs/state-machine.md, "Early discard").
+    pub prediscard_pages: u64,
+    pub prediscard_ms: Option<f64>,
     pub postcopy_phase_ms: Option<f64>,
     pub postcopy_requests: u64,
     pub postcopy_faults: u64,

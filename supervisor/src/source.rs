@@ -67,6 +67,8 @@ struct Source {
     push: Option<PushStats>,
     served: Option<ServerStats>,
     dest: Option<DestSummary>,
+    /// The last MARK the destination has processed.
+    dest_mark: u64,
 }
 
 /// Runs a migration of a new guest to `to` and returns its report.
@@ -136,6 +138,7 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         push: None,
         served: None,
         dest: None,
+        dest_mark: 0,
     };
     let cmd_socket = CommandSocket::bind(src.opts.command_socket.clone(), src.s.tx.clone());
     match &cmd_socket {
@@ -212,6 +215,10 @@ impl EventLoop for Source {
                 None => Ok(()),
             },
             Event::Peer(ControlMsg::Abort { reason, .. }) => Err(MigError::PeerAborted(reason)),
+            Event::Peer(ControlMsg::DestMark { id }) => {
+                self.dest_mark = self.dest_mark.max(id);
+                Ok(())
+            }
             Event::PeerLost(e) => Err(MigError::PeerLost(e)),
             Event::Interrupt(sig) => {
                 if self.package_sent {
@@ -561,21 +568,22 @@ impl Source {
             ..Default::default()
         });
         self.report.downtime_bytes = fs.bytes + pkg_bytes;
-        self.report.discarded_pages = fs.discard_pages;
+        self.report.discarded_pages = self.report.prediscard_pages + fs.discard_pages;
         self.report.dirty_sync_count = fs.sync_count;
         self.final_sync = Some(fs);
         Ok(t_stop)
     }
 
     fn await_dest_running(&mut self, t_stop: Instant, t_pkg: Instant) -> Result<Instant, MigError> {
-        let (listen_us, start_us) = self.wait(
+        let (listen_us, start_us, discard_us) = self.wait(
             "the destination guest to run",
             Some(STEP_TIMEOUT),
             |ev| match ev {
                 Event::Peer(ControlMsg::DestRunning {
                     listen_us,
                     start_us,
-                }) => Ok((listen_us, start_us)),
+                    discard_us,
+                }) => Ok((listen_us, start_us, discard_us)),
                 other => Err(other),
             },
         )?;
@@ -584,6 +592,7 @@ impl Source {
         if let Some(sw) = self.report.switchover_ms.as_mut() {
             sw.dest_start = ms(t - t_pkg);
             sw.dest_listen = listen_us as f64 / 1e3;
+            sw.dest_discard = discard_us as f64 / 1e3;
             sw.dest_load_run = start_us as f64 / 1e3;
         }
         Ok(t)
@@ -609,6 +618,7 @@ impl Source {
 
     fn switchover(&mut self) -> Result<(), MigError> {
         self.report.switched_to_postcopy = true;
+        self.prediscard()?;
         let t_stop = self.stop_and_send_package(true)?;
         self.sm.go(MigrationState::PostcopyActive)?;
         let t_pkg = Instant::now();
@@ -623,6 +633,31 @@ impl Source {
         self.await_dest_completed()?;
         self.report.postcopy_phase_ms = Some(ms(t_stop.elapsed()));
         self.sm.go(MigrationState::Completed)?;
+        Ok(())
+    }
+
+    /// While the guest still runs, send what is stale on the destination now
+    /// and wait until it is dropped there: that page-cache work (about
+    /// 0.6 µs a page here) then costs no downtime.
+    fn prediscard(&mut self) -> Result<(), MigError> {
+        let t = Instant::now();
+        self.sender().send(ToRamSender::PreDiscard)?;
+        let (pages, mark) = self.wait("the early discard", Some(STEP_TIMEOUT), |ev| match ev {
+            Event::Sender(FromRamSender::PreDiscarded { pages, mark }) => Ok((pages, mark)),
+            other => Err(other),
+        })?;
+        if self.dest_mark < mark {
+            self.wait(
+                "the destination to drop stale pages",
+                Some(STEP_TIMEOUT),
+                |ev| match ev {
+                    Event::Peer(ControlMsg::DestMark { id }) if id >= mark => Ok(()),
+                    other => Err(other),
+                },
+            )?;
+        }
+        self.report.prediscard_pages = pages;
+        self.report.prediscard_ms = Some(ms(t.elapsed()));
         Ok(())
     }
 
