@@ -8,6 +8,8 @@ use crate::types::{MemLayout, MigrationId, PageRange, RangeError, PAGE_SIZE};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// First four bytes of every hello and hello reply.
 pub const MAGIC: [u8; 4] = *b"PCPY";
@@ -146,6 +148,15 @@ pub enum WireError {
     Io(#[from] io::Error),
     #[error("peer closed the {0} connection")]
     Closed(ConnKind),
+    #[error("{conn} connection closed in the middle of a {what} ({got} of {want} bytes)")]
+    Torn {
+        conn: ConnKind,
+        what: String,
+        got: usize,
+        want: usize,
+    },
+    #[error("peer closed the connection during the hello ({got} of {want} bytes)")]
+    ClosedInHello { got: usize, want: usize },
     #[error("bad magic {got:02x?} (expected {MAGIC:02x?}): peer is not a postcopy endpoint")]
     BadMagic { got: [u8; 4] },
     #[error("protocol version mismatch: we speak version {ours}, peer speaks version {theirs}")]
@@ -202,15 +213,15 @@ pub enum WireError {
 }
 
 impl WireError {
-    /// True when the peer went away (closed, reset, broken pipe) rather than
-    /// sending something wrong.
+    /// True when the peer went away at a frame boundary (closed, reset,
+    /// broken pipe) rather than sending something wrong. A torn frame is
+    /// not a disconnect: it is a bad frame.
     pub fn is_disconnect(&self) -> bool {
         match self {
             WireError::Closed(_) => true,
             WireError::Io(e) => matches!(
                 e.kind(),
-                io::ErrorKind::UnexpectedEof
-                    | io::ErrorKind::ConnectionReset
+                io::ErrorKind::ConnectionReset
                     | io::ErrorKind::ConnectionAborted
                     | io::ErrorKind::BrokenPipe
                     | io::ErrorKind::TimedOut
@@ -285,6 +296,9 @@ impl HelloReply {
         }
         let version = u16::from_le_bytes([b[4], b[5]]);
         let status = HelloStatus::from_code(b[6]).ok_or(WireError::BadHelloStatus(b[6]))?;
+        if b[7..].iter().any(|&x| x != 0) {
+            return Err(WireError::BadHelloReserved);
+        }
         Ok(HelloReply { version, status })
     }
 }
@@ -298,7 +312,7 @@ pub fn client_hello<S: Read + Write>(
     stream.write_all(&Hello { kind, migration }.encode())?;
     stream.flush()?;
     let mut b = [0u8; HELLO_REPLY_LEN];
-    read_exact_or_closed(stream, &mut b, kind)?;
+    read_exact_at(stream, &mut b, kind, At::Hello)?;
     let reply = HelloReply::decode(&b)?;
     if reply.version != PROTOCOL_VERSION {
         return Err(WireError::VersionMismatch {
@@ -321,7 +335,7 @@ pub fn client_hello<S: Read + Write>(
 /// [`server_reply`].
 pub fn server_read_hello<S: Read + Write>(stream: &mut S) -> Result<Hello, WireError> {
     let mut b = [0u8; HELLO_LEN];
-    read_exact_or_closed(stream, &mut b, ConnKind::Control)?;
+    read_exact_at(stream, &mut b, ConnKind::Control, At::Hello)?;
     match Hello::decode(&b) {
         Ok(h) => Ok(h),
         Err(e) => {
@@ -527,10 +541,21 @@ pub fn decode_message<T: DeserializeOwned>(
     payload: &[u8],
     what: &'static str,
 ) -> Result<T, WireError> {
-    rmp_serde::from_slice(payload).map_err(|e| WireError::Decode {
-        what,
-        detail: e.to_string(),
-    })
+    let mut cursor = io::Cursor::new(payload);
+    let value = T::deserialize(&mut rmp_serde::Deserializer::new(&mut cursor)).map_err(|e| {
+        WireError::Decode {
+            what,
+            detail: e.to_string(),
+        }
+    })?;
+    let used = cursor.position() as usize;
+    if used != payload.len() {
+        return Err(WireError::Decode {
+            what,
+            detail: format!("{} trailing bytes after the message", payload.len() - used),
+        });
+    }
+    Ok(value)
 }
 
 /// The device-state package: sent once, on the main stream, at the end of
@@ -578,7 +603,7 @@ pub struct FrameReader<R> {
     conn: ConnKind,
     layout: MemLayout,
     buf: Vec<u8>,
-    bytes: u64,
+    bytes: Arc<AtomicU64>,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -588,13 +613,22 @@ impl<R: Read> FrameReader<R> {
             conn,
             layout,
             buf: Vec::new(),
-            bytes: 0,
+            bytes: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// Bytes read so far, headers included.
     pub fn bytes_read(&self) -> u64 {
-        self.bytes
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Counts the bytes read into `counter`, which is up to date before
+    /// each frame is returned (so others can read it while the frame is
+    /// being handled).
+    pub fn counting_into(mut self, counter: Arc<AtomicU64>) -> Self {
+        counter.fetch_add(self.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.bytes = counter;
+        self
     }
 
     pub fn get_ref(&self) -> &R {
@@ -605,7 +639,7 @@ impl<R: Read> FrameReader<R> {
     /// caller drops it.
     pub fn next_frame(&mut self) -> Result<Frame<'_>, WireError> {
         let mut h = [0u8; FRAME_HEADER_LEN];
-        read_exact_or_closed(&mut self.inner, &mut h, self.conn)?;
+        read_exact_at(&mut self.inner, &mut h, self.conn, At::Boundary)?;
         let conn = self.conn;
         let ty =
             FrameType::from_code(h[0]).ok_or(WireError::UnknownFrameType { conn, ty: h[0] })?;
@@ -624,8 +658,9 @@ impl<R: Read> FrameReader<R> {
         let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
         check_len(ty, len)?;
         self.buf.resize(len as usize, 0);
-        read_exact_or_closed(&mut self.inner, &mut self.buf, conn)?;
-        self.bytes += (FRAME_HEADER_LEN as u64) + u64::from(len);
+        read_exact_at(&mut self.inner, &mut self.buf, conn, At::Payload(ty))?;
+        self.bytes
+            .fetch_add(FRAME_HEADER_LEN as u64 + u64::from(len), Ordering::Relaxed);
         let p = &self.buf[..];
         let layout = self.layout;
         Ok(match ty {
@@ -733,25 +768,45 @@ fn parse_range(
         .map_err(|source| WireError::Range { ty, source })
 }
 
-fn read_exact_or_closed<R: Read + ?Sized>(
+/// Where in the stream a read happens: what an early end of stream means.
+#[derive(Copy, Clone)]
+enum At {
+    /// At a frame boundary: a close before the first byte is a clean end.
+    Boundary,
+    /// Inside a frame: any close tears it.
+    Payload(FrameType),
+    /// During the hello exchange.
+    Hello,
+}
+
+fn read_exact_at<R: Read + ?Sized>(
     r: &mut R,
     buf: &mut [u8],
     conn: ConnKind,
+    at: At,
 ) -> Result<(), WireError> {
     let mut filled = 0;
     while filled < buf.len() {
         match r.read(&mut buf[filled..]) {
             Ok(0) => {
-                return Err(if filled == 0 {
-                    WireError::Closed(conn)
-                } else {
-                    WireError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "{conn} connection closed in the middle of a frame ({filled} of {} bytes)",
-                            buf.len()
-                        ),
-                    ))
+                return Err(match at {
+                    At::Boundary if filled == 0 => WireError::Closed(conn),
+                    At::Boundary => WireError::Torn {
+                        conn,
+                        what: "frame header".into(),
+                        got: filled,
+                        want: buf.len(),
+                    },
+                    At::Payload(ty) => WireError::Torn {
+                        conn,
+                        what: format!("{ty} frame"),
+                        got: filled,
+                        want: buf.len(),
+                    },
+                    At::Hello => WireError::ClosedInHello {
+                        got: filled,
+                        want: buf.len(),
+                    },
                 })
             }
             Ok(n) => filled += n,
@@ -935,7 +990,26 @@ mod tests {
         let mut bytes = pages_prefix(layout().range(0, 1).unwrap()).to_vec();
         bytes.extend(vec![0; 100]);
         let err = reader(bytes, ConnKind::Main).next_frame().unwrap_err();
-        assert!(err.is_disconnect(), "{err}");
+        assert!(matches!(err, WireError::Torn { .. }), "{err}");
+        assert!(!err.is_disconnect(), "a torn frame is a bad frame: {err}");
+        assert!(err.to_string().contains("PAGES frame"), "{err}");
+        // A close between frames is a clean end.
+        let bytes = empty_frame(FrameType::Eos).to_vec();
+        let mut r = reader(bytes, ConnKind::Main);
+        r.next_frame().unwrap();
+        assert!(r.next_frame().unwrap_err().is_disconnect());
+        // A package with bytes after the message.
+        let pkg = Package {
+            listen: false,
+            run: true,
+            guest_state: vec![],
+        };
+        let mut bytes = message_frame(FrameType::Package, &pkg, "package").unwrap();
+        bytes.push(0xc0);
+        let len = (bytes.len() - FRAME_HEADER_LEN) as u32;
+        bytes[4..8].copy_from_slice(&len.to_le_bytes());
+        let err = reader(bytes, ConnKind::Main).next_frame().unwrap_err();
+        assert!(err.to_string().contains("trailing"), "{err}");
         // Garbage where a package should be.
         let mut bytes = frame_header(FrameType::Package, 3).to_vec();
         bytes.extend_from_slice(&[0xc1, 0xc1, 0xc1]);

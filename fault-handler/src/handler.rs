@@ -79,8 +79,8 @@ struct Counters {
     discarded: AtomicU64,
     discard_us: AtomicU64,
     rounds: AtomicU32,
-    main_bytes: AtomicU64,
-    urgent_bytes: AtomicU64,
+    main_bytes: Arc<AtomicU64>,
+    urgent_bytes: Arc<AtomicU64>,
 }
 
 struct Handler {
@@ -252,7 +252,8 @@ impl Handler {
     }
 
     fn read_main(self: &Arc<Self>, main: TcpStream) -> Result<(), HandlerError> {
-        let mut reader = FrameReader::new(main, ConnKind::Main, self.layout);
+        let mut reader = FrameReader::new(main, ConnKind::Main, self.layout)
+            .counting_into(self.counters.main_bytes.clone());
         let wire = |source| HandlerError::Wire {
             conn: ConnKind::Main,
             source,
@@ -270,9 +271,6 @@ impl Handler {
                 Frame::Zero { range } => self.place(range, None, Via::Main)?,
                 Frame::Round { sync } => self.counters.rounds.store(sync, Ordering::Relaxed),
                 Frame::Mark { id } => {
-                    self.counters
-                        .main_bytes
-                        .store(reader.bytes_read(), Ordering::Relaxed);
                     self.send(FromFaultHandler::Mark(id, self.progress()))?;
                 }
                 Frame::Discard { ranges } => {
@@ -300,9 +298,6 @@ impl Handler {
                         }
                         *self.mode.write().expect("mode") = Mode::AwaitingListen;
                     }
-                    self.counters
-                        .main_bytes
-                        .store(reader.bytes_read(), Ordering::Relaxed);
                     log::info!(
                         "package arrived ({} bytes of guest state, listen={listen})",
                         pkg.guest_state.len()
@@ -318,9 +313,6 @@ impl Handler {
                     }
                 }
                 Frame::Eos => {
-                    self.counters
-                        .main_bytes
-                        .store(reader.bytes_read(), Ordering::Relaxed);
                     let mode = *self.mode.read().expect("mode");
                     if mode == Mode::Postcopy {
                         // Completion comes when the last page is placed,
@@ -349,16 +341,14 @@ impl Handler {
             }
             if last_progress.elapsed() >= Duration::from_millis(200) {
                 last_progress = Instant::now();
-                self.counters
-                    .main_bytes
-                    .store(reader.bytes_read(), Ordering::Relaxed);
                 self.send(FromFaultHandler::Progress(self.progress()))?;
             }
         }
     }
 
     fn read_urgent(self: &Arc<Self>, urgent: TcpStream) -> Result<(), HandlerError> {
-        let mut reader = FrameReader::new(urgent, ConnKind::Urgent, self.layout);
+        let mut reader = FrameReader::new(urgent, ConnKind::Urgent, self.layout)
+            .counting_into(self.counters.urgent_bytes.clone());
         loop {
             let frame = match reader.next_frame() {
                 Ok(f) => f,
@@ -375,9 +365,6 @@ impl Handler {
                 Frame::Zero { range } => self.place(range, None, Via::Urgent)?,
                 other => unreachable!("urgent connection yielded {other:?}"),
             }
-            self.counters
-                .urgent_bytes
-                .store(reader.bytes_read(), Ordering::Relaxed);
         }
     }
 
@@ -552,6 +539,16 @@ impl Handler {
         self.send(FromFaultHandler::PostcopyDone(stats, self.progress()))
     }
 
+    /// A fault on a page already received: either a zero page that was
+    /// never materialised (place it) or one placed since the fault was
+    /// queued (wake the thread).
+    fn resolve_locally(&self, uffd: &Uffd, p: u64) -> Result<(), UffdError> {
+        if let Placed::Exists { .. } = uffd.zeropage(self.dst(p), PAGE_SIZE as u64)? {
+            uffd.wake(self.dst(p), PAGE_SIZE as u64)?;
+        }
+        Ok(())
+    }
+
     /// Reads faults and turns each missing page into one request.
     fn serve_faults(&self) -> Result<(), HandlerError> {
         let uffd = self.uffd.as_ref().expect("postcopy has a uffd");
@@ -601,16 +598,21 @@ impl Handler {
                         // Here already: a zero page never materialised, or
                         // one placed since the fault was queued.
                         self.counters.faults_local.fetch_add(1, Ordering::Relaxed);
-                        if let Placed::Exists { .. } =
-                            uffd.zeropage(self.dst(p), PAGE_SIZE as u64)?
-                        {
-                            uffd.wake(self.dst(p), PAGE_SIZE as u64)?;
+                        if let Err(e) = self.resolve_locally(uffd, p) {
+                            // Completion unregisters memory under us: every
+                            // page is in then, and the faulting thread was
+                            // woken by the unregister.
+                            if !self.done.load(Ordering::Acquire) {
+                                return Err(e.into());
+                            }
                         }
                         self.latencies
                             .lock()
                             .expect("latencies")
                             .record(read_at.elapsed());
                     }
+                    // Every page is in: nothing left to ask for.
+                    Some(true) if self.done.load(Ordering::Acquire) => {}
                     Some(true) => {
                         let frame = request_frame(self.layout.range(p, 1).expect("in range"));
                         let mut ret = self.ret.lock().expect("return path");

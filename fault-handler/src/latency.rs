@@ -26,11 +26,12 @@ impl Latencies {
     pub fn summary(&self) -> LatencySummary {
         let mut v = self.us.clone();
         v.sort_unstable();
-        let pct = |p: f64| -> u64 {
+        // Nearest rank, in whole per-mille so 99.9% of 1000 is exactly 999.
+        let pct = |permille: usize| -> u64 {
             if v.is_empty() {
                 return 0;
             }
-            let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+            let rank = (permille * v.len()).div_ceil(1000);
             u64::from(v[rank.clamp(1, v.len()) - 1])
         };
         let mut hist = Vec::new();
@@ -47,10 +48,10 @@ impl Latencies {
         }
         LatencySummary {
             count: v.len() as u64,
-            p50: pct(50.0),
-            p90: pct(90.0),
-            p99: pct(99.0),
-            p999: pct(99.9),
+            p50: pct(500),
+            p90: pct(900),
+            p99: pct(990),
+            p999: pct(999),
             max: v.last().copied().map(u64::from).unwrap_or(0),
             hist_log2_us: hist,
         }

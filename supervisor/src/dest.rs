@@ -163,9 +163,9 @@ impl EventLoop for Dest {
             }
             Event::PeerLost(e) => Err(MigError::PeerLost(e)),
             Event::Interrupt(sig) => {
-                if self.guest_running && self.sm.state().is_postcopy() {
+                if self.guest_running {
                     log::warn!(
-                        "signal {sig}: the guest here may be the only live copy; not cancelling"
+                        "signal {sig}: the guest runs here now and may be the only live copy; not cancelling"
                     );
                     Ok(())
                 } else {
@@ -455,6 +455,11 @@ impl Dest {
 
     /// The package is here: register (for postcopy), load, run.
     fn start_guest(&mut self, pkg: Package, discard_us: u64) -> Result<(), MigError> {
+        if !pkg.run {
+            return Err(MigError::Protocol(
+                "the package does not ask to run the guest; a stopped incoming guest is not supported".into(),
+            ));
+        }
         let t = Instant::now();
         if pkg.listen {
             self.guest().send(ToGuest::Listen)?;

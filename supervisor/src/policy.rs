@@ -81,6 +81,25 @@ impl Policy {
         self.mode
     }
 
+    /// A start-postcopy command arrived between syncs: switch now if the
+    /// guest state fits the downtime limit at the current estimate.
+    pub fn requested(&self) -> Decision {
+        if self.mode == PostcopyMode::Never {
+            return Decision::Continue;
+        }
+        let bw = self.bandwidth().max(1.0);
+        if self.state_bytes as f64 / bw <= self.downtime_limit.as_secs_f64() {
+            Decision::Switchover {
+                reason: "start-postcopy was requested".into(),
+            }
+        } else {
+            log::warn!(
+                "start-postcopy deferred: the guest state alone does not fit the downtime limit"
+            );
+            Decision::Continue
+        }
+    }
+
     /// Decides after a sync. `requested`: a start-postcopy command arrived.
     pub fn decide(&mut self, s: &RoundStats, requested: bool) -> Decision {
         if s.round_bytes >= MIN_MEASURED_BYTES && s.bandwidth > 0.0 {
@@ -118,7 +137,7 @@ impl Policy {
                     dirty_bytes_rate / 1e6,
                     bw / 1e6
                 ))
-            } else if s.sync_count >= 3 && prev.is_some_and(|p| s.pending_pages * 10 >= p * 9) {
+            } else if s.sync_count >= 3 && prev.is_some_and(|p| s.pending_pages * 10 > p * 9) {
                 Some(format!(
                     "pending set not shrinking ({} → {} pages); expected downtime {:.0} ms > limit {:.0} ms",
                     prev.unwrap_or(0),
@@ -240,6 +259,23 @@ mod tests {
             p.decide(&round(3, 1 << 20, 1e8, 1e6), false),
             Decision::Switchover { .. }
         ));
+    }
+
+    #[test]
+    fn request_between_syncs_goes_through_the_policy() {
+        assert!(matches!(
+            policy(PostcopyMode::Manual).requested(),
+            Decision::Switchover { .. }
+        ));
+        assert_eq!(policy(PostcopyMode::Never).requested(), Decision::Continue);
+        let p = Policy::new(
+            PostcopyMode::Manual,
+            Duration::from_millis(300),
+            None,
+            1 << 30,
+            0,
+        );
+        assert_eq!(p.requested(), Decision::Continue);
     }
 
     #[test]

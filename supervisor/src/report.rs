@@ -93,8 +93,9 @@ pub struct SwitchoverReport {
     pub package: f64,
     /// From the package on the wire to the destination guest running.
     pub dest_start: f64,
-    /// Of dest_start: dropping the final discard set, registering the
-    /// userfaultfd, then loading and starting the guest.
+    /// On the destination: dropping the final discard set (it overlaps the
+    /// source's discard and package steps), then registering the
+    /// userfaultfd, then loading and starting the guest (part of dest_start).
     pub dest_discard: f64,
     pub dest_listen: f64,
     pub dest_load_run: f64,

@@ -460,10 +460,10 @@ impl Source {
             self.opts.max_bandwidth,
         );
         loop {
-            if self.start_requested && policy.mode() != PostcopyMode::Never {
-                return Ok(Decision::Switchover {
-                    reason: "start-postcopy was requested".into(),
-                });
+            if self.start_requested {
+                if let d @ Decision::Switchover { .. } = policy.requested() {
+                    return Ok(d);
+                }
             }
             let got = self.wait("a dirty sync", None, |ev| match ev {
                 Event::Sender(FromRamSender::Synced(s)) => Ok(Some(s)),
@@ -544,6 +544,9 @@ impl Source {
             Event::Guest(FromGuest::State(s)) => Ok(s),
             other => Err(other),
         })?;
+        // From here the destination may start the guest: whatever happens
+        // next, the source never resumes its own (QEMU's rule).
+        self.package_sent = true;
         self.sender().send(ToRamSender::Package(Package {
             listen,
             run: true,
@@ -557,7 +560,6 @@ impl Source {
                 other => Err(other),
             },
         )?;
-        self.package_sent = true;
         let t_pkg = Instant::now();
         let fsync = fs.sync_us as f64 / 1e3;
         self.report.switchover_ms = Some(SwitchoverReport {
