@@ -294,7 +294,16 @@ impl HelloReply {
         if magic != MAGIC {
             return Err(WireError::BadMagic { got: magic });
         }
+        // The version comes before everything after it: a peer of another
+        // version may use status codes or reserved bytes this one does not
+        // know, and must be told apart as "another version".
         let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(WireError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: version,
+            });
+        }
         let status = HelloStatus::from_code(b[6]).ok_or(WireError::BadHelloStatus(b[6]))?;
         if b[7..].iter().any(|&x| x != 0) {
             return Err(WireError::BadHelloReserved);
@@ -314,12 +323,6 @@ pub fn client_hello<S: Read + Write>(
     let mut b = [0u8; HELLO_REPLY_LEN];
     read_exact_at(stream, &mut b, kind, At::Hello)?;
     let reply = HelloReply::decode(&b)?;
-    if reply.version != PROTOCOL_VERSION {
-        return Err(WireError::VersionMismatch {
-            ours: PROTOCOL_VERSION,
-            theirs: reply.version,
-        });
-    }
     match reply.status {
         HelloStatus::Ok => Ok(()),
         status => Err(WireError::Refused {

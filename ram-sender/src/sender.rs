@@ -126,7 +126,15 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
         round_left: 0,
         link,
     };
-    s.precopy()
+    match s.precopy() {
+        // The supervisor told us to stop and then the peer went away: that
+        // is the end we were asked for, not a failure.
+        Err(SendError::Net(e)) if s.quit_pending() => {
+            log::debug!("main stream closed after Quit: {e}");
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 impl Sender {
@@ -548,6 +556,17 @@ impl Sender {
         self.out.write_all(bytes)?;
         self.totals.bytes += bytes.len() as u64;
         Ok(())
+    }
+
+    /// True if a Quit is waiting (or the supervisor is gone).
+    fn quit_pending(&self) -> bool {
+        loop {
+            match self.link.try_recv() {
+                Ok(Some(ToRamSender::Quit)) | Err(_) => return true,
+                Ok(Some(_)) => {}
+                Ok(None) => return false,
+            }
+        }
     }
 
     fn maybe_progress(&mut self) -> Result<(), SendError> {

@@ -484,14 +484,12 @@ impl Dest {
                 other => Err(other),
             },
         )?;
-        if pkg.run {
-            self.guest().send(ToGuest::Run)?;
-            self.wait("the guest to run", Some(STEP_TIMEOUT), |ev| match ev {
-                Event::Guest(FromGuest::Running) => Ok(()),
-                other => Err(other),
-            })?;
-            self.guest_running = true;
-        }
+        self.guest().send(ToGuest::Run)?;
+        self.wait("the guest to run", Some(STEP_TIMEOUT), |ev| match ev {
+            Event::Guest(FromGuest::Running) => Ok(()),
+            other => Err(other),
+        })?;
+        self.guest_running = true;
         let start_us = t.elapsed().as_micros() as u64;
         if pkg.listen {
             self.sm.go(MigrationState::PostcopyActive)?;

@@ -69,6 +69,8 @@ struct Source {
     dest: Option<DestSummary>,
     /// The last MARK the destination has processed.
     dest_mark: u64,
+    /// The migration has ended; events no longer fail it.
+    finishing: bool,
 }
 
 /// Runs a migration of a new guest to `to` and returns its report.
@@ -139,6 +141,7 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         served: None,
         dest: None,
         dest_mark: 0,
+        finishing: false,
     };
     let cmd_socket = CommandSocket::bind(src.opts.command_socket.clone(), src.s.tx.clone());
     match &cmd_socket {
@@ -157,6 +160,13 @@ impl EventLoop for Source {
     fn on_tick(&mut self) {}
 
     fn on_event(&mut self, ev: Event) -> Result<(), MigError> {
+        if self.finishing {
+            // The migration has ended: only exits still matter.
+            if let Event::Exited { pid, status } = ev {
+                self.s.exited(pid, status);
+            }
+            return Ok(());
+        }
         match ev {
             Event::Sender(FromRamSender::Progress(p)) => {
                 let phase = if self.package_sent {
@@ -214,7 +224,11 @@ impl EventLoop for Source {
                 }),
                 None => Ok(()),
             },
-            Event::Peer(ControlMsg::Abort { reason, .. }) => Err(MigError::PeerAborted(reason)),
+            Event::Peer(ControlMsg::Abort { reason, cancelled }) => Err(if cancelled {
+                MigError::Cancelled(format!("by the destination: {reason}"))
+            } else {
+                MigError::PeerAborted(reason)
+            }),
             Event::Peer(ControlMsg::DestMark { id }) => {
                 self.dest_mark = self.dest_mark.max(id);
                 Ok(())
@@ -378,9 +392,15 @@ impl Source {
         match net::recv_one(&ctrl, STEP_TIMEOUT)? {
             ControlMsg::SetupAccepted(a) => {
                 if self.opts.postcopy != PostcopyMode::Never && !a.postcopy_ready {
-                    return Err(MigError::Refused(
-                        "the destination cannot take postcopy".into(),
-                    ));
+                    let reason = "the destination cannot take postcopy".to_string();
+                    let _ = net::send_one(
+                        &ctrl,
+                        &ControlMsg::Abort {
+                            reason: reason.clone(),
+                            cancelled: false,
+                        },
+                    );
+                    return Err(MigError::Refused(reason));
                 }
             }
             ControlMsg::SetupRefused { reason } => return Err(MigError::Refused(reason)),
@@ -799,6 +819,7 @@ impl Source {
 
     fn finish(mut self, result: Result<(), MigError>) -> Report {
         self.progress.clear();
+        self.finishing = true;
         let t_end = self.t0.map(|t| ms(t.elapsed()));
         match &result {
             Ok(()) => {
@@ -812,6 +833,8 @@ impl Source {
                 if self.report.total_time_ms == 0.0 {
                     self.report.total_time_ms = t_end.unwrap_or(0.0);
                 }
+                // Roles first, so none of them trips over the peer leaving.
+                self.quit_roles();
                 if let Some(c) = self.control.as_mut() {
                     let _ = c.send(&ControlMsg::Abort {
                         reason: e.to_string(),
@@ -832,15 +855,6 @@ impl Source {
                             .into(),
                     );
                 } else {
-                    for name in ["ram-sender", "page-server"] {
-                        self.s.set_quitting(name);
-                    }
-                    if let Some(c) = &self.sender {
-                        let _ = c.send(ToRamSender::Quit);
-                    }
-                    if let Some(c) = &self.server {
-                        let _ = c.send(ToPageServer::Quit);
-                    }
                     self.keep_source_running();
                 }
                 if self.report.verify.mismatches.is_none() {
@@ -850,15 +864,8 @@ impl Source {
         }
         self.fill_totals();
         // Quit whatever still runs and collect how each ended.
-        for name in ["ram-sender", "page-server", "postcopy-guest"] {
-            self.s.set_quitting(name);
-        }
-        if let Some(c) = &self.sender {
-            let _ = c.send(ToRamSender::Quit);
-        }
-        if let Some(c) = &self.server {
-            let _ = c.send(ToPageServer::Quit);
-        }
+        self.quit_roles();
+        self.s.set_quitting("postcopy-guest");
         if let Some(c) = &self.guest {
             let _ = c.send(ToGuest::Quit);
         }
@@ -870,6 +877,18 @@ impl Source {
         roles.append(&mut self.report.roles);
         self.report.roles = roles;
         self.report
+    }
+
+    fn quit_roles(&mut self) {
+        for name in ["ram-sender", "page-server"] {
+            self.s.set_quitting(name);
+        }
+        if let Some(c) = &self.sender {
+            let _ = c.send(ToRamSender::Quit);
+        }
+        if let Some(c) = &self.server {
+            let _ = c.send(ToPageServer::Quit);
+        }
     }
 
     fn fill_totals(&mut self) {
