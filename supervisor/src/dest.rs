@@ -103,6 +103,9 @@ impl EventLoop for Dest {
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), MigError> {
+        let Some(ev) = self.s.handle_common(ev, "source")? else {
+            return Ok(());
+        };
         match ev {
             Event::Handler(FromFaultHandler::Progress(_)) => Ok(()),
             Event::Handler(FromFaultHandler::Mark(id, prog)) => {
@@ -121,26 +124,6 @@ impl EventLoop for Dest {
                 detail: e,
             }),
             Event::Guest(FromGuest::Progress { .. }) => Ok(()),
-            Event::ChannelClosed(name) => {
-                if self.s.is_quitting(name) {
-                    Ok(())
-                } else {
-                    Err(MigError::ChannelClosed(name))
-                }
-            }
-            Event::Exited { pid, status } => match self.s.exited(pid, status) {
-                Some(p) => Err(MigError::RoleDied {
-                    name: p.name,
-                    pid,
-                    status,
-                }),
-                None => Ok(()),
-            },
-            Event::Peer(ControlMsg::Abort { reason, cancelled }) => Err(if cancelled {
-                MigError::Cancelled(format!("by the source: {reason}"))
-            } else {
-                MigError::PeerAborted(reason)
-            }),
             Event::Peer(ControlMsg::SourceDigests { first, digests }) => {
                 if first != self.digests.len() as u64 {
                     return Err(MigError::Protocol(format!(
@@ -161,7 +144,6 @@ impl EventLoop for Dest {
                 self.digests_done = true;
                 Ok(())
             }
-            Event::PeerLost(e) => Err(MigError::PeerLost(e)),
             Event::Interrupt(sig) => {
                 if self.guest_running {
                     log::warn!(

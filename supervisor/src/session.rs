@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use common::control::{ExitStatus, RoleInfo};
+use common::control::{ControlMsg, ExitStatus, RoleInfo};
 
 use crate::error::MigError;
 use crate::events::{Event, Reaper};
@@ -72,6 +72,35 @@ impl Session {
 
     pub fn is_quitting(&self, name: &str) -> bool {
         self.procs.iter().any(|p| p.name == name && p.quitting)
+    }
+
+    /// The events both sides treat alike: their own processes ending, and
+    /// the peer aborting or going away. Anything else is handed back.
+    pub fn handle_common(&mut self, ev: Event, peer: &str) -> Result<Option<Event>, MigError> {
+        match ev {
+            Event::ChannelClosed(name) => {
+                if self.is_quitting(name) {
+                    Ok(None)
+                } else {
+                    Err(MigError::ChannelClosed(name))
+                }
+            }
+            Event::Exited { pid, status } => match self.exited(pid, status) {
+                Some(p) => Err(MigError::RoleDied {
+                    name: p.name,
+                    pid,
+                    status,
+                }),
+                None => Ok(None),
+            },
+            Event::Peer(ControlMsg::Abort { reason, cancelled }) => Err(if cancelled {
+                MigError::Cancelled(format!("by the {peer}: {reason}"))
+            } else {
+                MigError::PeerAborted(reason)
+            }),
+            Event::PeerLost(e) => Err(MigError::PeerLost(e)),
+            other => Ok(Some(other)),
+        }
     }
 
     /// Keeps an event for a later `wait`.

@@ -167,6 +167,9 @@ impl EventLoop for Source {
             }
             return Ok(());
         }
+        let Some(ev) = self.s.handle_common(ev, "destination")? else {
+            return Ok(());
+        };
         match ev {
             Event::Sender(FromRamSender::Progress(p)) => {
                 let phase = if self.package_sent {
@@ -209,31 +212,10 @@ impl EventLoop for Source {
                 self.served = Some(st);
                 Ok(())
             }
-            Event::ChannelClosed(name) => {
-                if self.s.is_quitting(name) {
-                    Ok(())
-                } else {
-                    Err(MigError::ChannelClosed(name))
-                }
-            }
-            Event::Exited { pid, status } => match self.s.exited(pid, status) {
-                Some(p) => Err(MigError::RoleDied {
-                    name: p.name,
-                    pid,
-                    status,
-                }),
-                None => Ok(()),
-            },
-            Event::Peer(ControlMsg::Abort { reason, cancelled }) => Err(if cancelled {
-                MigError::Cancelled(format!("by the destination: {reason}"))
-            } else {
-                MigError::PeerAborted(reason)
-            }),
             Event::Peer(ControlMsg::DestMark { id }) => {
                 self.dest_mark = self.dest_mark.max(id);
                 Ok(())
             }
-            Event::PeerLost(e) => Err(MigError::PeerLost(e)),
             Event::Interrupt(sig) => {
                 if self.package_sent {
                     log::warn!(

@@ -262,6 +262,32 @@ impl TwoHosts {
         c
     }
 
+    /// `postcopy incoming` on the destination host, on `port`, writing its
+    /// report to `json`; returns it and the address to migrate to.
+    pub fn incoming(&self, port: u16, extra: &[&str], json: &Path) -> (Running, String) {
+        let addr = format!("{}:{port}", self.dst_ip);
+        let dest = start(
+            self.exec(&self.dst, &bin_dir().join("postcopy"))
+                .args(["incoming", "--listen", &addr, "--accept-timeout", "60"])
+                .args(extra)
+                .arg("--json")
+                .arg(json),
+        );
+        // Let it bind before anyone connects.
+        std::thread::sleep(Duration::from_millis(300));
+        (dest, addr)
+    }
+
+    /// `postcopy migrate --to addr ARGS --json json` on the source host.
+    pub fn migrate(&self, addr: &str, args: &[&str], json: &Path) -> Command {
+        let mut c = self.exec(&self.src, &bin_dir().join("postcopy"));
+        c.args(["migrate", "--to", addr])
+            .args(args)
+            .arg("--json")
+            .arg(json);
+        c
+    }
+
     /// Takes the source's end of the link down: packets stop, nobody is
     /// told.
     pub fn cut(&self) -> Result<(), String> {

@@ -645,40 +645,19 @@ fn two_hosts_over_veth() -> TestResult {
     let hosts = TwoHosts::new("mig")?;
     let dir = TempDir::new("veth");
     let (sj, dj) = (dir.path("src.json"), dir.path("dst.json"));
-    let exe = bin_dir().join("postcopy");
-    let addr = format!("{}:4710", hosts.dst_ip);
-    let dest = start(
-        hosts
-            .exec(&hosts.dst, &exe)
-            .args([
-                "incoming",
-                "--listen",
-                &addr,
-                "--accept-timeout",
-                "60",
-                "--json",
-            ])
-            .arg(&dj),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let (dest, addr) = hosts.incoming(4710, &[], &dj);
+    let args = [
+        "--mem",
+        "128M",
+        "--vcpus",
+        "2",
+        "--postcopy",
+        "auto",
+        "--max-bandwidth",
+        "48M",
+    ];
     let out = run(
-        hosts
-            .exec(&hosts.src, &exe)
-            .args([
-                "migrate",
-                "--to",
-                &addr,
-                "--mem",
-                "128M",
-                "--vcpus",
-                "2",
-                "--postcopy",
-                "auto",
-                "--max-bandwidth",
-                "48M",
-                "--json",
-            ])
-            .arg(&sj),
+        &mut hosts.migrate(&addr, &args, &sj),
         Duration::from_secs(180),
     )?;
     let dout = dest.finish(Duration::from_secs(30))?;
@@ -719,44 +698,19 @@ fn link_cut_before_switchover() -> TestResult {
     let hosts = TwoHosts::new("cut")?;
     let dir = TempDir::new("cut");
     let (sj, dj) = (dir.path("src.json"), dir.path("dst.json"));
-    let exe = bin_dir().join("postcopy");
-    let addr = format!("{}:4711", hosts.dst_ip);
-    let dest = start(
-        hosts
-            .exec(&hosts.dst, &exe)
-            .args([
-                "incoming",
-                "--listen",
-                &addr,
-                "--accept-timeout",
-                "60",
-                "--link-timeout",
-                "3",
-                "--json",
-            ])
-            .arg(&dj),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let (dest, addr) = hosts.incoming(4711, &["--link-timeout", "3"], &dj);
     // 256 MiB at 16 MiB/s: the first round alone takes 16 s.
-    let src = start(
-        hosts
-            .exec(&hosts.src, &exe)
-            .args([
-                "migrate",
-                "--to",
-                &addr,
-                "--mem",
-                "256M",
-                "--postcopy",
-                "auto",
-                "--max-bandwidth",
-                "16M",
-                "--link-timeout",
-                "3",
-                "--json",
-            ])
-            .arg(&sj),
-    );
+    let args = [
+        "--mem",
+        "256M",
+        "--postcopy",
+        "auto",
+        "--max-bandwidth",
+        "16M",
+        "--link-timeout",
+        "3",
+    ];
+    let src = start(&mut hosts.migrate(&addr, &args, &sj));
     std::thread::sleep(Duration::from_secs(4));
     hosts.cut()?;
     let t = Instant::now();
