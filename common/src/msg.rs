@@ -124,6 +124,9 @@ pub struct RoundStats {
     pub round_zero_pages: u64,
     pub round_bytes: u64,
     pub round_us: u64,
+    /// Of round_us: time spent writing to the main stream (pacing
+    /// included). round_bytes / wire_us is what the link carries.
+    pub wire_us: u64,
     /// Dirty pages found by this sync: what the next round must send.
     pub pending_pages: u64,
     /// Bytes per second over the round.

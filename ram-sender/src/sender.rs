@@ -62,6 +62,9 @@ struct Totals {
     bytes: u64,
     pages: u64,
     zero_pages: u64,
+    /// Time spent handing bytes to the socket, pacing included: what the
+    /// link (or the limit) takes, without reading and checking pages.
+    wire_us: u64,
 }
 
 struct Sender {
@@ -158,6 +161,7 @@ impl Sender {
         loop {
             let round_start = Instant::now();
             let before = (self.totals.bytes, self.totals.pages, self.totals.zero_pages);
+            let wire_before = self.totals.wire_us;
             let end = self.precopy_round()?;
             if let RoundEnd::Interrupted(cmd) = end {
                 return self.obey_after_round(cmd);
@@ -180,6 +184,7 @@ impl Sender {
                 round_zero_pages: self.totals.zero_pages - before.2,
                 round_bytes,
                 round_us,
+                wire_us: self.totals.wire_us - wire_before,
                 pending_pages: self.dirty.count(),
                 bandwidth: round_bytes as f64 / secs,
                 dirty_rate: found as f64 / since_sync.as_secs_f64().max(1e-6),
@@ -507,6 +512,7 @@ impl Sender {
                 .layout
                 .range(first + i as u64, (j - i) as u32)
                 .expect("pages lie inside guest memory");
+            let t = Instant::now();
             if zero[i] {
                 let frame = zero_frame(range);
                 if paced {
@@ -528,6 +534,7 @@ impl Sender {
                 self.totals.bytes += len;
                 self.totals.pages += (j - i) as u64;
             }
+            self.totals.wire_us += t.elapsed().as_micros() as u64;
             i = j;
         }
         Ok(())
@@ -552,9 +559,11 @@ impl Sender {
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), SendError> {
+        let t = Instant::now();
         self.limiter.take(bytes.len() as u64);
         self.out.write_all(bytes)?;
         self.totals.bytes += bytes.len() as u64;
+        self.totals.wire_us += t.elapsed().as_micros() as u64;
         Ok(())
     }
 

@@ -3,10 +3,11 @@
 //!
 //! * **converged**: what is pending (dirty pages, counted as full pages, plus
 //!   the guest state) can be sent within the downtime limit at the link's
-//!   bandwidth → stop the guest and complete in precopy. The bandwidth is the
-//!   one measured by the last round that sent at least 4 MiB (a round of
-//!   zero pages measures nothing); before such a round, `--max-bandwidth` if
-//!   set, else an assumed 100 MB/s;
+//!   bandwidth → stop the guest and complete in precopy. The bandwidth is
+//!   bytes over time spent writing them (pacing included, reading and
+//!   zero-checking pages not) in the last round that sent at least 4 MiB (a
+//!   round of zero pages measures nothing); before such a round,
+//!   `--max-bandwidth` if set, else an assumed 100 MB/s;
 //! * **postcopy** (`auto`), once the link's bandwidth is known (measured or
 //!   limited): from the second sync on, precopy will not converge if the
 //!   guest dirties memory at least as fast as the link sends it; from the
@@ -102,8 +103,8 @@ impl Policy {
 
     /// Decides after a sync. `requested`: a start-postcopy command arrived.
     pub fn decide(&mut self, s: &RoundStats, requested: bool) -> Decision {
-        if s.round_bytes >= MIN_MEASURED_BYTES && s.bandwidth > 0.0 {
-            self.measured = Some(s.bandwidth);
+        if s.round_bytes >= MIN_MEASURED_BYTES && s.wire_us > 0 {
+            self.measured = Some(s.round_bytes as f64 / (s.wire_us as f64 / 1e6));
         }
         let bw = self.bandwidth().max(1.0);
         let pending_bytes = s.pending_pages * PAGE_SIZE as u64;
@@ -170,6 +171,7 @@ mod tests {
             pending_pages: pending,
             bandwidth: bw,
             round_bytes: 64 << 20,
+            wire_us: ((64u64 << 20) as f64 / bw * 1e6) as u64,
             dirty_rate: dirty_pps,
             ..Default::default()
         }

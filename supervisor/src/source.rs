@@ -71,6 +71,8 @@ struct Source {
     dest_mark: u64,
     /// The migration has ended; events no longer fail it.
     finishing: bool,
+    /// The last progress report: when, and bytes sent by then.
+    last_progress: Option<(Instant, u64)>,
 }
 
 /// Runs a migration of a new guest to `to` and returns its report.
@@ -142,6 +144,7 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         dest: None,
         dest_mark: 0,
         finishing: false,
+        last_progress: None,
     };
     let cmd_socket = CommandSocket::bind(src.opts.command_socket.clone(), src.s.tx.clone());
     match &cmd_socket {
@@ -177,8 +180,22 @@ impl EventLoop for Source {
                 } else {
                     "precopy"
                 };
+                let now = Instant::now();
+                let rate = match self.last_progress.replace((now, p.total_bytes)) {
+                    Some((t, b)) if now > t => {
+                        (p.total_bytes.saturating_sub(b)) as f64 * 8.0
+                            / now.duration_since(t).as_secs_f64()
+                            / 1e6
+                    }
+                    _ => 0.0,
+                };
+                let dirty = self
+                    .last_round
+                    .as_ref()
+                    .map(|r| r.dirty_rate)
+                    .unwrap_or(0.0);
                 self.progress.draw(&format!(
-                    "[{phase}] sync {}  sent {} pages ({} MiB)  left {} pages",
+                    "[{phase}] sync {}  sent {} pages ({} MiB)  pending {} pages  dirty {dirty:.0} pages/s  {rate:.0} Mbit/s",
                     self.last_round.as_ref().map(|r| r.sync_count).unwrap_or(1),
                     p.total_pages,
                     p.total_bytes >> 20,
