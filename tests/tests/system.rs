@@ -526,7 +526,31 @@ fn manual_start_postcopy() -> TestResult {
 }
 
 /// Processes whose command name is `comm`.
-fn pids_named(comm: &str) -> Vec<u32> {
+/// Processes under `root` (itself included) whose command name is `comm`:
+/// other migrations on the machine do not count.
+fn pids_named(root: u32, comm: &str) -> Vec<u32> {
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // pid (comm) state ppid ...: comm may hold spaces, so cut after ')'.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let under_root = |mut pid: u32| {
+        for _ in 0..64 {
+            if pid == root {
+                return true;
+            }
+            match parent(pid) {
+                Some(p) if p > 1 => pid = p,
+                _ => return false,
+            }
+        }
+        false
+    };
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -535,6 +559,7 @@ fn pids_named(comm: &str) -> Vec<u32> {
         if std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .map(|c| c.trim() == comm)
             .unwrap_or(false)
+            && under_root(pid)
         {
             out.push(pid);
         }
@@ -570,13 +595,14 @@ fn roles_are_separate_processes() -> TestResult {
             .arg("--json")
             .arg(&json),
     );
+    let root = m.pid();
     let roles = ["ram-sender", "page-server", "fault-handler"];
     let mut seen: Vec<(String, u32)> = Vec::new();
     let mut guests_seen = 0;
     let t = Instant::now();
     while m.running() && t.elapsed() < Duration::from_secs(120) {
         for name in roles {
-            for pid in pids_named(name) {
+            for pid in pids_named(root, name) {
                 let pair = (name.to_string(), pid);
                 if !seen.contains(&pair) {
                     seen.push(pair);
@@ -594,7 +620,7 @@ fn roles_are_separate_processes() -> TestResult {
                 }
             }
         }
-        guests_seen = guests_seen.max(pids_named("postcopy-guest").len());
+        guests_seen = guests_seen.max(pids_named(root, "postcopy-guest").len());
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = m.finish(Duration::from_secs(30))?;
