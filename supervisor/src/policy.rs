@@ -1,7 +1,7 @@
 //! When precopy ends, and how (docs/state-machine.md, "Switching"). After
 //! each dirty sync the supervisor asks [`Policy::decide`]:
 //!
-//! * **converged**: what is pending (dirty pages, counted as full pages, plus
+//! * **converged**: nothing is pending, or what is pending (dirty pages, counted as full pages, plus
 //!   the guest state) can be sent within the downtime limit at the link's
 //!   bandwidth → stop the guest and complete in precopy. The bandwidth is
 //!   bytes over time spent writing them (pacing included, reading and
@@ -111,7 +111,8 @@ impl Policy {
         let expected = (pending_bytes + self.state_bytes) as f64 / bw;
         let limit = self.downtime_limit.as_secs_f64();
         let prev = self.prev_pending.replace(s.pending_pages);
-        if expected <= limit {
+        // Nothing pending: another round cannot make the stop any shorter.
+        if expected <= limit || s.pending_pages == 0 {
             return Decision::Complete {
                 expected_ms: expected * 1e3,
             };
@@ -187,6 +188,17 @@ mod tests {
         // 1000 pages at 1 GB/s: ~4 ms.
         assert!(matches!(
             p.decide(&round(2, 1000, 1e9, 10.0), false),
+            Decision::Complete { .. }
+        ));
+    }
+
+    #[test]
+    fn nothing_pending_completes_even_over_the_limit() {
+        // A 1 ms limit that even the guest state cannot meet: with no page
+        // pending, iterating on would change nothing.
+        let mut p = Policy::new(PostcopyMode::Auto, Duration::from_millis(1), None, 1 << 20, 0);
+        assert!(matches!(
+            p.decide(&round(2, 0, 1e6, 0.0), false),
             Decision::Complete { .. }
         ));
     }
