@@ -193,14 +193,20 @@ impl Dest {
         }
         let timeout =
             (self.args.accept_timeout > 0).then(|| Duration::from_secs(self.args.accept_timeout));
-        let (hello, ctrl) =
-            net::accept(&listener, timeout, self.link_timeout(), "migration", |h| {
+        let (hello, ctrl) = net::accept(
+            &listener,
+            timeout,
+            self.link_timeout(),
+            "migration",
+            |h| {
                 if h.kind == ConnKind::Control {
                     HelloStatus::Ok
                 } else {
                     HelloStatus::Unexpected
                 }
-            })?;
+            },
+            || self.s.poll_stop("source"),
+        )?;
         let id = hello.migration;
         self.report.migration_id = id.to_string();
         let t0 = Instant::now();
@@ -393,10 +399,12 @@ impl Dest {
     fn accept_data(&mut self, listener: &TcpListener, id: MigrationId) -> Result<(), MigError> {
         let mut got: Vec<(ConnKind, OwnedFd)> = Vec::new();
         while got.len() < 3 {
+            let link_timeout = self.link_timeout();
+            let s = &mut self.s;
             let (h, stream) = net::accept(
                 listener,
                 Some(STEP_TIMEOUT),
-                self.link_timeout(),
+                link_timeout,
                 "data connection",
                 |h| {
                     if h.migration != id {
@@ -407,6 +415,7 @@ impl Dest {
                         HelloStatus::Ok
                     }
                 },
+                || s.poll_stop("source"),
             )?;
             got.push((h.kind, stream.into()));
         }

@@ -133,19 +133,25 @@ pub fn connect(
 
 /// Accepts connections until one says a good hello. Bad ones are refused
 /// (the refusal names our version) and logged; `check` decides on the rest.
-pub fn accept(
+///
+/// `keep_waiting` runs between polls: an error from it (a signal, the peer
+/// gone) ends the wait with that error.
+pub fn accept<E: From<NetError>>(
     listener: &TcpListener,
     timeout: Option<Duration>,
     link_timeout: Duration,
     what: &str,
     mut check: impl FnMut(&Hello) -> HelloStatus,
-) -> Result<(Hello, TcpStream), NetError> {
+    mut keep_waiting: impl FnMut() -> Result<(), E>,
+) -> Result<(Hello, TcpStream), E> {
     let deadline = timeout.map(|t| Instant::now() + t);
     listener.set_nonblocking(true).map_err(NetError::Accept)?;
     loop {
         match listener.accept() {
             Ok((mut s, peer)) => {
                 s.set_nonblocking(false).map_err(NetError::Accept)?;
+                // A peer that connects and says nothing holds this loop for
+                // at most this long.
                 tune(&s, link_timeout);
                 s.set_read_timeout(Some(Duration::from_secs(10))).ok();
                 match server_read_hello(&mut s) {
@@ -166,12 +172,14 @@ pub fn accept(
                     return Err(NetError::AcceptTimeout {
                         what: what.to_string(),
                         secs: timeout.map(|t| t.as_secs()).unwrap_or(0),
-                    });
+                    }
+                    .into());
                 }
+                keep_waiting()?;
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(NetError::Accept(e)),
+            Err(e) => return Err(NetError::Accept(e).into()),
         }
     }
 }

@@ -196,7 +196,13 @@ mod tests {
     fn nothing_pending_completes_even_over_the_limit() {
         // A 1 ms limit that even the guest state cannot meet: with no page
         // pending, iterating on would change nothing.
-        let mut p = Policy::new(PostcopyMode::Auto, Duration::from_millis(1), None, 1 << 20, 0);
+        let mut p = Policy::new(
+            PostcopyMode::Auto,
+            Duration::from_millis(1),
+            None,
+            1 << 20,
+            0,
+        );
         assert!(matches!(
             p.decide(&round(2, 0, 1e6, 0.0), false),
             Decision::Complete { .. }

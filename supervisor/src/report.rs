@@ -181,7 +181,11 @@ impl Report {
         };
         s.push_str(&format!(
             "migration {} {} in {:.0} ms (setup {:.0} ms, downtime {})\n",
-            self.migration_id,
+            if self.migration_id.is_empty() {
+                "(none arrived)"
+            } else {
+                &self.migration_id
+            },
             self.status,
             self.total_time_ms,
             self.setup_time_ms,
@@ -189,6 +193,10 @@ impl Report {
         ));
         if let Some(e) = &self.error {
             s.push_str(&format!("  error: {e}\n"));
+        }
+        // Nothing to say about a guest that never arrived.
+        if self.guest.is_empty() {
+            return s;
         }
         s.push_str(&format!(
             "  guest {} / {}, {}, {} vCPU{}; postcopy {}\n",

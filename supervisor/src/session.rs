@@ -103,6 +103,24 @@ impl Session {
         }
     }
 
+    /// For loops that cannot wait on events (accepting connections): takes
+    /// what has arrived without blocking. A signal ends the wait as a
+    /// cancel, a dead process or a lost peer as a failure; anything else is
+    /// kept for a later `wait`.
+    pub fn poll_stop(&mut self, peer: &str) -> Result<(), MigError> {
+        while let Ok(ev) = self.rx.try_recv() {
+            match ev {
+                Event::Interrupt(sig) => return Err(MigError::Cancelled(format!("signal {sig}"))),
+                ev => {
+                    if let Some(other) = self.handle_common(ev, peer)? {
+                        self.stash(other);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Keeps an event for a later `wait`.
     pub fn stash(&mut self, ev: Event) {
         self.stash.push_back(ev);
