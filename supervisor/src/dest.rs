@@ -172,6 +172,12 @@ impl Dest {
         self.handler.as_ref().expect("fault-handler started")
     }
 
+    fn control(&mut self) -> Result<&mut Control, MigError> {
+        self.control
+            .as_mut()
+            .ok_or_else(|| MigError::Protocol("no control connection".into()))
+    }
+
     fn link_timeout(&self) -> Duration {
         Duration::from_secs(self.args.link_timeout)
     }
@@ -210,29 +216,22 @@ impl Dest {
         let id = hello.migration;
         self.report.migration_id = id.to_string();
         let t0 = Instant::now();
-        let req = match net::recv_one(&ctrl, STEP_TIMEOUT)? {
-            ControlMsg::Setup(r) => r,
-            other => {
-                return Err(MigError::Protocol(format!(
-                    "expected Setup, got {}",
-                    other.name()
-                )))
-            }
-        };
+        // From here every control message arrives as an event.
+        self.control =
+            Some(Control::new(ctrl, self.s.tx.clone()).map_err(|e| MigError::io("control", e))?);
+        let req = self.wait("the source's Setup", Some(STEP_TIMEOUT), |ev| match ev {
+            Event::Peer(ControlMsg::Setup(r)) => Ok(r),
+            other => Err(other),
+        })?;
         match self.prepare(id, &req) {
-            Ok(accepted) => net::send_one(&ctrl, &ControlMsg::SetupAccepted(accepted))?,
+            Ok(accepted) => self.control()?.send(&ControlMsg::SetupAccepted(accepted))?,
             Err(e) => {
-                let _ = net::send_one(
-                    &ctrl,
-                    &ControlMsg::SetupRefused {
-                        reason: e.to_string(),
-                    },
-                );
+                let _ = self.control()?.send(&ControlMsg::SetupRefused {
+                    reason: e.to_string(),
+                });
                 return Err(e);
             }
         }
-        self.control =
-            Some(Control::new(ctrl, self.s.tx.clone()).map_err(|e| MigError::io("control", e))?);
         self.accept_data(&listener, id)?;
         self.sm.go(MigrationState::Active)?;
         self.report.setup_time_ms = t0.elapsed().as_secs_f64() * 1e3;

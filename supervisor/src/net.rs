@@ -113,7 +113,7 @@ pub fn connect(
         match TcpStream::connect_timeout(a, Duration::from_secs(10)) {
             Ok(mut s) => {
                 tune(&s, link_timeout);
-                s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                s.set_read_timeout(Some(Duration::from_secs(10))).ok();
                 client_hello(&mut s, kind, id).map_err(|source| NetError::Hello {
                     kind,
                     addr: addr.to_string(),
@@ -229,19 +229,4 @@ impl Control {
         let _ = self.out.flush();
         let _ = self.out.shutdown(std::net::Shutdown::Both);
     }
-}
-
-/// Reads one control message synchronously (during setup, before the reader
-/// thread exists).
-pub fn recv_one(stream: &TcpStream, timeout: Duration) -> Result<ControlMsg, NetError> {
-    stream.set_read_timeout(Some(timeout)).ok();
-    let mut r = FrameReader::new(stream, ConnKind::Control, control_layout());
-    let m = recv_control(&mut r).map_err(NetError::Control);
-    stream.set_read_timeout(None).ok();
-    m
-}
-
-/// Sends one control message synchronously.
-pub fn send_one(mut stream: &TcpStream, msg: &ControlMsg) -> Result<(), NetError> {
-    send_control(&mut stream, msg).map_err(NetError::Control)
 }

@@ -377,41 +377,37 @@ impl Source {
     /// Control handshake, then the three data connections and the roles.
     fn setup(&mut self) -> Result<(), MigError> {
         let ctrl = net::connect(&self.to, ConnKind::Control, self.id, self.opts.link_timeout)?;
-        net::send_one(
-            &ctrl,
-            &ControlMsg::Setup(SetupRequest {
-                migration: self.id,
-                guest: self.opts.guest.clone(),
-                page_size: PAGE_SIZE as u32,
-                postcopy: self.opts.postcopy,
-                verify: self.opts.verify,
-                verify_ranges: self.opts.verify_ranges.clone(),
-            }),
+        // From here every control message arrives as an event, so a signal
+        // or a dying process is noticed while we wait for the peer.
+        let control = self
+            .control
+            .insert(Control::new(ctrl, self.s.tx.clone()).map_err(|e| MigError::io("control", e))?);
+        control.send(&ControlMsg::Setup(SetupRequest {
+            migration: self.id,
+            guest: self.opts.guest.clone(),
+            page_size: PAGE_SIZE as u32,
+            postcopy: self.opts.postcopy,
+            verify: self.opts.verify,
+            verify_ranges: self.opts.verify_ranges.clone(),
+        }))?;
+        let answer = self.wait(
+            "the destination to accept",
+            Some(STEP_TIMEOUT),
+            |ev| match ev {
+                Event::Peer(ControlMsg::SetupAccepted(a)) => Ok(Ok(a)),
+                Event::Peer(ControlMsg::SetupRefused { reason }) => Ok(Err(reason)),
+                other => Err(other),
+            },
         )?;
-        match net::recv_one(&ctrl, STEP_TIMEOUT)? {
-            ControlMsg::SetupAccepted(a) => {
-                if self.opts.postcopy != PostcopyMode::Never && !a.postcopy_ready {
-                    let reason = "the destination cannot take postcopy".to_string();
-                    let _ = net::send_one(
-                        &ctrl,
-                        &ControlMsg::Abort {
-                            reason: reason.clone(),
-                            cancelled: false,
-                        },
-                    );
-                    return Err(MigError::Refused(reason));
-                }
+        match answer {
+            Err(reason) => return Err(MigError::Refused(reason)),
+            Ok(a) if self.opts.postcopy != PostcopyMode::Never && !a.postcopy_ready => {
+                return Err(MigError::Refused(
+                    "the destination cannot take postcopy".into(),
+                ))
             }
-            ControlMsg::SetupRefused { reason } => return Err(MigError::Refused(reason)),
-            other => {
-                return Err(MigError::Protocol(format!(
-                    "expected SetupAccepted, got {}",
-                    other.name()
-                )))
-            }
+            Ok(_) => {}
         }
-        self.control =
-            Some(Control::new(ctrl, self.s.tx.clone()).map_err(|e| MigError::io("control", e))?);
         let main = net::connect(&self.to, ConnKind::Main, self.id, self.opts.link_timeout)?;
         net::limit_unsent(&main, 256 << 10);
         let ret = net::connect(
