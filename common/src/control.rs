@@ -154,9 +154,15 @@ pub enum ControlMsg {
     Abort {
         reason: String,
         cancelled: bool,
+        /// From the destination: whether its guest ever ran. If it never
+        /// did, the source may resume its own even after the package.
+        guest_ran: bool,
     },
     /// Source → destination: the source has everything; exit.
     Finish,
+    /// Either way, every second: "still here". A peer that stays silent
+    /// for the link timeout is lost, even if its kernel keeps TCP alive.
+    Heartbeat,
 }
 
 impl ControlMsg {
@@ -174,6 +180,7 @@ impl ControlMsg {
             ControlMsg::DestDone { .. } => "DestDone",
             ControlMsg::Abort { .. } => "Abort",
             ControlMsg::Finish => "Finish",
+            ControlMsg::Heartbeat => "Heartbeat",
         }
     }
 }

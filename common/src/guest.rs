@@ -65,6 +65,8 @@ impl Workload {
 
 /// Start of the range the built-in KVM workload cycles over.
 pub const KVM_AB_START: u64 = 1 << 20;
+/// Smallest memory a KVM guest can boot in: the sector sits at 0x7c00.
+pub const KVM_MIN_MEM: u64 = 0x8000;
 /// Largest memory the KVM guest supports: it runs in 32-bit protected mode and
 /// the top of the 4 GiB space holds the local APIC and IOAPIC.
 pub const KVM_MAX_MEM: u64 = 3 << 30;

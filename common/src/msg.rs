@@ -57,6 +57,9 @@ pub enum FromGuest {
     Ready {
         /// Where guest memory is mapped in the guest process.
         base: RemoteAddr,
+        /// About how large its saved state will be: the part of the
+        /// switchover that cannot be fetched later.
+        state_bytes: u64,
     },
     Running,
     Stopped,
@@ -69,6 +72,8 @@ pub enum FromGuest {
     Progress {
         ops: u64,
         booted: bool,
+        /// Its workers or vCPUs are running (not stopped).
+        running: bool,
     },
     Error(String),
 }

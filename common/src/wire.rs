@@ -155,6 +155,8 @@ pub enum WireError {
         got: usize,
         want: usize,
     },
+    #[error("the peer said nothing on the {0} connection in time (no hello or hello reply)")]
+    Silent(ConnKind),
     #[error("peer closed the connection during the hello ({got} of {want} bytes)")]
     ClosedInHello { got: usize, want: usize },
     #[error("bad magic {got:02x?} (expected {MAGIC:02x?}): peer is not a postcopy endpoint")]
@@ -814,6 +816,15 @@ fn read_exact_at<R: Read + ?Sized>(
             }
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A read timeout set by the caller ran out.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) && matches!(at, At::Hello) =>
+            {
+                return Err(WireError::Silent(conn))
+            }
             Err(e) => return Err(WireError::Io(e)),
         }
     }

@@ -111,6 +111,21 @@ enum Via {
     Urgent,
 }
 
+fn frame_name(f: &Frame<'_>) -> &'static str {
+    match f {
+        Frame::Pages { .. } => "PAGES",
+        Frame::Zero { .. } => "ZERO",
+        Frame::Round { .. } => "ROUND",
+        Frame::Discard { .. } => "DISCARD",
+        Frame::Mark { .. } => "MARK",
+        Frame::Package(_) => "PACKAGE",
+        Frame::Eos => "EOS",
+        Frame::Request { .. } => "REQUEST",
+        Frame::PostcopyDone => "POSTCOPY_DONE",
+        Frame::Control(_) => "CONTROL",
+    }
+}
+
 pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), HandlerError> {
     let setup = match link.recv()? {
         ToFaultHandler::Start(s) => s,
@@ -271,6 +286,22 @@ impl Handler {
                 }
                 Err(e) => return Err(wire(e)),
             };
+            // After the package: pages (postcopy push) and EOS only; after a
+            // precopy package, EOS only — the guest already runs on what came
+            // before it.
+            let allowed = match (&frame, package_seen) {
+                (_, false) | (Frame::Eos, true) => true,
+                (Frame::Pages { .. } | Frame::Zero { .. }, true) => {
+                    *self.mode.read().expect("mode") == Mode::Postcopy
+                }
+                _ => false,
+            };
+            if !allowed {
+                return Err(HandlerError::Protocol(format!(
+                    "{} after the device-state package",
+                    frame_name(&frame)
+                )));
+            }
             match frame {
                 Frame::Pages { range, data } => self.place(range, Some(data), Via::Main)?,
                 Frame::Zero { range } => self.place(range, None, Via::Main)?,
@@ -278,20 +309,8 @@ impl Handler {
                 Frame::Mark { id } => {
                     self.send(FromFaultHandler::Mark(id, self.progress()))?;
                 }
-                Frame::Discard { ranges } => {
-                    if package_seen {
-                        return Err(HandlerError::Protocol(
-                            "DISCARD after the device-state package".into(),
-                        ));
-                    }
-                    self.discard(&ranges)?;
-                }
+                Frame::Discard { ranges } => self.discard(&ranges)?,
                 Frame::Package(pkg) => {
-                    if package_seen {
-                        return Err(HandlerError::Protocol(
-                            "a second device-state package".into(),
-                        ));
-                    }
                     package_seen = true;
                     let listen = pkg.listen;
                     if listen {
@@ -404,6 +423,11 @@ impl Handler {
     fn place(&self, range: PageRange, data: Option<&[u8]>, via: Via) -> Result<(), HandlerError> {
         let mode = self.mode.read().expect("mode");
         match *mode {
+            // Nothing asks for urgent pages before postcopy: one that comes
+            // anyway could overtake a newer copy on the main stream.
+            Mode::Precopy if via == Via::Urgent => Err(HandlerError::Protocol(format!(
+                "urgent {range} arrived before postcopy"
+            ))),
             Mode::Precopy => self.place_precopy(range, data),
             Mode::AwaitingListen => Err(HandlerError::Protocol(format!(
                 "{range} arrived before guest memory was registered"

@@ -34,6 +34,12 @@ pub enum ProcessError {
     WorkerCount { got: usize, want: usize },
     #[error("process guest state is for the {got} workload, this guest runs {want}")]
     WrongWorkload { got: String, want: String },
+    #[error("worker {worker}'s saved position {state} does not fit its {pages}-page slice")]
+    BadPosition {
+        worker: usize,
+        state: String,
+        pages: u64,
+    },
     #[error("the process guest does not run boot sectors")]
     BootSector,
     #[error("a worker thread panicked")]
@@ -146,11 +152,27 @@ impl ProcessGuest {
                 want: self.states.len(),
             });
         }
-        for (got, mine) in saved.workers.iter().zip(&self.states) {
+        let pages = self.config.mem_bytes >> PAGE_SHIFT;
+        let n = self.states.len() as u32;
+        for (i, (got, mine)) in saved.workers.iter().zip(&self.states).enumerate() {
             if std::mem::discriminant(got) != std::mem::discriminant(mine) {
                 return Err(ProcessError::WrongWorkload {
                     got: format!("{got:?}"),
                     want: self.config.workload.name().to_string(),
+                });
+            }
+            // Positions come from the other host: they must fit this slice.
+            let (_, count) = worker_slice(pages, n, i as u32);
+            let fits = match got {
+                WorkerState::Ab { next, .. } => *next < count.max(1),
+                WorkerState::Idle { filled } => *filled <= count,
+                WorkerState::Random { .. } => true,
+            };
+            if !fits {
+                return Err(ProcessError::BadPosition {
+                    worker: i,
+                    state: format!("{got:?}"),
+                    pages: count,
                 });
             }
         }
@@ -416,5 +438,18 @@ mod tests {
             Err(ProcessError::WorkerCount { .. })
         ));
         assert!(g3.restore(b"\xc1junk").is_err());
+        // A position from the wire that does not fit the slice.
+        let bad = SavedState {
+            workers: vec![WorkerState::Ab {
+                zeroed: true,
+                next: 1_000_000_000,
+            }],
+            ops: 0,
+        };
+        let (mut g4, _) = guest(Workload::Ab, 16, 1);
+        assert!(matches!(
+            g4.restore(&rmp_serde::to_vec(&bad).unwrap()),
+            Err(ProcessError::BadPosition { .. })
+        ));
     }
 }

@@ -80,6 +80,22 @@ impl Engine {
         Ok(())
     }
 
+    /// Size of the state `save` will produce (a bound for KVM, whose
+    /// state can only be read with its vCPUs stopped).
+    fn state_estimate(&self) -> u64 {
+        match self {
+            Engine::Process(g) => g.save().len() as u64,
+            Engine::Kvm(g) => 16 * 1024 * u64::from(g.vcpus()),
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        match self {
+            Engine::Process(g) => g.is_running(),
+            Engine::Kvm(g) => g.is_running() && g.failure().is_none(),
+        }
+    }
+
     fn booted(&self) -> bool {
         match self {
             Engine::Process(g) => g.booted(),
@@ -137,7 +153,10 @@ pub fn run(link: RoleLink<ToGuest, FromGuest>) -> Result<(), GuestError> {
     };
 
     let mut engine = build_engine(&config, side, mem.clone(), serial)?;
-    link.send(FromGuest::Ready { base })?;
+    link.send(FromGuest::Ready {
+        base,
+        state_bytes: engine.state_estimate(),
+    })?;
 
     let mut listening = false;
     // A closed link means the supervisor is gone: nothing left to run for.
@@ -176,6 +195,7 @@ pub fn run(link: RoleLink<ToGuest, FromGuest>) -> Result<(), GuestError> {
             ToGuest::Ping => link.send(FromGuest::Progress {
                 ops: engine.ops(),
                 booted: engine.booted(),
+                running: engine.is_running(),
             })?,
             ToGuest::Quit => break,
         }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::control::{PostcopyMode, VerifyMethod};
-use common::guest::{GuestConfig, GuestKind, RandomParams, Workload, KVM_AB_START, KVM_MAX_MEM};
+use common::guest::{
+    GuestConfig, GuestKind, RandomParams, Workload, KVM_AB_START, KVM_MAX_MEM, KVM_MIN_MEM,
+};
 use common::types::{parse_size, MemLayout, PAGE_SIZE};
 
 #[derive(Parser, Debug)]
@@ -65,6 +67,16 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s)
 }
 
+fn bandwidth_arg(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Ok(0),
+        b if b < 1 << 20 => Err(format!(
+            "{b} bytes/s is too slow to migrate anything: use 0 (unlimited) or at least 1M"
+        )),
+        b => Ok(b),
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct GuestArgs {
     /// Which guest to run.
@@ -109,10 +121,11 @@ pub struct MigrationArgs {
     #[arg(long)]
     pub postcopy_after_syncs: Option<u32>,
     /// Longest acceptable stop of the guest, in ms.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub downtime_limit: u64,
-    /// Main-stream bandwidth limit in bytes per second (0 = unlimited).
-    #[arg(long, value_parser = size_arg, default_value = "0")]
+    /// Main-stream bandwidth limit in bytes per second (0 = unlimited;
+    /// otherwise at least 1M).
+    #[arg(long, value_parser = bandwidth_arg, default_value = "0")]
     pub max_bandwidth: u64,
     /// How to check the destination's memory afterwards.
     #[arg(long, value_enum, default_value = "auto")]
@@ -171,7 +184,7 @@ pub struct IncomingArgs {
     #[arg(long)]
     pub serial_log: Option<PathBuf>,
     /// Give up if no migration arrives within this many seconds (0 = wait).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     pub accept_timeout: u64,
     /// Seconds of silence after which the peer counts as lost.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
@@ -213,6 +226,13 @@ fn parse_range(text: &str) -> Result<(u64, u64), String> {
     let end = parse_size(b).map_err(|e| format!("--verify-range end: {e}"))?;
     if start >= end {
         return Err(format!("--verify-range {text:?}: start must be below end"));
+    }
+    // The rule compares neighbours: fewer than two whole pages prove nothing.
+    let whole = (end / PAGE_SIZE as u64).saturating_sub(start.div_ceil(PAGE_SIZE as u64));
+    if whole < 2 {
+        return Err(format!(
+            "--verify-range {text:?} holds {whole} whole pages; the ab rule needs at least 2"
+        ));
     }
     Ok((start, end))
 }
@@ -286,11 +306,17 @@ impl SourceOpts {
                     g.mem >> 20
                 ));
             }
-            if boot_sector.is_none() && g.mem <= KVM_AB_START {
+            if boot_sector.is_none() && g.mem < KVM_AB_START + 2 * PAGE_SIZE as u64 {
                 return Err(
-                    "--guest kvm needs more than 1 MiB of memory: its workload runs above 1 MiB"
+                    "--guest kvm needs at least 1 MiB + 8 KiB of memory: its workload runs above 1 MiB"
                         .into(),
                 );
+            }
+            if g.mem < KVM_MIN_MEM {
+                return Err(format!(
+                    "--guest kvm needs at least {} KiB of memory (the boot sector is loaded at 0x7c00)",
+                    KVM_MIN_MEM >> 10
+                ));
             }
         }
         let guest = GuestConfig {
@@ -309,7 +335,11 @@ impl SourceOpts {
                 ));
             }
         }
-        let ab_ok = guest.workload == Workload::Ab || range.is_some();
+        // The ab rule holds for ab workloads and for boot sectors that follow
+        // the convention (over the range the user names); not for random or
+        // idle memory.
+        let ab_ok = guest.workload == Workload::Ab
+            || (guest.workload == Workload::BootSector && range.is_some());
         let verify = match m.verify {
             VerifyArg::None => VerifyMethod::None,
             VerifyArg::Digest => VerifyMethod::Digest,
@@ -324,6 +354,14 @@ impl SourceOpts {
             VerifyArg::Auto => VerifyMethod::Digest,
         };
         let verify_ranges = match (verify, range) {
+            // Each worker of an ab process guest runs its own pattern: a
+            // user range is checked slice by slice.
+            (VerifyMethod::Ab, Some((a, b))) if guest.kind == GuestKind::Process => guest
+                .ab_ranges()
+                .into_iter()
+                .map(|(s, e)| (s.max(a), e.min(b)))
+                .filter(|(s, e)| s < e)
+                .collect(),
             (VerifyMethod::Ab, Some(r)) => vec![r],
             (VerifyMethod::Ab, None) => guest.ab_ranges(),
             _ => vec![],

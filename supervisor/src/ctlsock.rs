@@ -3,9 +3,13 @@
 //! (`start-postcopy`), one line out (`ok` or `error: ...`).
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::events::Event;
 
@@ -14,11 +18,27 @@ pub const SOCKET_DIR: &str = "/run/postcopy";
 
 pub struct CommandSocket {
     path: PathBuf,
+    phase: Arc<AtomicU8>,
+}
+
+/// What a start-postcopy request can do now.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// `--postcopy never`: nothing.
+    NoPostcopy = 0,
+    /// Precopy runs: switch.
+    Precopy = 1,
+    /// Switched already, or over.
+    Past = 2,
 }
 
 impl CommandSocket {
     /// Listens on `path` (default: `/run/postcopy/migrate-<pid>.sock`).
-    pub fn bind(path: Option<PathBuf>, events: Sender<Event>) -> std::io::Result<Self> {
+    pub fn bind(
+        path: Option<PathBuf>,
+        phase: Phase,
+        events: Sender<Event>,
+    ) -> std::io::Result<Self> {
         let path = match path {
             Some(p) => p,
             None => {
@@ -26,28 +46,58 @@ impl CommandSocket {
                 Path::new(SOCKET_DIR).join(format!("migrate-{}.sock", std::process::id()))
             }
         };
-        let _ = std::fs::remove_file(&path);
+        // Replace a stale socket, never anything else.
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if !meta.file_type().is_socket() {
+                return Err(std::io::Error::other(format!(
+                    "{} exists and is not a socket; not replacing it",
+                    path.display()
+                )));
+            }
+            if UnixStream::connect(&path).is_ok() {
+                return Err(std::io::Error::other(format!(
+                    "{} is in use by another migration",
+                    path.display()
+                )));
+            }
+            std::fs::remove_file(&path)?;
+        }
         let listener = UnixListener::bind(&path)?;
+        let phase = Arc::new(AtomicU8::new(phase as u8));
+        let seen = phase.clone();
         std::thread::Builder::new()
             .name("command-socket".into())
             .spawn(move || {
                 for conn in listener.incoming().flatten() {
+                    // A client that says nothing cannot hold the socket.
+                    conn.set_read_timeout(Some(Duration::from_secs(2))).ok();
                     let mut reader = BufReader::new(&conn);
                     let mut line = String::new();
                     if reader.read_line(&mut line).is_err() {
                         continue;
                     }
-                    let reply = match line.trim() {
-                        "start-postcopy" => {
+                    let reply = match (line.trim(), seen.load(Ordering::Acquire)) {
+                        ("start-postcopy", p) if p == Phase::Precopy as u8 => {
                             let _ = events.send(Event::StartPostcopy);
                             "ok\n".to_string()
                         }
-                        other => format!("error: unknown command {other:?}\n"),
+                        ("start-postcopy", p) if p == Phase::NoPostcopy as u8 => {
+                            "error: this migration runs with --postcopy never\n".to_string()
+                        }
+                        ("start-postcopy", _) => {
+                            "error: this migration is already in postcopy or over\n".to_string()
+                        }
+                        (other, _) => format!("error: unknown command {other:?}\n"),
                     };
                     let _ = (&conn).write_all(reply.as_bytes());
                 }
             })?;
-        Ok(CommandSocket { path })
+        Ok(CommandSocket { path, phase })
+    }
+
+    /// Says what a request can do from now on.
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Release);
     }
 
     pub fn path(&self) -> &Path {
@@ -72,7 +122,16 @@ pub fn send_command(path: Option<&Path>, command: &str) -> Result<String, String
                 .flatten()
                 .map(|e| e.path())
                 .filter(|p| p.extension().is_some_and(|x| x == "sock"))
-                .filter(|p| UnixStream::connect(p).is_ok())
+                .filter(|p| match UnixStream::connect(p) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        // Left by a migration that was killed.
+                        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                            let _ = std::fs::remove_file(p);
+                        }
+                        false
+                    }
+                })
                 .collect();
             match found.len() {
                 0 => return Err(format!("no running migration found in {SOCKET_DIR}")),
@@ -92,6 +151,7 @@ pub fn send_command(path: Option<&Path>, command: &str) -> Result<String, String
     };
     let mut conn =
         UnixStream::connect(&path).map_err(|e| format!("cannot reach {}: {e}", path.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok();
     conn.write_all(format!("{command}\n").as_bytes())
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut line = String::new();

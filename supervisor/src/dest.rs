@@ -54,6 +54,7 @@ struct Dest {
     digests_done: bool,
     /// Discard time already spent at the last MARK (before the stop).
     mark_discard_us: u64,
+    last_heartbeat: Instant,
 }
 
 /// Waits for one migration and returns the destination's report.
@@ -90,6 +91,7 @@ pub fn incoming(args: IncomingArgs) -> Report {
         digests: Vec::new(),
         digests_done: false,
         mark_discard_us: 0,
+        last_heartbeat: Instant::now(),
     };
     let t0 = Instant::now();
     let result = d.run();
@@ -100,6 +102,24 @@ pub fn incoming(args: IncomingArgs) -> Report {
 impl EventLoop for Dest {
     fn session(&mut self) -> &mut Session {
         &mut self.s
+    }
+
+    fn on_tick(&mut self) -> Result<(), MigError> {
+        let link = self.link_timeout();
+        if let Some(c) = self.control.as_mut() {
+            if self.last_heartbeat.elapsed() >= Duration::from_secs(1) {
+                self.last_heartbeat = Instant::now();
+                c.send(&ControlMsg::Heartbeat)?;
+            }
+            let silent = self.s.peer_heard.elapsed();
+            if silent > link {
+                return Err(MigError::PeerLost(format!(
+                    "no word from the source for {:.0} s",
+                    silent.as_secs_f64()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), MigError> {
@@ -219,6 +239,7 @@ impl Dest {
         // From here every control message arrives as an event.
         self.control =
             Some(Control::new(ctrl, self.s.tx.clone()).map_err(|e| MigError::io("control", e))?);
+        self.s.peer_heard = Instant::now();
         let req = self.wait("the source's Setup", Some(STEP_TIMEOUT), |ev| match ev {
             Event::Peer(ControlMsg::Setup(r)) => Ok(r),
             other => Err(other),
@@ -233,6 +254,8 @@ impl Dest {
             }
         }
         self.accept_data(&listener, id)?;
+        // One migration per `incoming`: later sources are refused at once.
+        drop(listener);
         self.sm.go(MigrationState::Active)?;
         self.report.setup_time_ms = t0.elapsed().as_secs_f64() * 1e3;
 
@@ -337,7 +360,7 @@ impl Dest {
         // The advise step: a guest that cannot make the userfaultfd postcopy
         // needs fails here, before any page moves.
         let base = match self.wait("the guest to start", Some(STEP_TIMEOUT), |ev| match ev {
-            Event::Guest(FromGuest::Ready { base }) => Ok(base),
+            Event::Guest(FromGuest::Ready { base, .. }) => Ok(base),
             other => Err(other),
         }) {
             Ok(b) => b,
@@ -633,6 +656,7 @@ impl Dest {
                     let _ = c.send(&ControlMsg::Abort {
                         reason: e.to_string(),
                         cancelled,
+                        guest_ran: self.guest_running,
                     });
                 }
                 let next = if cancelled {
@@ -654,6 +678,10 @@ impl Dest {
         if let Some(g) = &self.guest {
             let _ = g.send(ToGuest::Quit);
         }
+        // Closing our ends of the links also frees a role still waiting
+        // for its fds.
+        self.handler = None;
+        self.guest = None;
         self.s.reap_all(Duration::from_secs(5));
         let roles = self.s.role_infos();
         if let Some(c) = self.control.as_mut() {

@@ -19,12 +19,15 @@ fn main() -> ExitCode {
     common::logging::init(tag);
     match cli.cmd {
         Cmd::Demo(args) => match SourceOpts::from_args(&args.guest, &args.mig)
+            .and_then(|opts| check_json(opts.json.as_deref()).map(|()| opts))
             .and_then(|opts| demo::demo(&args, opts.clone()).map(|r| (r, opts)))
         {
             Ok((report, opts)) => conclude(&report, opts.json.as_deref(), true),
             Err(e) => usage_error(&e),
         },
-        Cmd::Migrate(args) => match SourceOpts::from_args(&args.guest, &args.mig) {
+        Cmd::Migrate(args) => match SourceOpts::from_args(&args.guest, &args.mig)
+            .and_then(|opts| check_json(opts.json.as_deref()).map(|()| opts))
+        {
             Ok(opts) => {
                 let json = opts.json.clone();
                 let report = source::migrate(opts, args.to.clone(), &[]);
@@ -33,6 +36,9 @@ fn main() -> ExitCode {
             Err(e) => usage_error(&e),
         },
         Cmd::Incoming(args) => {
+            if let Err(e) = check_json(args.json.as_deref()) {
+                return usage_error(&e);
+            }
             let json = args.json.clone();
             let quiet = args.quiet;
             let report = dest::incoming(args);
@@ -51,6 +57,20 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A report path that cannot be written is a usage error now, not a lost
+/// report after the whole migration.
+fn check_json(path: Option<&std::path::Path>) -> Result<(), String> {
+    if let Some(p) = path {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(p)
+            .map_err(|e| format!("--json {}: {e}", p.display()))?;
+    }
+    Ok(())
 }
 
 fn usage_error(e: &str) -> ExitCode {

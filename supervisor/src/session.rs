@@ -15,6 +15,8 @@ use crate::events::{Event, Reaper};
 #[derive(Debug, Clone)]
 pub struct Proc {
     pub name: &'static str,
+    /// Which end of the migration it belongs to.
+    pub host: &'static str,
     pub pid: u32,
     pub exit: Option<ExitStatus>,
     /// We asked it to quit (its exit is not a failure).
@@ -29,12 +31,20 @@ pub struct Session {
     stash: VecDeque<Event>,
     pub procs: Vec<Proc>,
     pub host: &'static str,
+    /// When the peer supervisor last said anything.
+    pub peer_heard: Instant,
+    /// When a ram-sender message last arrived.
+    pub sender_heard: Instant,
+    /// What the peer's Abort said about its guest having run.
+    pub peer_guest_ran: Option<bool>,
+    last_tick: Instant,
 }
 
 impl Session {
     pub fn new(host: &'static str) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let reaper = Reaper::start(tx.clone())?;
+        let now = Instant::now();
         Ok(Session {
             tx,
             rx,
@@ -42,13 +52,24 @@ impl Session {
             stash: VecDeque::new(),
             procs: Vec::new(),
             host,
+            peer_heard: now,
+            sender_heard: now,
+            peer_guest_ran: None,
+            last_tick: now,
         })
     }
 
     /// Starts watching a process we started.
     pub fn watch(&mut self, name: &'static str, pid: u32) {
+        self.watch_on(name, self.host, pid)
+    }
+
+    /// Starts watching a process we started for the other end (the demo's
+    /// destination).
+    pub fn watch_on(&mut self, name: &'static str, host: &'static str, pid: u32) {
         self.procs.push(Proc {
             name,
+            host,
             pid,
             exit: None,
             quitting: false,
@@ -62,6 +83,18 @@ impl Session {
         let p = self.procs.iter_mut().find(|p| p.pid == pid)?;
         p.exit = Some(status);
         (!p.quitting).then(|| p.clone())
+    }
+
+    /// Asks a process of ours to end (SIGTERM), if it still runs.
+    pub fn terminate(&self, name: &str) {
+        for p in self
+            .procs
+            .iter()
+            .filter(|p| p.name == name && p.exit.is_none())
+        {
+            // SAFETY: kill(2) on a child we started and have not reaped.
+            unsafe { libc::kill(p.pid as i32, libc::SIGTERM) };
+        }
     }
 
     pub fn set_quitting(&mut self, name: &str) {
@@ -80,10 +113,29 @@ impl Session {
         match ev {
             Event::ChannelClosed(name) => {
                 if self.is_quitting(name) {
-                    Ok(None)
-                } else {
-                    Err(MigError::ChannelClosed(name))
+                    return Ok(None);
                 }
+                // The exit usually follows the closed channel by a moment:
+                // wait for it, so the error says how the process ended.
+                let pid = self
+                    .procs
+                    .iter()
+                    .find(|p| p.name == name && p.exit.is_none())
+                    .map(|p| p.pid);
+                if let Some(pid) = pid {
+                    let deadline = Instant::now() + Duration::from_millis(500);
+                    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                        match self.rx.recv_timeout(left) {
+                            Ok(Event::Exited { pid: p, status }) if p == pid => {
+                                self.exited(p, status);
+                                return Err(MigError::RoleDied { name, pid, status });
+                            }
+                            Ok(other) => self.stash(other),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(MigError::ChannelClosed(name))
             }
             Event::Exited { pid, status } => match self.exited(pid, status) {
                 Some(p) => Err(MigError::RoleDied {
@@ -93,12 +145,20 @@ impl Session {
                 }),
                 None => Ok(None),
             },
-            Event::Peer(ControlMsg::Abort { reason, cancelled }) => Err(if cancelled {
-                MigError::Cancelled(format!("by the {peer}: {reason}"))
-            } else {
-                MigError::PeerAborted(reason)
-            }),
+            Event::Peer(ControlMsg::Abort {
+                reason,
+                cancelled,
+                guest_ran,
+            }) => {
+                self.peer_guest_ran = Some(guest_ran);
+                Err(if cancelled {
+                    MigError::Cancelled(format!("by the {peer}: {reason}"))
+                } else {
+                    MigError::PeerAborted(reason)
+                })
+            }
             Event::PeerLost(e) => Err(MigError::PeerLost(e)),
+            Event::Peer(ControlMsg::Heartbeat) => Ok(None),
             other => Ok(Some(other)),
         }
     }
@@ -141,11 +201,28 @@ impl Session {
         None
     }
 
-    fn recv(&self, timeout: Duration) -> Option<Event> {
+    fn recv(&mut self, timeout: Duration) -> Option<Event> {
         match self.rx.recv_timeout(timeout) {
-            Ok(ev) => Some(ev),
+            Ok(ev) => {
+                match ev {
+                    Event::Peer(_) => self.peer_heard = Instant::now(),
+                    Event::Sender(_) => self.sender_heard = Instant::now(),
+                    _ => {}
+                }
+                Some(ev)
+            }
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// True at most every 100 ms: time for `on_tick`.
+    fn tick_due(&mut self) -> bool {
+        if self.last_tick.elapsed() >= Duration::from_millis(100) {
+            self.last_tick = Instant::now();
+            true
+        } else {
+            false
         }
     }
 
@@ -185,7 +262,7 @@ impl Session {
             .iter()
             .map(|p| RoleInfo {
                 name: p.name.to_string(),
-                host: self.host.to_string(),
+                host: p.host.to_string(),
                 pid: p.pid,
                 restarts: p.restarts,
                 exit: p.exit,
@@ -200,7 +277,11 @@ impl Session {
 pub trait EventLoop {
     fn session(&mut self) -> &mut Session;
     fn on_event(&mut self, ev: Event) -> Result<(), MigError>;
-    fn on_tick(&mut self) {}
+    /// Runs every 100 ms or so while waiting, whatever arrives: liveness
+    /// checks and heartbeats.
+    fn on_tick(&mut self) -> Result<(), MigError> {
+        Ok(())
+    }
 
     fn wait<T>(
         &mut self,
@@ -231,8 +312,10 @@ pub trait EventLoop {
                             secs: timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0),
                         });
                     }
-                    self.on_tick();
                 }
+            }
+            if self.session().tick_due() {
+                self.on_tick()?;
             }
         }
     }

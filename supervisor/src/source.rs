@@ -22,7 +22,7 @@ use common::types::{MemLayout, MigrationId, RemoteAddr, PAGE_SIZE};
 use common::wire::{ConnKind, Package};
 
 use crate::cli::SourceOpts;
-use crate::ctlsock::CommandSocket;
+use crate::ctlsock::{CommandSocket, Phase};
 use crate::error::MigError;
 use crate::events::{self, Event};
 use crate::net::{self, Control};
@@ -33,9 +33,6 @@ use crate::session::{EventLoop, Session};
 use crate::spawn::{self, Child};
 use crate::verify;
 
-/// Guest state is small (worker positions, vCPU registers); this bound is
-/// what the switch rule assumes must fit the downtime.
-const STATE_ESTIMATE: u64 = 256 << 10;
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Source {
@@ -73,6 +70,13 @@ struct Source {
     finishing: bool,
     /// The last progress report: when, and bytes sent by then.
     last_progress: Option<(Instant, u64)>,
+    last_heartbeat: Instant,
+    /// The ram-sender has work and should be talking.
+    awaiting_sender: bool,
+    /// The guest's estimate of its saved state, bytes.
+    state_bytes: u64,
+    /// Where `postcopy start-postcopy` reaches this migration.
+    cmd_socket: Option<CommandSocket>,
 }
 
 /// Runs a migration of a new guest to `to` and returns its report.
@@ -108,7 +112,7 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         Err(e) => return fail_early(report, format!("cannot watch signals: {e}")),
     };
     for (name, pid) in extra {
-        s.watch(name, *pid);
+        s.watch_on(name, "destination", *pid);
         s.set_quitting(name);
     }
     let memfd = match create_memfd("postcopy-guest-memory", layout.mem_bytes()) {
@@ -145,10 +149,21 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         dest_mark: 0,
         finishing: false,
         last_progress: None,
+        last_heartbeat: Instant::now(),
+        awaiting_sender: false,
+        state_bytes: 0,
+        cmd_socket: None,
     };
-    let cmd_socket = CommandSocket::bind(src.opts.command_socket.clone(), src.s.tx.clone());
-    match &cmd_socket {
-        Ok(c) => log::info!("command socket {}", c.path().display()),
+    let phase = if src.opts.postcopy == PostcopyMode::Never {
+        Phase::NoPostcopy
+    } else {
+        Phase::Precopy
+    };
+    match CommandSocket::bind(src.opts.command_socket.clone(), phase, src.s.tx.clone()) {
+        Ok(c) => {
+            log::info!("command socket {}", c.path().display());
+            src.cmd_socket = Some(c);
+        }
         Err(e) => log::warn!("no command socket ({e}); SIGUSR1 still starts postcopy"),
     }
     let result = src.run();
@@ -160,7 +175,36 @@ impl EventLoop for Source {
         &mut self.s
     }
 
-    fn on_tick(&mut self) {}
+    fn on_tick(&mut self) -> Result<(), MigError> {
+        if self.finishing {
+            return Ok(());
+        }
+        let link = self.opts.link_timeout;
+        if let Some(c) = self.control.as_mut() {
+            if self.last_heartbeat.elapsed() >= Duration::from_secs(1) {
+                self.last_heartbeat = Instant::now();
+                c.send(&ControlMsg::Heartbeat)?;
+            }
+            let silent = self.s.peer_heard.elapsed();
+            if silent > link {
+                return Err(MigError::PeerLost(format!(
+                    "no word from the destination for {:.0} s",
+                    silent.as_secs_f64()
+                )));
+            }
+        }
+        // A ram-sender that stops talking while it has work (stopped,
+        // wedged) would hold the migration forever.
+        let limit = link.max(Duration::from_secs(30));
+        let silent = self.s.sender_heard.elapsed();
+        if self.awaiting_sender && silent > limit {
+            return Err(MigError::Role {
+                name: "ram-sender",
+                detail: format!("no progress for {:.0} s", silent.as_secs_f64()),
+            });
+        }
+        Ok(())
+    }
 
     fn on_event(&mut self, ev: Event) -> Result<(), MigError> {
         if self.finishing {
@@ -223,6 +267,7 @@ impl EventLoop for Source {
             Event::Guest(FromGuest::Progress { .. }) => Ok(()),
             Event::Sender(FromRamSender::PushDone(p)) => {
                 self.push = Some(p);
+                self.awaiting_sender = false;
                 Ok(())
             }
             Event::Server(FromPageServer::Closed(st)) => {
@@ -251,6 +296,26 @@ impl EventLoop for Source {
                 }
                 Ok(())
             }
+            // The destination's reports come in one order; one that jumps
+            // ahead is a broken or hostile peer, not news.
+            Event::Peer(ControlMsg::DestRunning { .. }) if !self.package_sent => Err(
+                MigError::Protocol("DestRunning before the package was sent".into()),
+            ),
+            Event::Peer(ControlMsg::DestCompleted(_)) if self.report.downtime_ms.is_none() => Err(
+                MigError::Protocol("DestCompleted before DestRunning".into()),
+            ),
+            Event::Peer(ControlMsg::Verified(_)) if self.dest.is_none() => {
+                Err(MigError::Protocol("Verified before DestCompleted".into()))
+            }
+            Event::Peer(
+                m @ (ControlMsg::Setup(_)
+                | ControlMsg::SourceDigests { .. }
+                | ControlMsg::SourceDigestsEnd
+                | ControlMsg::Finish),
+            ) => Err(MigError::Protocol(format!(
+                "the destination sent {}, which only a source sends",
+                m.name()
+            ))),
             other => {
                 self.s.stash(other);
                 Ok(())
@@ -266,6 +331,15 @@ impl Source {
 
     fn sender(&self) -> &Child<ToRamSender, FromRamSender> {
         self.sender.as_ref().expect("ram-sender started")
+    }
+
+    /// Sends the ram-sender a command it must act on: from now on it
+    /// should be talking (see `on_tick`).
+    fn command_sender(&mut self, cmd: ToRamSender) -> Result<(), MigError> {
+        self.sender().send(cmd)?;
+        self.awaiting_sender = true;
+        self.s.sender_heard = Instant::now();
+        Ok(())
     }
 
     fn run(&mut self) -> Result<(), MigError> {
@@ -326,10 +400,12 @@ impl Source {
         }
         self.guest = Some(guest);
         let base = self.wait("the guest to start", Some(STEP_TIMEOUT), |ev| match ev {
-            Event::Guest(FromGuest::Ready { base }) => Ok(base),
+            Event::Guest(FromGuest::Ready { base, state_bytes }) => Ok((base, state_bytes)),
             other => Err(other),
         })?;
+        let (base, state_bytes) = base;
         self.guest_base = base;
+        self.state_bytes = state_bytes;
         let mut fds = self.guest().recv_fds()?;
         let uffd = fds
             .take("uffd")
@@ -382,6 +458,7 @@ impl Source {
         let control = self
             .control
             .insert(Control::new(ctrl, self.s.tx.clone()).map_err(|e| MigError::io("control", e))?);
+        self.s.peer_heard = Instant::now();
         control.send(&ControlMsg::Setup(SetupRequest {
             migration: self.id,
             guest: self.opts.guest.clone(),
@@ -462,6 +539,8 @@ impl Source {
             .extend([sent_fd, main.into(), ret.into(), urgent.into()]);
         self.sender = Some(sender);
         self.server = Some(server);
+        self.awaiting_sender = true;
+        self.s.sender_heard = Instant::now();
         Ok(())
     }
 
@@ -471,7 +550,7 @@ impl Source {
             self.opts.postcopy,
             self.opts.downtime_limit,
             self.opts.postcopy_after_syncs,
-            STATE_ESTIMATE,
+            self.state_bytes,
             self.opts.max_bandwidth,
         );
         loop {
@@ -485,6 +564,10 @@ impl Source {
                 Event::StartPostcopy => Ok(None),
                 other => Err(other),
             })?;
+            if got.is_some() {
+                // It now waits for our decision.
+                self.awaiting_sender = false;
+            }
             let Some(stats) = got else {
                 if self.opts.postcopy == PostcopyMode::Never {
                     log::warn!("start-postcopy ignored: this migration runs with --postcopy never");
@@ -522,7 +605,7 @@ impl Source {
             );
             self.last_round = Some(stats);
             match decision {
-                Decision::Continue => self.sender().send(ToRamSender::Continue)?,
+                Decision::Continue => self.command_sender(ToRamSender::Continue)?,
                 d => return Ok(d),
             }
         }
@@ -544,7 +627,7 @@ impl Source {
     fn stop_and_send_package(&mut self, listen: bool) -> Result<Instant, MigError> {
         let t_stop = self.stop_guest()?;
         let t_stopped = Instant::now();
-        self.sender().send(if listen {
+        self.command_sender(if listen {
             ToRamSender::Switchover
         } else {
             ToRamSender::Complete
@@ -553,6 +636,7 @@ impl Source {
             Event::Sender(FromRamSender::FinalSyncDone(f)) => Ok(f),
             other => Err(other),
         })?;
+        self.awaiting_sender = false;
         let t_synced = Instant::now();
         self.guest().send(ToGuest::SaveState)?;
         let state = self.wait("the guest state", Some(STEP_TIMEOUT), |ev| match ev {
@@ -562,7 +646,7 @@ impl Source {
         // From here the destination may start the guest: whatever happens
         // next, the source never resumes its own (QEMU's rule).
         self.package_sent = true;
-        self.sender().send(ToRamSender::Package(Package {
+        self.command_sender(ToRamSender::Package(Package {
             listen,
             run: true,
             guest_state: state,
@@ -575,6 +659,8 @@ impl Source {
                 other => Err(other),
             },
         )?;
+        // After a switchover it goes on pushing pages until PushDone.
+        self.awaiting_sender = listen && self.push.is_none();
         let t_pkg = Instant::now();
         let fsync = fs.sync_us as f64 / 1e3;
         self.report.switchover_ms = Some(SwitchoverReport {
@@ -625,6 +711,9 @@ impl Source {
     }
 
     fn complete_precopy(&mut self) -> Result<(), MigError> {
+        if let Some(c) = &self.cmd_socket {
+            c.set_phase(Phase::Past);
+        }
         let t_stop = self.stop_and_send_package(false)?;
         let t_pkg = Instant::now();
         self.await_dest_running(t_stop, t_pkg)?;
@@ -635,21 +724,31 @@ impl Source {
 
     fn switchover(&mut self) -> Result<(), MigError> {
         self.report.switched_to_postcopy = true;
+        if let Some(c) = &self.cmd_socket {
+            c.set_phase(Phase::Past);
+        }
         self.prediscard()?;
         let t_stop = self.stop_and_send_package(true)?;
         self.sm.go(MigrationState::PostcopyActive)?;
         let t_pkg = Instant::now();
         self.await_dest_running(t_stop, t_pkg)?;
-        // Both: the page-server saw POSTCOPY_DONE, and the destination
-        // supervisor reports its numbers.
-        let stats = self.wait("the destination to have every page", None, |ev| match ev {
-            Event::Server(FromPageServer::PostcopyDone(s)) => Ok(s),
-            other => Err(other),
-        })?;
-        self.served = Some(stats);
+        // The destination supervisor's word is the one that counts; the
+        // page-server's POSTCOPY_DONE only brings its numbers.
         self.await_dest_completed()?;
         self.report.postcopy_phase_ms = Some(ms(t_stop.elapsed()));
         self.sm.go(MigrationState::Completed)?;
+        match self.wait(
+            "the page-server's numbers",
+            Some(Duration::from_secs(10)),
+            |ev| match ev {
+                Event::Server(FromPageServer::PostcopyDone(s)) => Ok(s),
+                other => Err(other),
+            },
+        ) {
+            Ok(stats) => self.served = Some(stats),
+            Err(e) => log::warn!("page-server: {e}"),
+        }
+        self.awaiting_sender = false;
         Ok(())
     }
 
@@ -658,11 +757,12 @@ impl Source {
     /// 0.6 µs a page here) then costs no downtime.
     fn prediscard(&mut self) -> Result<(), MigError> {
         let t = Instant::now();
-        self.sender().send(ToRamSender::PreDiscard)?;
+        self.command_sender(ToRamSender::PreDiscard)?;
         let (pages, mark) = self.wait("the early discard", Some(STEP_TIMEOUT), |ev| match ev {
             Event::Sender(FromRamSender::PreDiscarded { pages, mark }) => Ok((pages, mark)),
             other => Err(other),
         })?;
+        self.awaiting_sender = false;
         if self.dest_mark < mark {
             self.wait(
                 "the destination to drop stale pages",
@@ -768,13 +868,13 @@ impl Source {
             self.report.source_guest = Some("unreachable".into());
             return;
         }
-        let ops = |src: &mut Source| -> Option<u64> {
+        let ops = |src: &mut Source| -> Option<(u64, bool)> {
             src.guest().send(ToGuest::Ping).ok()?;
             src.wait(
                 "guest progress",
                 Some(Duration::from_secs(5)),
                 |ev| match ev {
-                    Event::Guest(FromGuest::Progress { ops, .. }) => Ok(ops),
+                    Event::Guest(FromGuest::Progress { ops, running, .. }) => Ok((ops, running)),
                     other => Err(other),
                 },
             )
@@ -790,11 +890,21 @@ impl Source {
         if stopped {
             drain(self);
         }
+        // Running: the guest says its workers or vCPUs run and it answers.
+        // Progress over the sample is shown too (an idle workload, or a KVM
+        // guest between two serial markers, makes none in 300 ms).
         let a = ops(self);
         std::thread::sleep(Duration::from_millis(300));
         let b = ops(self);
-        let running = matches!((a, b), (Some(a), Some(b)) if b > a);
-        self.report.source_guest = Some(if running { "running" } else { "stalled" }.into());
+        self.report.source_guest = Some(
+            match (a, b) {
+                (Some((a, _)), Some((b, true))) if b > a => "running",
+                (Some(_), Some((_, true))) => "running (no progress in 300 ms)",
+                (Some(_), Some((_, false))) => "stopped",
+                _ => "unresponsive",
+            }
+            .into(),
+        );
         if self.opts.verify == VerifyMethod::Ab && self.guest().send(ToGuest::Stop).is_ok() {
             drain(self);
             if let Ok(mem) = Mapping::new(
@@ -815,6 +925,9 @@ impl Source {
     fn finish(mut self, result: Result<(), MigError>) -> Report {
         self.progress.clear();
         self.finishing = true;
+        if let Some(c) = &self.cmd_socket {
+            c.set_phase(Phase::Past);
+        }
         let t_end = self.t0.map(|t| ms(t.elapsed()));
         match &result {
             Ok(()) => {
@@ -834,6 +947,7 @@ impl Source {
                     let _ = c.send(&ControlMsg::Abort {
                         reason: e.to_string(),
                         cancelled,
+                        guest_ran: true,
                     });
                 }
                 let next = if cancelled {
@@ -844,7 +958,12 @@ impl Source {
                 if self.sm.state().can_go(next) {
                     let _ = self.sm.go(next);
                 }
-                if self.package_sent {
+                if self.package_sent && self.s.peer_guest_ran == Some(false) {
+                    // The destination says its guest never ran: no second
+                    // copy exists, so the source may carry on.
+                    log::warn!("the destination never ran the guest: resuming it here");
+                    self.keep_source_running();
+                } else if self.package_sent {
                     self.report.source_guest = Some(
                         "frozen: the destination may be running the guest; the source never resumes it"
                             .into(),
@@ -866,6 +985,16 @@ impl Source {
         }
         if let Some(c) = self.control.as_mut() {
             c.shutdown();
+        }
+        // Closing our ends of the links also frees a role still waiting
+        // for its fds.
+        self.sender = None;
+        self.server = None;
+        self.guest = None;
+        if result.is_err() {
+            // The demo's destination may still wait for a migration that
+            // will not come.
+            self.s.terminate("postcopy incoming");
         }
         self.s.reap_all(Duration::from_secs(5));
         let mut roles: Vec<RoleReport> = self.s.role_infos().iter().map(RoleReport::from).collect();

@@ -57,6 +57,7 @@ fn main() {
         plain("two_hosts_over_veth", two_hosts_over_veth),
         plain("link_cut_before_switchover", link_cut_before_switchover),
         plain("destination_refuses_postcopy", destination_refuses_postcopy),
+        plain("stalled_destination_is_lost", stalled_destination_is_lost),
         plain("kvm_unusable_fails_clearly", kvm_unusable_fails_clearly),
         kvm("kvm_precopy", kvm_precopy),
         kvm("kvm_postcopy_two_vcpus", kvm_postcopy_two_vcpus),
@@ -825,6 +826,66 @@ fn destination_refuses_postcopy() -> TestResult {
     check(
         num(&r, "pages_sent")? == 0 && num(&r, "precopy_bytes")? == 0,
         "pages moved",
+    )?;
+    check(
+        text(&r, "source_guest") == "running",
+        format!("source guest: {}", r["source_guest"]),
+    )?;
+    Ok(())
+}
+
+fn stalled_destination_is_lost() -> TestResult {
+    // A destination supervisor that stops answering (SIGSTOP) keeps its TCP
+    // connections alive: only the heartbeat notices it.
+    let dir = TempDir::new("stall");
+    let json = dir.path("r.json");
+    let mut m = start(
+        postcopy()
+            .args([
+                "demo",
+                "--mem",
+                "256M",
+                "--postcopy",
+                "auto",
+                "--max-bandwidth",
+                "16M",
+                "--link-timeout",
+                "3",
+            ])
+            .arg("--json")
+            .arg(&json),
+    );
+    let root = m.pid();
+    let mut dest = None;
+    wait_for(
+        "the destination's processes",
+        Duration::from_secs(30),
+        || {
+            dest = pids_named(root, "postcopy")
+                .into_iter()
+                .find(|&p| p != root);
+            dest.is_some() && !pids_named(root, "fault-handler").is_empty()
+        },
+    )?;
+    let dest = dest.ok_or("no destination")?;
+    std::thread::sleep(Duration::from_secs(2));
+    check(m.running(), "the migration ended before the stall")?;
+    // SAFETY: signals a process of this test's own demo.
+    unsafe { libc::kill(dest as i32, libc::SIGSTOP) };
+    let t = Instant::now();
+    let out = m.finish(Duration::from_secs(60));
+    // SAFETY: as above; let it die if it is still there.
+    unsafe { libc::kill(dest as i32, libc::SIGCONT) };
+    let out = out?;
+    let r = report(&json)?;
+    check(!out.status.success(), "the source should fail")?;
+    check(
+        text(&r, "error").contains("no word from the destination"),
+        format!("error: {}", r["error"]),
+    )?;
+    check(
+        t.elapsed() < Duration::from_secs(20),
+        format!("took {:?} to notice", t.elapsed()),
     )?;
     check(
         text(&r, "source_guest") == "running",

@@ -84,6 +84,8 @@ pub enum KvmError {
     VcpuCount { asked: u32, max: usize },
     #[error("a boot sector is {BOOT_SECTOR_LEN} bytes, got {0}")]
     SectorSize(usize),
+    #[error("{0} bytes of memory cannot hold a boot sector at 0x7c00")]
+    TooSmallForSector(u64),
     #[error("{op} needs {needs}")]
     Sequence {
         op: &'static str,
@@ -285,6 +287,9 @@ impl KvmGuest {
         if sector.len() != BOOT_SECTOR_LEN {
             return Err(KvmError::SectorSize(sector.len()));
         }
+        if (self.mem.len() as u64) < BOOT_SECTOR_ADDR + BOOT_SECTOR_LEN as u64 {
+            return Err(KvmError::TooSmallForSector(self.mem.len() as u64));
+        }
         let Slot::Parked(bsp) = &self.vcpus[0] else {
             unreachable!("a fresh guest has every vCPU parked");
         };
@@ -472,6 +477,11 @@ impl KvmGuest {
     }
 
     /// Bytes the guest has written to COM1, including before a restore.
+    /// How many vCPUs this VM has.
+    pub fn vcpus(&self) -> u32 {
+        self.vcpus.len() as u32
+    }
+
     pub fn serial_bytes(&self) -> u64 {
         self.shared.devices.serial_bytes()
     }
