@@ -121,6 +121,17 @@ impl SharedBitmap {
         was
     }
 
+    /// Clears the bits of `mask` in word `word` (bits `64*word ..`) at once;
+    /// returns which of them were set.
+    pub fn clear_word_bits(&self, word: usize, mask: u64) -> u64 {
+        let was = self.words()[word].fetch_and(!mask, Ordering::AcqRel) & mask;
+        if was != 0 {
+            self.header(H_COUNT)
+                .fetch_sub(u64::from(was.count_ones()), Ordering::AcqRel);
+        }
+        was
+    }
+
     /// Number of set bits, as kept by the running count.
     pub fn count(&self) -> u64 {
         self.header(H_COUNT).load(Ordering::Acquire)
@@ -269,6 +280,16 @@ impl Bitmap {
         }
     }
 
+    /// The bits, 64 to a word (bit i of word w is bit 64*w + i).
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Sets the bits of `mask` in word `word`.
+    pub fn set_word_bits(&mut self, word: usize, mask: u64) {
+        self.words[word] |= mask;
+    }
+
     pub fn set_all(&mut self) {
         for w in &mut self.words {
             *w = !0;
@@ -367,6 +388,10 @@ mod tests {
             SharedBitmap::open(fd.as_fd(), 131),
             Err(BitmapError::WrongSize { .. })
         ));
+        // Word-wise clearing reports what was set and keeps the count.
+        assert_eq!(b.clear_word_bits(2, 0b11), 0b10);
+        assert_eq!(b.count(), 1);
+        assert!(b.test_and_set(129));
         for i in 0..130 {
             b.test_and_set(i);
         }

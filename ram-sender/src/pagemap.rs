@@ -68,13 +68,16 @@ impl Pagemap {
     }
 
     /// Marks in `dirty` every page of `[base, base+len)` written since the
-    /// last scan (or the initial write-protect) and write-protects them
-    /// again. Returns how many pages it found.
+    /// last scan (or the initial write-protect) and, with `rearm`,
+    /// write-protects them again. The last scan, with the guest stopped,
+    /// skips the re-protection: it is most of the cost when all is dirty.
+    /// Returns how many pages it found.
     pub fn collect_written(
         &mut self,
         base: RemoteAddr,
         len: u64,
         dirty: &mut Bitmap,
+        rearm: bool,
     ) -> Result<u64, ScanError> {
         let end = base.0 + len;
         let mut cur = base.0;
@@ -82,7 +85,11 @@ impl Pagemap {
         while cur < end {
             let mut arg = PmScanArg {
                 size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                flags: if rearm {
+                    PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+                } else {
+                    PM_SCAN_CHECK_WPASYNC
+                },
                 start: cur,
                 end,
                 walk_end: 0,

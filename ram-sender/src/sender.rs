@@ -181,6 +181,7 @@ impl Sender {
                 self.base,
                 self.layout.mem_bytes(),
                 &mut self.dirty,
+                true,
             )?;
             self.last_sync = Instant::now();
             self.sync_count += 1;
@@ -253,9 +254,12 @@ impl Sender {
     /// of the pages, the package, end of stream.
     fn complete(&mut self) -> Result<(), SendError> {
         let t = Instant::now();
-        let found =
-            self.pagemap
-                .collect_written(self.base, self.layout.mem_bytes(), &mut self.dirty)?;
+        let found = self.pagemap.collect_written(
+            self.base,
+            self.layout.mem_bytes(),
+            &mut self.dirty,
+            false,
+        )?;
         self.sync_count += 1;
         let sync_us = t.elapsed().as_micros() as u64;
         let before = (self.totals.bytes, self.totals.pages, self.totals.zero_pages);
@@ -296,7 +300,7 @@ impl Sender {
     fn switchover(&mut self) -> Result<(), SendError> {
         let t = Instant::now();
         self.pagemap
-            .collect_written(self.base, self.layout.mem_bytes(), &mut self.dirty)?;
+            .collect_written(self.base, self.layout.mem_bytes(), &mut self.dirty, false)?;
         self.sync_count += 1;
         let sync_us = t.elapsed().as_micros() as u64;
         let t = Instant::now();
@@ -327,30 +331,25 @@ impl Sender {
     /// They become unsent (so the push or a fault fetches them again) and
     /// go out in DISCARD frames. Returns how many.
     fn discard_stale(&mut self) -> Result<u64, SendError> {
-        let mut discard: Vec<PageRange> = Vec::new();
-        let mut pages = 0u64;
-        for (first, count) in self.dirty.runs(u64::from(u32::MAX)) {
-            let mut run_start = None;
-            for p in first..first + count {
-                if self.sent.clear(p) {
-                    pages += 1;
-                    run_start.get_or_insert(p);
-                } else if let Some(s) = run_start.take() {
-                    discard.push(self.layout.range(s, (p - s) as u32).expect("in range"));
-                }
-            }
-            if let Some(s) = run_start {
-                discard.push(
-                    self.layout
-                        .range(s, (first + count - s) as u32)
-                        .expect("in range"),
-                );
+        // 64 pages at a time: a whole dirty guest is 4096 atomics per GiB.
+        let mut stale = Bitmap::new(self.layout.pages());
+        for (w, &dirty) in self.dirty.words().iter().enumerate() {
+            if dirty != 0 {
+                stale.set_word_bits(w, self.sent.clear_word_bits(w, dirty));
             }
         }
+        let discard: Vec<PageRange> = stale
+            .runs(u64::from(u32::MAX))
+            .map(|(first, count)| {
+                self.layout
+                    .range(first, count as u32)
+                    .expect("dirty pages lie inside guest memory")
+            })
+            .collect();
         if !discard.is_empty() {
             self.write(&discard_frames(&discard))?;
         }
-        Ok(pages)
+        Ok(stale.count())
     }
 
     /// Postcopy is decided but the guest still runs: drop what is stale
