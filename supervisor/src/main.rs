@@ -63,12 +63,15 @@ fn main() -> ExitCode {
 /// report after the whole migration.
 fn check_json(path: Option<&std::path::Path>) -> Result<(), String> {
     if let Some(p) = path {
+        // The report is written beside it first, then renamed over it.
+        let tmp = p.with_extension("json.tmp");
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
-            .open(p)
+            .open(&tmp)
             .map_err(|e| format!("--json {}: {e}", p.display()))?;
+        let _ = std::fs::remove_file(&tmp);
     }
     Ok(())
 }

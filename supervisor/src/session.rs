@@ -103,6 +103,13 @@ impl Session {
         }
     }
 
+    /// True while the process called `name` runs (as far as we know).
+    pub fn is_alive(&self, name: &str) -> bool {
+        self.procs
+            .iter()
+            .any(|p| p.name == name && p.exit.is_none())
+    }
+
     pub fn is_quitting(&self, name: &str) -> bool {
         self.procs.iter().any(|p| p.name == name && p.quitting)
     }
@@ -169,6 +176,9 @@ impl Session {
     /// kept for a later `wait`.
     pub fn poll_stop(&mut self, peer: &str) -> Result<(), MigError> {
         while let Ok(ev) = self.rx.try_recv() {
+            if let Event::Peer(_) = ev {
+                self.peer_heard = Instant::now();
+            }
             match ev {
                 Event::Interrupt(sig) => return Err(MigError::Cancelled(format!("signal {sig}"))),
                 ev => {

@@ -803,7 +803,22 @@ impl Source {
                     Access::ReadOnly,
                 )
                 .map_err(|e| MigError::Setup(format!("mapping source memory: {e}")))?;
-                let digests = verify::digests(&mem);
+                // Off the main thread, so heartbeats go on for a big guest.
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let _ = tx.send(verify::digests(&mem));
+                });
+                let digests = loop {
+                    match rx.try_recv() {
+                        Ok(d) => break d,
+                        Err(std::sync::mpsc::TryRecvError::Empty) => {
+                            self.idle(Duration::from_millis(20))?
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                            return Err(MigError::Setup("the digest thread died".into()))
+                        }
+                    }
+                };
                 let control = self.control.as_mut().expect("connected");
                 for (i, chunk) in digests.chunks(1 << 20).enumerate() {
                     control.send(&ControlMsg::SourceDigests {
@@ -859,7 +874,7 @@ impl Source {
     /// source guest; then show that it runs and its memory is intact.
     fn keep_source_running(&mut self) {
         let Some(guest) = &self.guest else { return };
-        if !guest.is_running() || self.s.is_quitting("postcopy-guest") {
+        if !self.s.is_alive("postcopy-guest") || self.s.is_quitting("postcopy-guest") {
             self.report.source_guest = Some("gone".into());
             return;
         }
@@ -958,7 +973,10 @@ impl Source {
                 if self.sm.state().can_go(next) {
                     let _ = self.sm.go(next);
                 }
-                if self.package_sent && self.s.peer_guest_ran == Some(false) {
+                if self.report.source_guest.is_some() {
+                    // Released after completion: a later failure (say, of
+                    // the memory check) changes nothing for it.
+                } else if self.package_sent && self.s.peer_guest_ran == Some(false) {
                     // The destination says its guest never ran: no second
                     // copy exists, so the source may carry on.
                     log::warn!("the destination never ran the guest: resuming it here");

@@ -12,7 +12,6 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::control::ExitStatus;
 use common::role::{Bootstrap, FdSocket, LinkError, FD_SOCKET, IPC_ARG};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +55,6 @@ pub struct Child<In, Out> {
     /// Taken by whoever forwards its messages.
     pub rx: Option<IpcReceiver<Out>>,
     pub fds: FdSocket,
-    pub exit: Option<ExitStatus>,
-    pub restarts: u32,
 }
 
 impl<In: Serialize, Out> Child<In, Out> {
@@ -83,16 +80,11 @@ impl<In: Serialize, Out> Child<In, Out> {
         })
     }
 
-    pub fn is_running(&self) -> bool {
-        self.exit.is_none()
-    }
-
-    /// SIGKILL, if still running.
+    /// SIGKILL (the reaper reports the exit).
     pub fn kill(&self) {
-        if self.exit.is_none() {
-            // SAFETY: kill(2) on a pid we started and have not reaped.
-            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
-        }
+        // SAFETY: kill(2) on a pid we started; if it was reaped already the
+        // worst case is ESRCH.
+        unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
     }
 }
 
@@ -184,7 +176,5 @@ where
         tx: boot.to_role,
         rx: Some(boot.from_role),
         fds: ours,
-        exit: None,
-        restarts: 0,
     })
 }
