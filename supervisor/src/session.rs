@@ -7,6 +7,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use common::control::{ControlMsg, ExitStatus, RoleInfo};
+use common::msg::{FromFaultHandler, FromGuest, FromPageServer, FromRamSender};
 
 use crate::error::MigError;
 use crate::events::{Event, Reaper};
@@ -122,34 +123,15 @@ impl Session {
                 if self.is_quitting(name) {
                     return Ok(None);
                 }
-                // The exit usually follows the closed channel by a moment:
-                // wait for it, so the error says how the process ended.
                 let pid = self
                     .procs
                     .iter()
                     .find(|p| p.name == name && p.exit.is_none())
                     .map(|p| p.pid);
-                if let Some(pid) = pid {
-                    let deadline = Instant::now() + Duration::from_millis(500);
-                    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                        match self.rx.recv_timeout(left) {
-                            Ok(Event::Exited { pid: p, status }) if p == pid => {
-                                self.exited(p, status);
-                                return Err(MigError::RoleDied { name, pid, status });
-                            }
-                            Ok(other) => self.stash(other),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Err(MigError::ChannelClosed(name))
+                Err(self.explain_death(name, pid, None))
             }
             Event::Exited { pid, status } => match self.exited(pid, status) {
-                Some(p) => Err(MigError::RoleDied {
-                    name: p.name,
-                    pid,
-                    status,
-                }),
+                Some(p) => Err(self.explain_death(p.name, Some(pid), Some(status))),
                 None => Ok(None),
             },
             Event::Peer(ControlMsg::Abort {
@@ -167,6 +149,57 @@ impl Session {
             Event::PeerLost(e) => Err(MigError::PeerLost(e)),
             Event::Peer(ControlMsg::Heartbeat) => Ok(None),
             other => Ok(Some(other)),
+        }
+    }
+
+    /// A process of ours ended unexpectedly (its channel closed, or its
+    /// exit arrived). Its own last words, an error message, may still be on
+    /// the way, and so may its exit status: wait a moment for both, so the
+    /// error says why and how it ended.
+    fn explain_death(
+        &mut self,
+        name: &'static str,
+        pid: Option<u32>,
+        status: Option<ExitStatus>,
+    ) -> MigError {
+        let last_words = |ev: &Event| -> Option<String> {
+            match (ev, name) {
+                (Event::Guest(FromGuest::Error(e)), "postcopy-guest")
+                | (Event::Sender(FromRamSender::Error(e)), "ram-sender")
+                | (Event::Server(FromPageServer::Error(e)), "page-server")
+                | (Event::Handler(FromFaultHandler::Error(e)), "fault-handler") => Some(e.clone()),
+                _ => None,
+            }
+        };
+        if let Some(i) = self.stash.iter().position(|e| last_words(e).is_some()) {
+            let ev = self.stash.remove(i).expect("index in range");
+            let detail = last_words(&ev).expect("matched above");
+            return MigError::Role { name, detail };
+        }
+        let mut status = status;
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.rx.recv_timeout(left) {
+                Ok(ev) => {
+                    if let Some(detail) = last_words(&ev) {
+                        return MigError::Role { name, detail };
+                    }
+                    match ev {
+                        Event::Exited { pid: p, status: s } if Some(p) == pid => {
+                            self.exited(p, s);
+                            status = Some(s);
+                        }
+                        // Its channel closing after its exit says nothing new.
+                        Event::ChannelClosed(n) if n == name => {}
+                        other => self.stash(other),
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        match (pid, status) {
+            (Some(pid), Some(status)) => MigError::RoleDied { name, pid, status },
+            _ => MigError::ChannelClosed(name),
         }
     }
 
