@@ -137,18 +137,6 @@ impl SharedBitmap {
         self.header(H_COUNT).load(Ordering::Acquire)
     }
 
-    /// Recounts the set bits and repairs the running count (after a role
-    /// died between setting a bit and counting it).
-    pub fn recount(&self) -> u64 {
-        let n: u64 = self
-            .words()
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
-            .sum();
-        self.header(H_COUNT).store(n, Ordering::Release);
-        n
-    }
-
     /// True when every bit is set.
     pub fn is_full(&self) -> bool {
         self.count() >= self.bits
@@ -194,15 +182,6 @@ impl SharedBitmap {
 
     pub fn set_hint(&self, value: u64) {
         self.header(H_HINT).store(value, Ordering::Release)
-    }
-
-    /// A copy of the bits (for exchanging the set with a peer).
-    pub fn snapshot(&self) -> Bitmap {
-        let mut b = Bitmap::new(self.bits);
-        for (dst, src) in b.words.iter_mut().zip(self.words()) {
-            *dst = src.load(Ordering::Acquire);
-        }
-        b
     }
 }
 
@@ -397,7 +376,6 @@ mod tests {
         }
         assert!(b.is_full());
         assert_eq!(b.next_clear(0), None);
-        assert_eq!(b.recount(), 130);
     }
 
     #[test]

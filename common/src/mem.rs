@@ -163,10 +163,6 @@ impl Mapping {
         self.len == 0
     }
 
-    pub fn access(&self) -> Access {
-        self.access
-    }
-
     /// Where this mapping sits in this process: what the guest tells the
     /// roles so they can name its pages to userfaultfd and pagemap.
     pub fn remote_addr(&self) -> RemoteAddr {

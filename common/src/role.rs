@@ -165,10 +165,6 @@ impl NamedFds {
     pub fn take_optional(&mut self, name: &'static str) -> Option<OwnedFd> {
         self.take(name).ok()
     }
-
-    pub fn names(&self) -> Vec<&str> {
-        self.fds.iter().map(|(n, _)| n.as_str()).collect()
-    }
 }
 
 /// A role's end of its link to the supervisor.

@@ -4,7 +4,6 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::time::{Duration, Instant};
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MigrationState {
@@ -23,16 +22,6 @@ impl MigrationState {
         matches!(
             self,
             MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
-        )
-    }
-
-    /// True once the destination guest may be the only live copy.
-    pub fn is_postcopy(self) -> bool {
-        matches!(
-            self,
-            MigrationState::PostcopyActive
-                | MigrationState::PostcopyPaused
-                | MigrationState::PostcopyRecover
         )
     }
 
@@ -76,11 +65,10 @@ pub struct StateError {
     pub to: MigrationState,
 }
 
-/// The current state and when each state was entered.
+/// The current state; every change goes through [`StateMachine::go`].
 #[derive(Debug)]
 pub struct StateMachine {
     state: MigrationState,
-    history: Vec<(MigrationState, Instant)>,
 }
 
 impl Default for StateMachine {
@@ -93,7 +81,6 @@ impl StateMachine {
     pub fn new() -> Self {
         StateMachine {
             state: MigrationState::Setup,
-            history: vec![(MigrationState::Setup, Instant::now())],
         }
     }
 
@@ -110,24 +97,7 @@ impl StateMachine {
         }
         log::info!("state {} -> {}", self.state, to);
         self.state = to;
-        self.history.push((to, Instant::now()));
         Ok(())
-    }
-
-    /// When `state` was first entered.
-    pub fn entered(&self, state: MigrationState) -> Option<Instant> {
-        self.history
-            .iter()
-            .find(|(s, _)| *s == state)
-            .map(|(_, t)| *t)
-    }
-
-    /// Time from entering `from` to entering `to`.
-    pub fn between(&self, from: MigrationState, to: MigrationState) -> Option<Duration> {
-        Some(
-            self.entered(to)?
-                .saturating_duration_since(self.entered(from)?),
-        )
     }
 }
 
@@ -143,7 +113,6 @@ mod tests {
         m.go(Completed).unwrap();
         assert!(m.state().is_terminal());
         assert!(m.go(Failed).is_err());
-        assert!(m.between(Setup, Completed).is_some());
     }
 
     #[test]

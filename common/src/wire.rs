@@ -602,6 +602,24 @@ pub enum Frame<'a> {
     Control(&'a [u8]),
 }
 
+impl Frame<'_> {
+    /// The type this frame came as.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Frame::Pages { .. } => FrameType::Pages,
+            Frame::Zero { .. } => FrameType::Zero,
+            Frame::Round { .. } => FrameType::Round,
+            Frame::Discard { .. } => FrameType::Discard,
+            Frame::Mark { .. } => FrameType::Mark,
+            Frame::Package(_) => FrameType::Package,
+            Frame::Eos => FrameType::Eos,
+            Frame::Request { .. } => FrameType::Request,
+            Frame::PostcopyDone => FrameType::PostcopyDone,
+            Frame::Control(_) => FrameType::Control,
+        }
+    }
+}
+
 /// Reads and checks frames from one connection.
 pub struct FrameReader<R> {
     inner: R,

@@ -111,21 +111,6 @@ enum Via {
     Urgent,
 }
 
-fn frame_name(f: &Frame<'_>) -> &'static str {
-    match f {
-        Frame::Pages { .. } => "PAGES",
-        Frame::Zero { .. } => "ZERO",
-        Frame::Round { .. } => "ROUND",
-        Frame::Discard { .. } => "DISCARD",
-        Frame::Mark { .. } => "MARK",
-        Frame::Package(_) => "PACKAGE",
-        Frame::Eos => "EOS",
-        Frame::Request { .. } => "REQUEST",
-        Frame::PostcopyDone => "POSTCOPY_DONE",
-        Frame::Control(_) => "CONTROL",
-    }
-}
-
 pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), HandlerError> {
     let setup = match link.recv()? {
         ToFaultHandler::Start(s) => s,
@@ -299,7 +284,7 @@ impl Handler {
             if !allowed {
                 return Err(HandlerError::Protocol(format!(
                     "{} after the device-state package",
-                    frame_name(&frame)
+                    frame.frame_type()
                 )));
             }
             match frame {
@@ -401,7 +386,7 @@ impl Handler {
                 let p = p.get();
                 self.received.clear(p);
                 written.clear(p);
-                self.set_digest(p, 0);
+                self.forget_digest(p);
             }
             self.counters
                 .discarded
@@ -413,9 +398,20 @@ impl Handler {
         Ok(())
     }
 
-    fn set_digest(&self, page: u64, d: u64) {
+    /// Records the digest of a page just placed (`None`: a zero page), if
+    /// digests are kept: with `--verify` other than digest this costs
+    /// nothing on the page path.
+    fn record_digest(&self, page: u64, data: Option<&[u8]>) {
         if let Some(t) = &self.digests {
+            let d = data.map_or_else(zero_page_digest, page_digest);
             t.atomic_words()[page as usize].store(d, Ordering::Relaxed);
+        }
+    }
+
+    /// The page is no longer placed (discarded).
+    fn forget_digest(&self, page: u64) {
+        if let Some(t) = &self.digests {
+            t.atomic_words()[page as usize].store(0, Ordering::Relaxed);
         }
     }
 
@@ -446,18 +442,17 @@ impl Handler {
                 write_at(self.memfd.as_fd(), range.first().offset().0, data)?;
                 for (p, page) in range.pages().zip(data.chunks_exact(PAGE_SIZE)) {
                     written.set(p.get());
-                    self.set_digest(p.get(), page_digest(page));
+                    self.record_digest(p.get(), Some(page));
                     self.received.test_and_set(p.get());
                 }
             }
             None => {
-                let z = zero_page_digest();
                 for p in range.pages() {
                     let p = p.get();
                     if written.clear(p) {
                         punch_hole(self.memfd.as_fd(), p * PAGE_SIZE as u64, PAGE_SIZE as u64)?;
                     }
-                    self.set_digest(p, z);
+                    self.record_digest(p, None);
                     self.received.test_and_set(p);
                 }
             }
@@ -497,15 +492,10 @@ impl Handler {
                 }
             }
         }
-        let z = zero_page_digest();
         let mut newly = 0u64;
         for (i, p) in range.pages().enumerate() {
             let p = p.get();
-            let d = match data {
-                Some(d) => page_digest(&d[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]),
-                None => z,
-            };
-            self.set_digest(p, d);
+            self.record_digest(p, data.map(|d| &d[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]));
             if self.received.test_and_set(p) {
                 newly += 1;
             }

@@ -4,12 +4,11 @@
 
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use crate::cli::{DemoArgs, SourceOpts};
 use crate::report::Report;
-use crate::source;
+use crate::{source, spawn};
 
 /// fd number at which the destination finds its listening socket.
 const LISTEN_FD: i32 = 3;
@@ -32,21 +31,7 @@ pub fn demo(args: &DemoArgs, opts: SourceOpts) -> Result<Report, String> {
     if let Some(p) = &args.dest_serial_log {
         cmd.arg("--serial-log").arg(p);
     }
-    let raw = listener.as_raw_fd();
-    // SAFETY: runs between fork and exec; only dup2, fcntl, prctl, setpgid.
-    unsafe {
-        cmd.pre_exec(move || {
-            if raw == LISTEN_FD {
-                let flags = libc::fcntl(LISTEN_FD, libc::F_GETFD);
-                libc::fcntl(LISTEN_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            } else if libc::dup2(raw, LISTEN_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            libc::setpgid(0, 0);
-            Ok(())
-        });
-    }
+    spawn::hand_over(&mut cmd, listener.as_raw_fd(), LISTEN_FD);
     let child = cmd
         .spawn()
         .map_err(|e| format!("cannot start the destination: {e}"))?;

@@ -54,7 +54,6 @@ struct Dest {
     digests_done: bool,
     /// Discard time already spent at the last MARK (before the stop).
     mark_discard_us: u64,
-    last_heartbeat: Instant,
 }
 
 /// Waits for one migration and returns the destination's report.
@@ -91,7 +90,6 @@ pub fn incoming(args: IncomingArgs) -> Report {
         digests: Vec::new(),
         digests_done: false,
         mark_discard_us: 0,
-        last_heartbeat: Instant::now(),
     };
     let t0 = Instant::now();
     let result = d.run();
@@ -106,20 +104,7 @@ impl EventLoop for Dest {
 
     fn on_tick(&mut self) -> Result<(), MigError> {
         let link = self.link_timeout();
-        if let Some(c) = self.control.as_mut() {
-            if self.last_heartbeat.elapsed() >= Duration::from_secs(1) {
-                self.last_heartbeat = Instant::now();
-                c.send(&ControlMsg::Heartbeat)?;
-            }
-            let silent = self.s.peer_heard.elapsed();
-            if silent > link {
-                return Err(MigError::PeerLost(format!(
-                    "no word from the source for {:.0} s",
-                    silent.as_secs_f64()
-                )));
-            }
-        }
-        Ok(())
+        self.s.keep_alive(self.control.as_mut(), link, "source")
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), MigError> {

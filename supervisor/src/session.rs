@@ -11,6 +11,7 @@ use common::msg::{FromFaultHandler, FromGuest, FromPageServer, FromRamSender};
 
 use crate::error::MigError;
 use crate::events::{Event, Reaper};
+use crate::net::Control;
 
 /// One process this supervisor started.
 #[derive(Debug, Clone)]
@@ -34,6 +35,7 @@ pub struct Session {
     pub host: &'static str,
     /// When the peer supervisor last said anything.
     pub peer_heard: Instant,
+    last_heartbeat: Instant,
     /// When a ram-sender message last arrived.
     pub sender_heard: Instant,
     /// What the peer's Abort said about its guest having run.
@@ -54,6 +56,7 @@ impl Session {
             procs: Vec::new(),
             host,
             peer_heard: now,
+            last_heartbeat: now,
             sender_heard: now,
             peer_guest_ran: None,
             last_tick: now,
@@ -257,6 +260,29 @@ impl Session {
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => None,
         }
+    }
+
+    /// The heartbeat, both ways: says "still here" once a second on
+    /// `control`, and fails when `peer` has been silent for `link_timeout`.
+    pub fn keep_alive(
+        &mut self,
+        control: Option<&mut Control>,
+        link_timeout: Duration,
+        peer: &str,
+    ) -> Result<(), MigError> {
+        let Some(c) = control else { return Ok(()) };
+        if self.last_heartbeat.elapsed() >= Duration::from_secs(1) {
+            self.last_heartbeat = Instant::now();
+            c.send(&ControlMsg::Heartbeat)?;
+        }
+        let silent = self.peer_heard.elapsed();
+        if silent > link_timeout {
+            return Err(MigError::PeerLost(format!(
+                "no word from the {peer} for {:.0} s",
+                silent.as_secs_f64()
+            )));
+        }
+        Ok(())
     }
 
     /// True at most every 100 ms: time for `on_tick`.

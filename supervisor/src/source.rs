@@ -70,7 +70,6 @@ struct Source {
     finishing: bool,
     /// The last progress report: when, and bytes sent by then.
     last_progress: Option<(Instant, u64)>,
-    last_heartbeat: Instant,
     /// The ram-sender has work and should be talking.
     awaiting_sender: bool,
     /// The guest's estimate of its saved state, bytes.
@@ -149,7 +148,6 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         dest_mark: 0,
         finishing: false,
         last_progress: None,
-        last_heartbeat: Instant::now(),
         awaiting_sender: false,
         state_bytes: 0,
         cmd_socket: None,
@@ -180,19 +178,8 @@ impl EventLoop for Source {
             return Ok(());
         }
         let link = self.opts.link_timeout;
-        if let Some(c) = self.control.as_mut() {
-            if self.last_heartbeat.elapsed() >= Duration::from_secs(1) {
-                self.last_heartbeat = Instant::now();
-                c.send(&ControlMsg::Heartbeat)?;
-            }
-            let silent = self.s.peer_heard.elapsed();
-            if silent > link {
-                return Err(MigError::PeerLost(format!(
-                    "no word from the destination for {:.0} s",
-                    silent.as_secs_f64()
-                )));
-            }
-        }
+        self.s
+            .keep_alive(self.control.as_mut(), link, "destination")?;
         // A ram-sender that stops talking while it has work (stopped,
         // wedged) would hold the migration forever.
         let limit = link.max(Duration::from_secs(30));

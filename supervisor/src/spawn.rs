@@ -5,7 +5,7 @@
 
 use ipc_channel::ipc::{IpcOneShotServer, IpcReceiver, IpcSender};
 use serde::{de::DeserializeOwned, Serialize};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -88,6 +88,27 @@ impl<In: Serialize, Out> Child<In, Out> {
     }
 }
 
+/// Prepares `cmd` to get `fd` at fd number `at` (and no other fd of ours:
+/// everything else is close-on-exec), to run in its own process group (a
+/// terminal's Ctrl-C reaches only the supervisor) and to die with us.
+pub fn hand_over(cmd: &mut Command, fd: RawFd, at: RawFd) {
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe calls (dup2, fcntl, prctl, setpgid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == at {
+                let flags = libc::fcntl(at, libc::F_GETFD);
+                libc::fcntl(at, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            } else if libc::dup2(fd, at) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            libc::setpgid(0, 0);
+            Ok(())
+        });
+    }
+}
+
 /// Starts `name` from [`bin_dir`] and waits for it to join.
 pub fn spawn<In, Out>(name: &'static str) -> Result<Child<In, Out>, SpawnError>
 where
@@ -119,24 +140,9 @@ where
         name: name.to_string(),
         source,
     })?;
-    let theirs_raw = theirs.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg(IPC_ARG).arg(&server_name).stdin(Stdio::null());
-    // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe calls (dup2, fcntl, prctl, setpgid).
-    unsafe {
-        cmd.pre_exec(move || {
-            if theirs_raw == FD_SOCKET {
-                let flags = libc::fcntl(FD_SOCKET, libc::F_GETFD);
-                libc::fcntl(FD_SOCKET, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            } else if libc::dup2(theirs_raw, FD_SOCKET) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            libc::setpgid(0, 0);
-            Ok(())
-        });
-    }
+    hand_over(&mut cmd, theirs.as_raw_fd(), FD_SOCKET);
     let child = cmd.spawn().map_err(|source| SpawnError::Exec {
         name: name.to_string(),
         source,
