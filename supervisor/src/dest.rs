@@ -18,7 +18,7 @@ use common::msg::{
     FromFaultHandler, FromGuest, GuestInit, HandlerSetup, PostcopyStats, RecvProgress, Side,
     ToFaultHandler, ToGuest,
 };
-use common::state::{MigrationState, StateMachine};
+use common::state::MigrationState;
 use common::types::{MemLayout, MigrationId, PAGE_SIZE};
 use common::uffd::Uffd;
 use common::wire::{ConnKind, HelloStatus, Package};
@@ -26,6 +26,8 @@ use common::wire::{ConnKind, HelloStatus, Package};
 use crate::cli::IncomingArgs;
 use crate::error::MigError;
 use crate::events::{self, Event};
+use crate::machine::dest::{DestAction, DestMachine, DestState};
+use crate::machine::Judged;
 use crate::net::{self, Control};
 use crate::report::{Report, RoleReport, VerifyReport};
 use crate::session::{EventLoop, Session};
@@ -38,7 +40,10 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 struct Dest {
     args: IncomingArgs,
     s: Session,
-    sm: StateMachine,
+    /// Where the migration is: the one state, judging every event.
+    m: DestMachine,
+    /// When the machine entered its current state (step deadlines).
+    state_since: (&'static str, Instant),
     report: Report,
     req: Option<SetupRequest>,
     layout: MemLayout,
@@ -49,11 +54,20 @@ struct Dest {
     control: Option<Control>,
     held: Vec<OwnedFd>,
     serial_path: Option<String>,
-    guest_running: bool,
+    /// The source's digests, as they come.
     digests: Vec<u64>,
-    digests_done: bool,
+    /// The package, between its arrival and the guest's Load.
+    package: Option<Package>,
+    /// Switchover timings: when Listen and Load were sent, and the
+    /// discard time of the last stretch of the stream (µs).
+    t_listen: Option<Instant>,
+    t_load: Option<Instant>,
+    listen_us: u64,
+    discard_us: u64,
     /// Discard time already spent at the last MARK (before the stop).
     mark_discard_us: u64,
+    /// What the fault-handler said when it had every page.
+    done: Option<(Option<PostcopyStats>, RecvProgress)>,
 }
 
 /// Waits for one migration and returns the destination's report.
@@ -72,10 +86,12 @@ pub fn incoming(args: IncomingArgs) -> Report {
             return report;
         }
     };
+    let m = DestMachine::new();
     let mut d = Dest {
         args,
         s,
-        sm: StateMachine::new(),
+        state_since: (m.state().name(), Instant::now()),
+        m,
         report,
         req: None,
         layout: MemLayout::new(PAGE_SIZE as u64).expect("one page"),
@@ -86,10 +102,14 @@ pub fn incoming(args: IncomingArgs) -> Report {
         control: None,
         held: Vec::new(),
         serial_path: None,
-        guest_running: false,
         digests: Vec::new(),
-        digests_done: false,
+        package: None,
+        t_listen: None,
+        t_load: None,
+        listen_us: 0,
+        discard_us: 0,
         mark_discard_us: 0,
+        done: None,
     };
     let t0 = Instant::now();
     let result = d.run();
@@ -103,68 +123,51 @@ impl EventLoop for Dest {
     }
 
     fn on_tick(&mut self) -> Result<(), MigError> {
+        if self.m.is_over() {
+            return Ok(());
+        }
         let link = self.link_timeout();
-        self.s.keep_alive(self.control.as_mut(), link, "source")
+        self.s.keep_alive(self.control.as_mut(), link, "source")?;
+        let (name, since) = self.state_since;
+        if let Some(what) = self.m.state().step() {
+            let limit = if self.m.state() == &DestState::AwaitFinish {
+                Duration::from_secs(120)
+            } else {
+                STEP_TIMEOUT
+            };
+            if since.elapsed() > limit {
+                return Err(MigError::Timeout {
+                    what: format!("{what} (in state {name})"),
+                    secs: limit.as_secs_f64(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), MigError> {
+        if self.m.is_over() {
+            if let Event::Exited { pid, status } = ev {
+                self.s.exited(pid, status);
+            }
+            return Ok(());
+        }
         let Some(ev) = self.s.handle_common(ev, "source")? else {
             return Ok(());
         };
-        match ev {
-            Event::Handler(FromFaultHandler::Progress(_)) => Ok(()),
-            Event::Handler(FromFaultHandler::Mark(id, prog)) => {
-                self.mark_discard_us = prog.discard_us;
-                match self.control.as_mut() {
-                    Some(c) => Ok(c.send(&ControlMsg::DestMark { id })?),
-                    None => Ok(()),
-                }
-            }
-            Event::Handler(FromFaultHandler::Error(e)) => Err(MigError::Role {
-                name: "fault-handler",
-                detail: e,
-            }),
-            Event::Guest(FromGuest::Error(e)) => Err(MigError::Role {
-                name: "guest",
-                detail: e,
-            }),
-            Event::Guest(FromGuest::Progress { .. }) => Ok(()),
-            Event::Peer(ControlMsg::SourceDigests { first, digests }) => {
-                if first != self.digests.len() as u64 {
-                    return Err(MigError::Protocol(format!(
-                        "source digests out of order: chunk at page {first}, expected {}",
-                        self.digests.len()
-                    )));
-                }
-                if self.digests.len() as u64 + digests.len() as u64 > self.layout.pages() {
-                    return Err(MigError::Protocol(format!(
-                        "source sent more digests than the {} pages of guest memory",
-                        self.layout.pages()
-                    )));
-                }
-                self.digests.extend(digests);
+        if let Event::Interrupt(sig) = ev {
+            return if self.m.state().guest_ran() {
+                log::warn!(
+                    "signal {sig}: the guest runs here now and may be the only live copy; not cancelling"
+                );
                 Ok(())
-            }
-            Event::Peer(ControlMsg::SourceDigestsEnd) => {
-                self.digests_done = true;
-                Ok(())
-            }
-            Event::Interrupt(sig) => {
-                if self.guest_running {
-                    log::warn!(
-                        "signal {sig}: the guest runs here now and may be the only live copy; not cancelling"
-                    );
-                    Ok(())
-                } else {
-                    Err(MigError::Cancelled(format!("signal {sig}")))
-                }
-            }
-            Event::StartPostcopy => Ok(()),
-            other => {
-                self.s.stash(other);
-                Ok(())
-            }
+            } else {
+                Err(MigError::Cancelled(format!("signal {sig}")))
+            };
         }
+        let judged = self.m.on(&ev, self.wants_digests())?;
+        self.observe(ev)?;
+        self.after_judging(judged)
     }
 }
 
@@ -187,6 +190,12 @@ impl Dest {
         Duration::from_secs(self.args.link_timeout)
     }
 
+    fn wants_digests(&self) -> bool {
+        self.req
+            .as_ref()
+            .is_some_and(|r| r.verify == VerifyMethod::Digest)
+    }
+
     fn listener(&self) -> Result<TcpListener, MigError> {
         if let Some(fd) = self.args.listen_fd {
             // SAFETY: `demo` put a listening socket at this fd for us and
@@ -195,6 +204,136 @@ impl Dest {
         }
         let addr = self.args.listen.as_deref().expect("clap requires one");
         TcpListener::bind(addr).map_err(|e| MigError::io(format!("listen on {addr}"), e))
+    }
+
+    /// Notes when the machine entered a new state (step deadlines).
+    fn note_state(&mut self) {
+        let name = self.m.state().name();
+        if name != self.state_since.0 {
+            log::info!("state {} -> {name}", self.state_since.0);
+            self.state_since = (name, Instant::now());
+        }
+    }
+
+    /// Notes a state change, then does the steps the machine asked for.
+    fn after_judging(&mut self, judged: Judged<DestAction>) -> Result<(), MigError> {
+        self.note_state();
+        if let Judged::Act(actions) = judged {
+            for a in actions {
+                self.exec(a)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes what the driver needs from an event the machine allowed.
+    fn observe(&mut self, ev: Event) -> Result<(), MigError> {
+        match ev {
+            Event::Handler(FromFaultHandler::Error(e)) => {
+                return Err(MigError::Role {
+                    name: "fault-handler",
+                    detail: e,
+                })
+            }
+            Event::Guest(FromGuest::Error(e)) => {
+                return Err(MigError::Role {
+                    name: "guest",
+                    detail: e,
+                })
+            }
+            Event::Handler(FromFaultHandler::Mark(_, prog)) => {
+                self.mark_discard_us = prog.discard_us;
+            }
+            Event::Handler(FromFaultHandler::Package(pkg, prog)) => {
+                self.discard_us = prog.discard_us.saturating_sub(self.mark_discard_us);
+                self.package = Some(pkg);
+            }
+            Event::Handler(FromFaultHandler::PrecopyDone(prog)) => self.done = Some((None, prog)),
+            Event::Handler(FromFaultHandler::PostcopyDone(stats, prog)) => {
+                self.done = Some((Some(stats), prog))
+            }
+            Event::Peer(ControlMsg::SourceDigests { first, digests }) => {
+                if first != self.digests.len() as u64 {
+                    return Err(MigError::Protocol(format!(
+                        "source digests out of order: chunk at page {first}, expected {}",
+                        self.digests.len()
+                    )));
+                }
+                if self.digests.len() as u64 + digests.len() as u64 > self.layout.pages() {
+                    return Err(MigError::Protocol(format!(
+                        "source sent more digests than the {} pages of guest memory",
+                        self.layout.pages()
+                    )));
+                }
+                self.digests.extend(digests);
+            }
+            Event::Peer(ControlMsg::SourceDigestsEnd)
+                if self.digests.len() as u64 != self.layout.pages() =>
+            {
+                return Err(MigError::Protocol(format!(
+                    "the source sent {} digests for {} pages of guest memory",
+                    self.digests.len(),
+                    self.layout.pages()
+                )));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Does one step the machine asked for.
+    fn exec(&mut self, a: DestAction) -> Result<(), MigError> {
+        match a {
+            DestAction::AckMark(id) => self.control()?.send(&ControlMsg::DestMark { id })?,
+            DestAction::Listen => {
+                self.t_listen = Some(Instant::now());
+                self.guest().send(ToGuest::Listen)?;
+            }
+            DestAction::HandlerListening => self.handler().send(ToFaultHandler::Listening)?,
+            DestAction::Load => {
+                self.listen_us = self
+                    .t_listen
+                    .map(|t| t.elapsed().as_micros() as u64)
+                    .unwrap_or(0);
+                self.t_load = Some(Instant::now());
+                let pkg = self.package.take().expect("the package came first");
+                self.guest().send(ToGuest::Load(pkg.guest_state))?;
+            }
+            DestAction::Run => self.guest().send(ToGuest::Run)?,
+            DestAction::SendRunning => {
+                let start_us = self
+                    .t_load
+                    .map(|t| t.elapsed().as_micros() as u64)
+                    .unwrap_or(0);
+                let (listen_us, discard_us) = (self.listen_us, self.discard_us);
+                self.control()?.send(&ControlMsg::DestRunning {
+                    listen_us,
+                    start_us,
+                    discard_us,
+                })?;
+            }
+            DestAction::Completed => {
+                let (stats, prog) = self.done.take().expect("the fault-handler said so");
+                self.completed(stats, prog)?;
+                // Stop the guest for the memory check; a KVM guest first
+                // shows on its serial port that it runs here.
+                if self
+                    .req
+                    .as_ref()
+                    .is_some_and(|r| r.guest.kind == GuestKind::Kvm)
+                {
+                    self.await_marker()?;
+                }
+                self.guest().send(ToGuest::Stop)?;
+            }
+            DestAction::Check => {
+                self.check()?;
+                self.m.checked()?;
+                self.note_state();
+            }
+            DestAction::Done => {}
+        }
+        Ok(())
     }
 
     fn run(&mut self) -> Result<(), MigError> {
@@ -225,10 +364,15 @@ impl Dest {
         self.control =
             Some(Control::new(ctrl, self.s.tx.clone()).map_err(|e| MigError::io("control", e))?);
         self.s.peer_heard = Instant::now();
-        let req = self.wait("the source's Setup", Some(STEP_TIMEOUT), |ev| match ev {
-            Event::Peer(ControlMsg::Setup(r)) => Ok(r),
+        let setup = self.wait("the source's Setup", Some(STEP_TIMEOUT), |ev| match ev {
+            Event::Peer(ControlMsg::Setup(_)) => Ok(ev),
             other => Err(other),
         })?;
+        let judged = self.m.on(&setup, false)?;
+        self.after_judging(judged)?;
+        let Event::Peer(ControlMsg::Setup(req)) = setup else {
+            unreachable!("picked a Setup")
+        };
         match self.prepare(id, &req) {
             Ok(accepted) => self.control()?.send(&ControlMsg::SetupAccepted(accepted))?,
             Err(e) => {
@@ -241,30 +385,14 @@ impl Dest {
         self.accept_data(&listener, id)?;
         // One migration per `incoming`: later sources are refused at once.
         drop(listener);
-        self.sm.go(MigrationState::Active)?;
+        self.m.connected()?;
+        self.note_state();
         self.report.setup_time_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-        let (pkg, prog) = self.wait("the device-state package", None, |ev| match ev {
-            Event::Handler(FromFaultHandler::Package(p, prog)) => Ok((p, prog)),
-            other => Err(other),
-        })?;
-        let discard_us = prog.discard_us.saturating_sub(self.mark_discard_us);
-        self.start_guest(pkg, discard_us)?;
-        let (stats, prog) = self.wait("every page", None, |ev| match ev {
-            Event::Handler(FromFaultHandler::PrecopyDone(p)) => Ok((None, p)),
-            Event::Handler(FromFaultHandler::PostcopyDone(s, p)) => Ok((Some(s), p)),
-            other => Err(other),
-        })?;
-        self.completed(stats, prog)?;
-        self.verify()?;
-        self.wait(
-            "the source to finish",
-            Some(Duration::from_secs(120)),
-            |ev| match ev {
-                Event::Peer(ControlMsg::Finish) => Ok(()),
-                other => Err(other),
-            },
-        )?;
+        // From here the machine drives: every event is judged and its steps
+        // done in on_event, until the source says Finish.
+        while !self.m.is_over() {
+            self.idle(Duration::from_millis(100))?;
+        }
         Ok(())
     }
 
@@ -451,64 +579,11 @@ impl Dest {
         Ok(())
     }
 
-    /// The package is here: register (for postcopy), load, run.
-    fn start_guest(&mut self, pkg: Package, discard_us: u64) -> Result<(), MigError> {
-        if !pkg.run {
-            return Err(MigError::Protocol(
-                "the package does not ask to run the guest; a stopped incoming guest is not supported".into(),
-            ));
-        }
-        let t = Instant::now();
-        if pkg.listen {
-            self.guest().send(ToGuest::Listen)?;
-            self.wait(
-                "the guest to register its memory",
-                Some(STEP_TIMEOUT),
-                |ev| match ev {
-                    Event::Guest(FromGuest::Listening) => Ok(()),
-                    other => Err(other),
-                },
-            )?;
-            self.handler().send(ToFaultHandler::Listening)?;
-        }
-        let listen_us = t.elapsed().as_micros() as u64;
-        let t = Instant::now();
-        self.guest().send(ToGuest::Load(pkg.guest_state))?;
-        self.wait(
-            "the guest to load its state",
-            Some(STEP_TIMEOUT),
-            |ev| match ev {
-                Event::Guest(FromGuest::Loaded) => Ok(()),
-                other => Err(other),
-            },
-        )?;
-        self.guest().send(ToGuest::Run)?;
-        self.wait("the guest to run", Some(STEP_TIMEOUT), |ev| match ev {
-            Event::Guest(FromGuest::Running) => Ok(()),
-            other => Err(other),
-        })?;
-        self.guest_running = true;
-        let start_us = t.elapsed().as_micros() as u64;
-        if pkg.listen {
-            self.sm.go(MigrationState::PostcopyActive)?;
-        }
-        self.control
-            .as_mut()
-            .expect("connected")
-            .send(&ControlMsg::DestRunning {
-                listen_us,
-                start_us,
-                discard_us,
-            })?;
-        Ok(())
-    }
-
     fn completed(
         &mut self,
         stats: Option<PostcopyStats>,
         prog: RecvProgress,
     ) -> Result<(), MigError> {
-        self.sm.go(MigrationState::Completed)?;
         let serial_bytes = self
             .serial_path
             .as_ref()
@@ -539,17 +614,10 @@ impl Dest {
         Ok(())
     }
 
-    /// Stops the guest and checks its memory as agreed at setup.
-    fn verify(&mut self) -> Result<(), MigError> {
+    /// The guest is stopped (and the source's digests are in): checks
+    /// memory as agreed at setup and tells the source.
+    fn check(&mut self) -> Result<(), MigError> {
         let req = self.req.clone().expect("setup done");
-        if req.guest.kind == GuestKind::Kvm {
-            self.await_marker()?;
-        }
-        self.guest().send(ToGuest::Stop)?;
-        self.wait("the guest to stop", Some(STEP_TIMEOUT), |ev| match ev {
-            Event::Guest(FromGuest::Stopped) => Ok(()),
-            other => Err(other),
-        })?;
         // Serial output after the stop is final: count it now.
         if let Some(p) = &self.serial_path {
             self.report.serial_bytes_destination = std::fs::metadata(p).ok().map(|m| m.len());
@@ -561,18 +629,6 @@ impl Dest {
                 Some(verify::ab_check(&mem, &req.verify_ranges))
             }
             VerifyMethod::Digest => {
-                // Chunks are collected by on_event as they come; wait for the end.
-                if !self.digests_done {
-                    self.wait(
-                        "the source's digests",
-                        Some(Duration::from_secs(300)),
-                        |ev| match ev {
-                            Event::Peer(ControlMsg::SourceDigestsEnd) => Ok(()),
-                            other => Err(other),
-                        },
-                    )?;
-                    self.digests_done = true;
-                }
                 let table = self.map(self.digests_fd.as_ref(), self.layout.pages() as usize * 8)?;
                 Some(verify::compare_digests(&self.digests, &table))
             }
@@ -630,6 +686,12 @@ impl Dest {
     }
 
     fn finish(mut self, result: Result<(), MigError>) -> Report {
+        let guest_ran = self.m.state().guest_ran();
+        self.m.end(match &result {
+            Ok(()) => MigrationState::Completed,
+            Err(MigError::Cancelled(_)) => MigrationState::Cancelled,
+            Err(_) => MigrationState::Failed,
+        });
         match &result {
             Ok(()) => self.report.status = "completed".into(),
             Err(e) => {
@@ -641,16 +703,8 @@ impl Dest {
                     let _ = c.send(&ControlMsg::Abort {
                         reason: e.to_string(),
                         cancelled,
-                        guest_ran: self.guest_running,
+                        guest_ran,
                     });
-                }
-                let next = if cancelled {
-                    MigrationState::Cancelled
-                } else {
-                    MigrationState::Failed
-                };
-                if self.sm.state().can_go(next) {
-                    let _ = self.sm.go(next);
                 }
             }
         }

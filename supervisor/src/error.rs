@@ -3,6 +3,7 @@
 use common::control::ExitStatus;
 use common::state::StateError;
 
+use crate::machine::ProtocolError;
 use crate::net::NetError;
 use crate::spawn::SpawnError;
 
@@ -30,6 +31,9 @@ pub enum MigError {
     PeerLost(String),
     #[error("protocol: {0}")]
     Protocol(String),
+    /// A message the migration's state does not allow.
+    #[error("protocol: {0}")]
+    OutOfOrder(#[from] ProtocolError),
     #[error("cancelled: {0}")]
     Cancelled(String),
     #[error("timed out after {secs:.0} s waiting for {what}")]

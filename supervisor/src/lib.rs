@@ -11,6 +11,7 @@ pub mod demo;
 pub mod dest;
 pub mod error;
 pub mod events;
+pub mod machine;
 pub mod net;
 pub mod policy;
 pub mod progress;

@@ -94,6 +94,31 @@ pub fn limit_unsent(stream: &TcpStream, bytes: i32) {
     );
 }
 
+/// Whether the peer has closed or reset `stream`, without reading from it:
+/// `Some("closed by the peer")` (FIN seen), `Some("broken")` (error or
+/// hang-up), `None` while it looks alive. A silent dead host shows up as
+/// alive here; heartbeats and the TCP user timeout catch that.
+pub fn closed(stream: &TcpStream) -> Option<&'static str> {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; a timeout of 0
+    // never blocks.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if n <= 0 {
+        return None;
+    }
+    if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        Some("broken")
+    } else if pfd.revents & libc::POLLRDHUP != 0 {
+        Some("closed by the peer")
+    } else {
+        None
+    }
+}
+
 /// Connects and says hello as `kind`.
 pub fn connect(
     addr: &str,

@@ -35,6 +35,7 @@ pub enum Decision {
     },
 }
 
+#[derive(Clone, Debug)]
 pub struct Policy {
     mode: PostcopyMode,
     downtime_limit: Duration,
@@ -67,6 +68,12 @@ impl Policy {
             max_bandwidth,
             measured: None,
         }
+    }
+
+    /// The guest's estimate of its saved state, bytes (known once the
+    /// guest is up).
+    pub fn set_state_bytes(&mut self, bytes: u64) {
+        self.state_bytes = bytes;
     }
 
     /// The bandwidth decisions use, bytes/s.

@@ -369,22 +369,22 @@ pub trait EventLoop {
                     .min(Duration::from_millis(100)),
                 None => Duration::from_millis(100),
             };
-            match self.session().recv(slice) {
-                Some(ev) => match pick(ev) {
+            if let Some(ev) = self.session().recv(slice) {
+                match pick(ev) {
                     Ok(t) => return Ok(t),
                     Err(ev) => self.on_event(ev)?,
-                },
-                None => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(MigError::Timeout {
-                            what: what.to_string(),
-                            secs: timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0),
-                        });
-                    }
                 }
             }
+            // Ticks run whether or not anything arrived, also when the
+            // wait is over: short waits in a loop must not starve them.
             if self.session().tick_due() {
                 self.on_tick()?;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(MigError::Timeout {
+                    what: what.to_string(),
+                    secs: timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0),
+                });
             }
         }
     }

@@ -6,6 +6,7 @@
 //! source never resumes its guest by itself.
 
 use std::fs::File;
+use std::net::TcpStream;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use common::msg::{
     FinalSync, FromGuest, FromPageServer, FromRamSender, GuestInit, PushStats, RoundStats,
     SenderSetup, ServerSetup, ServerStats, Side, ToGuest, ToPageServer, ToRamSender,
 };
-use common::state::{MigrationState, StateMachine};
+use common::state::MigrationState;
 use common::types::{MemLayout, MigrationId, RemoteAddr, PAGE_SIZE};
 use common::wire::{ConnKind, Package};
 
@@ -25,15 +26,31 @@ use crate::cli::SourceOpts;
 use crate::ctlsock::{CommandSocket, Phase};
 use crate::error::MigError;
 use crate::events::{self, Event};
+use crate::machine::source::{SourceMachine, SourceState, SrcAction};
+use crate::machine::{GuestFate, Judged};
 use crate::net::{self, Control};
-use crate::policy::{Decision, Policy};
+use crate::policy::Policy;
 use crate::progress::ProgressLine;
-use crate::report::{Report, RoleReport, RoundReport, SwitchoverReport, VerifyReport};
+use crate::report::{Report, RoleReport, RoundReport, VerifyReport};
 use crate::session::{EventLoop, Session};
 use crate::spawn::{self, Child};
 use crate::verify;
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination may take to list its processes after `Finish`
+/// (the migration has completed by then: a silent peer only costs the list).
+const FINISH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// When each step of the stop happened, for the report.
+#[derive(Default)]
+struct Times {
+    decided: Option<Instant>,
+    stop: Option<Instant>,
+    stopped: Option<Instant>,
+    synced: Option<Instant>,
+    package_sent: Option<Instant>,
+    dest_running: Option<Instant>,
+}
 
 struct Source {
     opts: SourceOpts,
@@ -41,7 +58,10 @@ struct Source {
     id: MigrationId,
     layout: MemLayout,
     s: Session,
-    sm: StateMachine,
+    /// Where the migration is: the one state, judging every event.
+    m: SourceMachine,
+    /// When the machine entered its current state (step deadlines).
+    state_since: (&'static str, Instant),
     report: Report,
     progress: ProgressLine,
     memfd: OwnedFd,
@@ -52,28 +72,26 @@ struct Source {
     sender: Option<Child<ToRamSender, FromRamSender>>,
     server: Option<Child<ToPageServer, FromPageServer>>,
     control: Option<Control>,
-    /// Data connections and the sent bitmap: held here so a role restart
-    /// could hand them over again.
+    /// The data connections (main, return path, urgent): held here so a
+    /// role restart can hand them over again, and so their liveness can be
+    /// checked before the switch.
+    conns: Vec<TcpStream>,
+    /// The sent bitmap's memfd.
     held: Vec<OwnedFd>,
-    start_requested: bool,
-    guest_stopped: bool,
-    package_sent: bool,
     t0: Option<Instant>,
+    times: Times,
+    /// The guest's saved state, between its arrival and the package.
+    saved_state: Option<Vec<u8>>,
     last_round: Option<RoundStats>,
     final_sync: Option<FinalSync>,
     push: Option<PushStats>,
     served: Option<ServerStats>,
     dest: Option<DestSummary>,
-    /// The last MARK the destination has processed.
-    dest_mark: u64,
-    /// The migration has ended; events no longer fail it.
-    finishing: bool,
     /// The last progress report: when, and bytes sent by then.
     last_progress: Option<(Instant, u64)>,
-    /// The ram-sender has work and should be talking.
-    awaiting_sender: bool,
-    /// The guest's estimate of its saved state, bytes.
-    state_bytes: u64,
+    /// Digests of the frozen source memory, being computed off the main
+    /// thread (verify by digest).
+    digests: Option<std::sync::mpsc::Receiver<Vec<u64>>>,
     /// Where `postcopy start-postcopy` reaches this migration.
     cmd_socket: Option<CommandSocket>,
 }
@@ -118,13 +136,23 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         Ok(fd) => fd,
         Err(e) => return fail_early(report, format!("guest memory: {e}")),
     };
+    // The policy learns the guest's state size once the guest is up.
+    let policy = Policy::new(
+        opts.postcopy,
+        opts.downtime_limit,
+        opts.postcopy_after_syncs,
+        0,
+        opts.max_bandwidth,
+    );
+    let m = SourceMachine::new(policy);
     let mut src = Source {
         opts,
         to,
         id,
         layout,
         s,
-        sm: StateMachine::new(),
+        state_since: (m.state().name(), Instant::now()),
+        m,
         report,
         progress: ProgressLine::new(),
         memfd,
@@ -135,29 +163,25 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         sender: None,
         server: None,
         control: None,
+        conns: Vec::new(),
         held: Vec::new(),
-        start_requested: false,
-        guest_stopped: false,
-        package_sent: false,
         t0: None,
+        times: Times::default(),
+        saved_state: None,
         last_round: None,
         final_sync: None,
         push: None,
         served: None,
         dest: None,
-        dest_mark: 0,
-        finishing: false,
         last_progress: None,
-        awaiting_sender: false,
-        state_bytes: 0,
+        digests: None,
         cmd_socket: None,
     };
-    let phase = if src.opts.postcopy == PostcopyMode::Never {
-        Phase::NoPostcopy
-    } else {
-        Phase::Precopy
-    };
-    match CommandSocket::bind(src.opts.command_socket.clone(), phase, src.s.tx.clone()) {
+    match CommandSocket::bind(
+        src.opts.command_socket.clone(),
+        src.cmd_phase(),
+        src.s.tx.clone(),
+    ) {
         Ok(c) => {
             log::info!("command socket {}", c.path().display());
             src.cmd_socket = Some(c);
@@ -174,7 +198,7 @@ impl EventLoop for Source {
     }
 
     fn on_tick(&mut self) -> Result<(), MigError> {
-        if self.finishing {
+        if self.m.is_over() {
             return Ok(());
         }
         let link = self.opts.link_timeout;
@@ -184,130 +208,59 @@ impl EventLoop for Source {
         // wedged) would hold the migration forever.
         let limit = link.max(Duration::from_secs(30));
         let silent = self.s.sender_heard.elapsed();
-        if self.awaiting_sender && silent > limit {
+        if self.sender.is_some() && self.m.state().awaits_sender() && silent > limit {
             return Err(MigError::Role {
                 name: "ram-sender",
                 detail: format!("no progress for {:.0} s", silent.as_secs_f64()),
             });
         }
-        Ok(())
+        let (name, since) = self.state_since;
+        if let Some(what) = self.m.state().step() {
+            if matches!(self.m.state(), SourceState::Finishing { .. })
+                && since.elapsed() > FINISH_TIMEOUT
+            {
+                log::warn!("no process list from the destination in time");
+                self.m.end(MigrationState::Completed);
+                return Ok(());
+            }
+            if since.elapsed() > STEP_TIMEOUT {
+                return Err(MigError::Timeout {
+                    what: format!("{what} (in state {name})"),
+                    secs: STEP_TIMEOUT.as_secs_f64(),
+                });
+            }
+        }
+        self.poll_digests()
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), MigError> {
-        if self.finishing {
-            // The migration has ended: only exits still matter.
-            if let Event::Exited { pid, status } = ev {
-                self.s.exited(pid, status);
+        if self.m.is_over() {
+            // The migration has ended: only exits and the page-server's
+            // last numbers still matter.
+            match ev {
+                Event::Exited { pid, status } => {
+                    self.s.exited(pid, status);
+                }
+                Event::Server(FromPageServer::PostcopyDone(st)) => self.served = Some(st),
+                _ => {}
             }
             return Ok(());
         }
         let Some(ev) = self.s.handle_common(ev, "destination")? else {
             return Ok(());
         };
-        match ev {
-            Event::Sender(FromRamSender::Progress(p)) => {
-                let phase = if self.package_sent {
-                    "postcopy"
-                } else {
-                    "precopy"
-                };
-                let now = Instant::now();
-                let rate = match self.last_progress.replace((now, p.total_bytes)) {
-                    Some((t, b)) if now > t => {
-                        (p.total_bytes.saturating_sub(b)) as f64 * 8.0
-                            / now.duration_since(t).as_secs_f64()
-                            / 1e6
-                    }
-                    _ => 0.0,
-                };
-                let dirty = self
-                    .last_round
-                    .as_ref()
-                    .map(|r| r.dirty_rate)
-                    .unwrap_or(0.0);
-                self.progress.draw(&format!(
-                    "[{phase}] sync {}  sent {} pages ({} MiB)  pending {} pages  dirty {dirty:.0} pages/s  {rate:.0} Mbit/s",
-                    self.last_round.as_ref().map(|r| r.sync_count).unwrap_or(1),
-                    p.total_pages,
-                    p.total_bytes >> 20,
-                    p.round_left
-                ));
-                Ok(())
-            }
-            Event::Sender(FromRamSender::Synced(s)) => {
-                // A sync that raced a switchover: the round is moot.
-                log::debug!("ignoring sync {} after the switch", s.sync_count);
-                Ok(())
-            }
-            Event::Sender(FromRamSender::Error(e)) => Err(MigError::Role {
-                name: "ram-sender",
-                detail: e,
-            }),
-            Event::Server(FromPageServer::Error(e)) => Err(MigError::Role {
-                name: "page-server",
-                detail: e,
-            }),
-            Event::Guest(FromGuest::Error(e)) => Err(MigError::Role {
-                name: "guest",
-                detail: e,
-            }),
-            Event::Guest(FromGuest::Progress { .. }) => Ok(()),
-            Event::Sender(FromRamSender::PushDone(p)) => {
-                self.push = Some(p);
-                self.awaiting_sender = false;
-                Ok(())
-            }
-            Event::Server(FromPageServer::Closed(st)) => {
-                self.served = Some(st);
-                Ok(())
-            }
-            Event::Peer(ControlMsg::DestMark { id }) => {
-                self.dest_mark = self.dest_mark.max(id);
-                Ok(())
-            }
-            Event::Interrupt(sig) => {
-                if self.package_sent {
-                    log::warn!(
-                        "signal {sig}: cannot cancel in postcopy (the destination runs the guest); waiting for completion"
-                    );
+        if let Event::Interrupt(sig) = ev {
+            return match self.m.can_cancel() {
+                Ok(()) => Err(MigError::Cancelled(format!("signal {sig}"))),
+                Err(why) => {
+                    log::warn!("signal {sig}: not cancelling: {why}; waiting for completion");
                     Ok(())
-                } else {
-                    Err(MigError::Cancelled(format!("signal {sig}")))
                 }
-            }
-            Event::StartPostcopy => {
-                if self.opts.postcopy == PostcopyMode::Never {
-                    log::warn!("start-postcopy ignored: this migration runs with --postcopy never");
-                } else {
-                    self.start_requested = true;
-                }
-                Ok(())
-            }
-            // The destination's reports come in one order; one that jumps
-            // ahead is a broken or hostile peer, not news.
-            Event::Peer(ControlMsg::DestRunning { .. }) if !self.package_sent => Err(
-                MigError::Protocol("DestRunning before the package was sent".into()),
-            ),
-            Event::Peer(ControlMsg::DestCompleted(_)) if self.report.downtime_ms.is_none() => Err(
-                MigError::Protocol("DestCompleted before DestRunning".into()),
-            ),
-            Event::Peer(ControlMsg::Verified(_)) if self.dest.is_none() => {
-                Err(MigError::Protocol("Verified before DestCompleted".into()))
-            }
-            Event::Peer(
-                m @ (ControlMsg::Setup(_)
-                | ControlMsg::SourceDigests { .. }
-                | ControlMsg::SourceDigestsEnd
-                | ControlMsg::Finish),
-            ) => Err(MigError::Protocol(format!(
-                "the destination sent {}, which only a source sends",
-                m.name()
-            ))),
-            other => {
-                self.s.stash(other);
-                Ok(())
-            }
+            };
         }
+        let judged = self.m.on(&ev)?;
+        self.observe(ev)?;
+        self.after_judging(judged)
     }
 }
 
@@ -320,13 +273,277 @@ impl Source {
         self.sender.as_ref().expect("ram-sender started")
     }
 
-    /// Sends the ram-sender a command it must act on: from now on it
-    /// should be talking (see `on_tick`).
-    fn command_sender(&mut self, cmd: ToRamSender) -> Result<(), MigError> {
-        self.sender().send(cmd)?;
-        self.awaiting_sender = true;
-        self.s.sender_heard = Instant::now();
+    /// What `postcopy start-postcopy` can do in the current state.
+    fn cmd_phase(&self) -> Phase {
+        match self.m.state() {
+            _ if self.opts.postcopy == PostcopyMode::Never => Phase::NoPostcopy,
+            SourceState::Booting { .. }
+            | SourceState::Setup { .. }
+            | SourceState::Precopy { .. } => Phase::Precopy,
+            _ => Phase::Past,
+        }
+    }
+
+    /// Runs the machine's verdict: notes a state change, then does the
+    /// steps it asked for.
+    fn after_judging(&mut self, judged: Judged<SrcAction>) -> Result<(), MigError> {
+        let name = self.m.state().name();
+        if name != self.state_since.0 {
+            log::info!("state {} -> {name}", self.state_since.0);
+            self.state_since = (name, Instant::now());
+            if let Some(c) = &self.cmd_socket {
+                c.set_phase(self.cmd_phase());
+            }
+        }
+        if let Judged::Act(actions) = judged {
+            for a in actions {
+                self.exec(a)?;
+            }
+        }
         Ok(())
+    }
+
+    /// Takes what the report needs from an event the machine allowed.
+    fn observe(&mut self, ev: Event) -> Result<(), MigError> {
+        match ev {
+            Event::Sender(FromRamSender::Error(e)) => {
+                return Err(MigError::Role {
+                    name: "ram-sender",
+                    detail: e,
+                })
+            }
+            Event::Server(FromPageServer::Error(e)) => {
+                return Err(MigError::Role {
+                    name: "page-server",
+                    detail: e,
+                })
+            }
+            Event::Guest(FromGuest::Error(e)) => {
+                return Err(MigError::Role {
+                    name: "guest",
+                    detail: e,
+                })
+            }
+            Event::Sender(FromRamSender::Progress(p)) => self.draw_progress(&p),
+            Event::Sender(FromRamSender::Synced(stats)) => self.record_round(stats),
+            Event::Sender(FromRamSender::PreDiscarded { pages, .. }) => {
+                self.report.prediscard_pages = pages;
+            }
+            Event::Sender(FromRamSender::FinalSyncDone(fs)) => {
+                self.times.synced = Some(Instant::now());
+                self.report.discarded_pages = self.report.prediscard_pages + fs.discard_pages;
+                self.report.dirty_sync_count = fs.sync_count;
+                self.final_sync = Some(fs);
+            }
+            Event::Sender(FromRamSender::PackageSent { bytes }) => {
+                self.times.package_sent = Some(Instant::now());
+                self.report.downtime_bytes =
+                    self.final_sync.as_ref().map(|f| f.bytes).unwrap_or(0) + bytes;
+            }
+            Event::Sender(FromRamSender::PushDone(p)) => self.push = Some(p),
+            Event::Server(FromPageServer::Closed(st))
+            | Event::Server(FromPageServer::PostcopyDone(st)) => self.served = Some(st),
+            Event::Guest(FromGuest::Stopped) => self.times.stopped = Some(Instant::now()),
+            Event::Guest(FromGuest::State(st)) => self.saved_state = Some(st),
+            Event::Peer(ControlMsg::DestRunning {
+                listen_us,
+                start_us,
+                discard_us,
+            }) => {
+                let sw = self
+                    .report
+                    .switchover_ms
+                    .get_or_insert_with(Default::default);
+                sw.dest_listen = listen_us as f64 / 1e3;
+                sw.dest_discard = discard_us as f64 / 1e3;
+                sw.dest_load_run = start_us as f64 / 1e3;
+            }
+            Event::Peer(ControlMsg::DestCompleted(summary)) => self.dest = Some(summary),
+            Event::Peer(ControlMsg::Verified(v)) => {
+                self.report.verify = VerifyReport::from_result(v)
+            }
+            Event::Peer(ControlMsg::DestDone {
+                roles,
+                serial_bytes,
+            }) => {
+                self.report.roles.extend(roles.iter().map(RoleReport::from));
+                if let (Some(d), Some(b)) = (self.dest.as_mut(), serial_bytes) {
+                    d.serial_bytes = b;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Does one step the machine asked for.
+    fn exec(&mut self, a: SrcAction) -> Result<(), MigError> {
+        match a {
+            SrcAction::Sender(cmd) => {
+                self.sender().send(cmd)?;
+                self.s.sender_heard = Instant::now();
+            }
+            SrcAction::SwitchDecided(reason) => {
+                log::info!("switching to postcopy: {reason}");
+                self.report.switched_to_postcopy = true;
+                self.report.switchover_reason = Some(reason);
+                self.times.decided = Some(Instant::now());
+            }
+            SrcAction::Converged(expected_ms) => {
+                log::info!("precopy converged (expected downtime {expected_ms:.1} ms)");
+            }
+            SrcAction::StopGuest { postcopy } => {
+                if let Some(t) = self.times.decided {
+                    self.report.prediscard_ms = Some(ms(t.elapsed()));
+                }
+                if postcopy {
+                    // The point of no return is near: every channel
+                    // postcopy needs must be alive (fault 3 of issue 7).
+                    self.check_postcopy_channels()?;
+                }
+                self.times.stop = Some(Instant::now());
+                self.guest().send(ToGuest::Stop)?;
+            }
+            SrcAction::SaveState => self.guest().send(ToGuest::SaveState)?,
+            SrcAction::SendPackage { postcopy } => {
+                // From here the destination may start the guest: whatever
+                // happens next, the source never resumes its own (QEMU's
+                // rule); the machine's state says so already.
+                let state = self.saved_state.take().unwrap_or_default();
+                self.sender().send(ToRamSender::Package(Package {
+                    listen: postcopy,
+                    run: true,
+                    guest_state: state,
+                }))?;
+                self.s.sender_heard = Instant::now();
+            }
+            SrcAction::DestRunning => {
+                let t = Instant::now();
+                self.times.dest_running = Some(t);
+                let tm = &self.times;
+                let stop = tm.stop.expect("stopped before the package");
+                self.report.downtime_ms = Some(ms(t - stop));
+                let stopped = tm.stopped.unwrap_or(stop);
+                let synced = tm.synced.unwrap_or(stopped);
+                let pkg = tm.package_sent.unwrap_or(t).min(t);
+                let fsync = self
+                    .final_sync
+                    .as_ref()
+                    .map(|f| f.sync_us as f64 / 1e3)
+                    .unwrap_or(0.0);
+                let sw = self
+                    .report
+                    .switchover_ms
+                    .get_or_insert_with(Default::default);
+                sw.stop = ms(stopped - stop);
+                sw.final_sync = fsync;
+                sw.discard = (ms(synced - stopped) - fsync).max(0.0);
+                sw.package = ms(pkg.saturating_duration_since(synced));
+                sw.dest_start = ms(t - pkg);
+            }
+            SrcAction::Completed => {
+                if self.report.switched_to_postcopy {
+                    if let Some(stop) = self.times.stop {
+                        self.report.postcopy_phase_ms = Some(ms(stop.elapsed()));
+                    }
+                }
+                if let Some(t0) = self.t0 {
+                    self.report.total_time_ms = ms(t0.elapsed());
+                }
+                self.release_guest();
+                self.start_verify()?;
+            }
+            SrcAction::Finish => {
+                let control = self.control.as_mut().expect("connected");
+                control.send(&ControlMsg::Finish)?;
+            }
+            SrcAction::Done => {}
+        }
+        Ok(())
+    }
+
+    /// Before the stop that commits to postcopy: the page-server must run
+    /// and the return path and urgent connection must still be open (a
+    /// destination that closed one would leave the guest starving after
+    /// the point of no return).
+    fn check_postcopy_channels(&self) -> Result<(), MigError> {
+        if !self.s.is_alive("page-server") {
+            return Err(MigError::Setup(
+                "the page-server is not running: postcopy could not serve a fault; not switching"
+                    .into(),
+            ));
+        }
+        for (conn, what) in
+            self.conns
+                .iter()
+                .zip(["main stream", "return path", "urgent connection"])
+        {
+            if let Some(why) = net::closed(conn) {
+                return Err(MigError::Setup(format!(
+                    "the {what} to the destination is {why}: postcopy could not run; not switching"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn draw_progress(&mut self, p: &common::msg::SendProgress) {
+        let phase = if self.m.state().package_out() {
+            "postcopy"
+        } else {
+            "precopy"
+        };
+        let now = Instant::now();
+        let rate = match self.last_progress.replace((now, p.total_bytes)) {
+            Some((t, b)) if now > t => {
+                (p.total_bytes.saturating_sub(b)) as f64 * 8.0
+                    / now.duration_since(t).as_secs_f64()
+                    / 1e6
+            }
+            _ => 0.0,
+        };
+        let dirty = self
+            .last_round
+            .as_ref()
+            .map(|r| r.dirty_rate)
+            .unwrap_or(0.0);
+        self.progress.draw(&format!(
+            "[{phase}] sync {}  sent {} pages ({} MiB)  pending {} pages  dirty {dirty:.0} pages/s  {rate:.0} Mbit/s",
+            self.last_round.as_ref().map(|r| r.sync_count).unwrap_or(1),
+            p.total_pages,
+            p.total_bytes >> 20,
+            p.round_left
+        ));
+    }
+
+    fn record_round(&mut self, stats: RoundStats) {
+        self.report.rounds.push(RoundReport {
+            sync: stats.sync_count,
+            pages: stats.round_pages,
+            zero_pages: stats.round_zero_pages,
+            bytes: stats.round_bytes,
+            ms: stats.round_us as f64 / 1e3,
+            pending_pages: stats.pending_pages,
+            bandwidth_mbps: stats.bandwidth * 8.0 / 1e6,
+            dirty_pages_per_s: stats.dirty_rate,
+        });
+        self.progress.draw(&format!(
+            "[precopy] sync {}  sent {} pages  pending {} pages  dirty {:.0} pages/s  {:.0} Mbit/s",
+            stats.sync_count,
+            stats.total_pages,
+            stats.pending_pages,
+            stats.dirty_rate,
+            stats.bandwidth * 8.0 / 1e6
+        ));
+        log::info!(
+            "sync {}: {} pending pages, round {:.0} Mbit/s (estimate {:.0}), {:.0} dirty pages/s",
+            stats.sync_count,
+            stats.pending_pages,
+            stats.bandwidth * 8.0 / 1e6,
+            self.m.policy().bandwidth() * 8.0 / 1e6,
+            stats.dirty_rate
+        );
+        self.last_round = Some(stats);
     }
 
     fn run(&mut self) -> Result<(), MigError> {
@@ -336,24 +553,23 @@ impl Source {
         let t0 = Instant::now();
         self.t0 = Some(t0);
         self.setup()?;
-        self.sm.go(MigrationState::Active)?;
         self.report.setup_time_ms = ms(t0.elapsed());
-        match self.precopy()? {
-            Decision::Complete { expected_ms } => {
-                log::info!("precopy converged (expected downtime {expected_ms:.1} ms)");
-                self.complete_precopy()?
-            }
-            Decision::Switchover { reason } => {
-                log::info!("switching to postcopy: {reason}");
-                self.report.switchover_reason = Some(reason);
-                self.switchover()?
-            }
-            Decision::Continue => unreachable!("precopy returns a final decision"),
+        let judged = self.m.roles_started()?;
+        self.after_judging(judged)?;
+        // From here the machine drives: every event is judged and its
+        // steps done in on_event, until the destination lists its
+        // processes (or something fails).
+        while !self.m.is_over() {
+            self.idle(Duration::from_millis(100))?;
         }
-        self.report.total_time_ms = ms(t0.elapsed());
-        self.release_guest();
-        self.verify()?;
-        self.finish_peer();
+        if self.report.switched_to_postcopy && self.served.is_none() {
+            // The page-server's POSTCOPY_DONE brings its numbers; the
+            // destination supervisor's word (already in) is what counts.
+            let t = Instant::now();
+            while self.served.is_none() && t.elapsed() < Duration::from_secs(2) {
+                self.idle(Duration::from_millis(20))?;
+            }
+        }
         Ok(())
     }
 
@@ -392,7 +608,7 @@ impl Source {
         })?;
         let (base, state_bytes) = base;
         self.guest_base = base;
-        self.state_bytes = state_bytes;
+        self.m.policy_mut().set_state_bytes(state_bytes);
         let mut fds = self.guest().recv_fds()?;
         let uffd = fds
             .take("uffd")
@@ -454,6 +670,7 @@ impl Source {
             verify: self.opts.verify,
             verify_ranges: self.opts.verify_ranges.clone(),
         }))?;
+        self.m.setup_sent()?;
         let answer = self.wait(
             "the destination to accept",
             Some(STEP_TIMEOUT),
@@ -522,246 +739,11 @@ impl Source {
             ("sent", sent_fd.as_fd()),
             ("main", main.as_fd()),
         ])?;
-        self.held
-            .extend([sent_fd, main.into(), ret.into(), urgent.into()]);
+        self.held.push(sent_fd);
+        self.conns = vec![main, ret, urgent];
         self.sender = Some(sender);
         self.server = Some(server);
-        self.awaiting_sender = true;
         self.s.sender_heard = Instant::now();
-        Ok(())
-    }
-
-    /// Precopy rounds until the policy says stop.
-    fn precopy(&mut self) -> Result<Decision, MigError> {
-        let mut policy = Policy::new(
-            self.opts.postcopy,
-            self.opts.downtime_limit,
-            self.opts.postcopy_after_syncs,
-            self.state_bytes,
-            self.opts.max_bandwidth,
-        );
-        loop {
-            if self.start_requested {
-                if let d @ Decision::Switchover { .. } = policy.requested() {
-                    return Ok(d);
-                }
-            }
-            let got = self.wait("a dirty sync", None, |ev| match ev {
-                Event::Sender(FromRamSender::Synced(s)) => Ok(Some(s)),
-                Event::StartPostcopy => Ok(None),
-                other => Err(other),
-            })?;
-            if got.is_some() {
-                // It now waits for our decision.
-                self.awaiting_sender = false;
-            }
-            let Some(stats) = got else {
-                if self.opts.postcopy == PostcopyMode::Never {
-                    log::warn!("start-postcopy ignored: this migration runs with --postcopy never");
-                } else {
-                    self.start_requested = true;
-                }
-                continue;
-            };
-            self.report.rounds.push(RoundReport {
-                sync: stats.sync_count,
-                pages: stats.round_pages,
-                zero_pages: stats.round_zero_pages,
-                bytes: stats.round_bytes,
-                ms: stats.round_us as f64 / 1e3,
-                pending_pages: stats.pending_pages,
-                bandwidth_mbps: stats.bandwidth * 8.0 / 1e6,
-                dirty_pages_per_s: stats.dirty_rate,
-            });
-            self.progress.draw(&format!(
-                "[precopy] sync {}  sent {} pages  pending {} pages  dirty {:.0} pages/s  {:.0} Mbit/s",
-                stats.sync_count,
-                stats.total_pages,
-                stats.pending_pages,
-                stats.dirty_rate,
-                stats.bandwidth * 8.0 / 1e6
-            ));
-            let decision = policy.decide(&stats, self.start_requested);
-            log::info!(
-                "sync {}: {} pending pages, round {:.0} Mbit/s (estimate {:.0}), {:.0} dirty pages/s -> {decision:?}",
-                stats.sync_count,
-                stats.pending_pages,
-                stats.bandwidth * 8.0 / 1e6,
-                policy.bandwidth() * 8.0 / 1e6,
-                stats.dirty_rate
-            );
-            self.last_round = Some(stats);
-            match decision {
-                Decision::Continue => self.command_sender(ToRamSender::Continue)?,
-                d => return Ok(d),
-            }
-        }
-    }
-
-    fn stop_guest(&mut self) -> Result<Instant, MigError> {
-        let t = Instant::now();
-        self.guest().send(ToGuest::Stop)?;
-        self.wait("the guest to stop", Some(STEP_TIMEOUT), |ev| match ev {
-            Event::Guest(FromGuest::Stopped) => Ok(()),
-            other => Err(other),
-        })?;
-        self.guest_stopped = true;
-        Ok(t)
-    }
-
-    /// Stop, last sync and pages, save state, send the package. Returns
-    /// when the package is on the wire.
-    fn stop_and_send_package(&mut self, listen: bool) -> Result<Instant, MigError> {
-        let t_stop = self.stop_guest()?;
-        let t_stopped = Instant::now();
-        self.command_sender(if listen {
-            ToRamSender::Switchover
-        } else {
-            ToRamSender::Complete
-        })?;
-        let fs = self.wait("the final dirty sync", Some(STEP_TIMEOUT), |ev| match ev {
-            Event::Sender(FromRamSender::FinalSyncDone(f)) => Ok(f),
-            other => Err(other),
-        })?;
-        self.awaiting_sender = false;
-        let t_synced = Instant::now();
-        self.guest().send(ToGuest::SaveState)?;
-        let state = self.wait("the guest state", Some(STEP_TIMEOUT), |ev| match ev {
-            Event::Guest(FromGuest::State(s)) => Ok(s),
-            other => Err(other),
-        })?;
-        // From here the destination may start the guest: whatever happens
-        // next, the source never resumes its own (QEMU's rule).
-        self.package_sent = true;
-        self.command_sender(ToRamSender::Package(Package {
-            listen,
-            run: true,
-            guest_state: state,
-        }))?;
-        let pkg_bytes = self.wait(
-            "the package to be sent",
-            Some(STEP_TIMEOUT),
-            |ev| match ev {
-                Event::Sender(FromRamSender::PackageSent { bytes }) => Ok(bytes),
-                other => Err(other),
-            },
-        )?;
-        // After a switchover it goes on pushing pages until PushDone.
-        self.awaiting_sender = listen && self.push.is_none();
-        let t_pkg = Instant::now();
-        let fsync = fs.sync_us as f64 / 1e3;
-        self.report.switchover_ms = Some(SwitchoverReport {
-            stop: ms(t_stopped - t_stop),
-            final_sync: fsync,
-            discard: (ms(t_synced - t_stopped) - fsync).max(0.0),
-            package: ms(t_pkg - t_synced),
-            ..Default::default()
-        });
-        self.report.downtime_bytes = fs.bytes + pkg_bytes;
-        self.report.discarded_pages = self.report.prediscard_pages + fs.discard_pages;
-        self.report.dirty_sync_count = fs.sync_count;
-        self.final_sync = Some(fs);
-        Ok(t_stop)
-    }
-
-    fn await_dest_running(&mut self, t_stop: Instant, t_pkg: Instant) -> Result<Instant, MigError> {
-        let (listen_us, start_us, discard_us) = self.wait(
-            "the destination guest to run",
-            Some(STEP_TIMEOUT),
-            |ev| match ev {
-                Event::Peer(ControlMsg::DestRunning {
-                    listen_us,
-                    start_us,
-                    discard_us,
-                }) => Ok((listen_us, start_us, discard_us)),
-                other => Err(other),
-            },
-        )?;
-        let t = Instant::now();
-        self.report.downtime_ms = Some(ms(t - t_stop));
-        if let Some(sw) = self.report.switchover_ms.as_mut() {
-            sw.dest_start = ms(t - t_pkg);
-            sw.dest_listen = listen_us as f64 / 1e3;
-            sw.dest_discard = discard_us as f64 / 1e3;
-            sw.dest_load_run = start_us as f64 / 1e3;
-        }
-        Ok(t)
-    }
-
-    fn await_dest_completed(&mut self) -> Result<(), MigError> {
-        let summary = self.wait("the destination to have every page", None, |ev| match ev {
-            Event::Peer(ControlMsg::DestCompleted(s)) => Ok(s),
-            other => Err(other),
-        })?;
-        self.dest = Some(summary);
-        Ok(())
-    }
-
-    fn complete_precopy(&mut self) -> Result<(), MigError> {
-        if let Some(c) = &self.cmd_socket {
-            c.set_phase(Phase::Past);
-        }
-        let t_stop = self.stop_and_send_package(false)?;
-        let t_pkg = Instant::now();
-        self.await_dest_running(t_stop, t_pkg)?;
-        self.await_dest_completed()?;
-        self.sm.go(MigrationState::Completed)?;
-        Ok(())
-    }
-
-    fn switchover(&mut self) -> Result<(), MigError> {
-        self.report.switched_to_postcopy = true;
-        if let Some(c) = &self.cmd_socket {
-            c.set_phase(Phase::Past);
-        }
-        self.prediscard()?;
-        let t_stop = self.stop_and_send_package(true)?;
-        self.sm.go(MigrationState::PostcopyActive)?;
-        let t_pkg = Instant::now();
-        self.await_dest_running(t_stop, t_pkg)?;
-        // The destination supervisor's word is the one that counts; the
-        // page-server's POSTCOPY_DONE only brings its numbers.
-        self.await_dest_completed()?;
-        self.report.postcopy_phase_ms = Some(ms(t_stop.elapsed()));
-        self.sm.go(MigrationState::Completed)?;
-        match self.wait(
-            "the page-server's numbers",
-            Some(Duration::from_secs(10)),
-            |ev| match ev {
-                Event::Server(FromPageServer::PostcopyDone(s)) => Ok(s),
-                other => Err(other),
-            },
-        ) {
-            Ok(stats) => self.served = Some(stats),
-            Err(e) => log::warn!("page-server: {e}"),
-        }
-        self.awaiting_sender = false;
-        Ok(())
-    }
-
-    /// While the guest still runs, send what is stale on the destination now
-    /// and wait until it is dropped there: that page-cache work (about
-    /// 0.6 µs a page here) then costs no downtime.
-    fn prediscard(&mut self) -> Result<(), MigError> {
-        let t = Instant::now();
-        self.command_sender(ToRamSender::PreDiscard)?;
-        let (pages, mark) = self.wait("the early discard", Some(STEP_TIMEOUT), |ev| match ev {
-            Event::Sender(FromRamSender::PreDiscarded { pages, mark }) => Ok((pages, mark)),
-            other => Err(other),
-        })?;
-        self.awaiting_sender = false;
-        if self.dest_mark < mark {
-            self.wait(
-                "the destination to drop stale pages",
-                Some(STEP_TIMEOUT),
-                |ev| match ev {
-                    Event::Peer(ControlMsg::DestMark { id }) if id >= mark => Ok(()),
-                    other => Err(other),
-                },
-            )?;
-        }
-        self.report.prediscard_pages = pages;
-        self.report.prediscard_ms = Some(ms(t.elapsed()));
         Ok(())
     }
 
@@ -774,98 +756,60 @@ impl Source {
         self.report.source_guest = Some("released".into());
     }
 
-    fn verify(&mut self) -> Result<(), MigError> {
-        match self.opts.verify {
-            VerifyMethod::None => {
-                self.report.verify = VerifyReport::none("--verify none");
-                return Ok(());
-            }
-            VerifyMethod::Ab => {}
-            VerifyMethod::Digest => {
-                // The source memory is frozen since the stop: digest it now
-                // (after the destination runs, so downtime does not pay).
-                let mem = Mapping::new(
-                    self.memfd.as_fd(),
-                    self.layout.mem_bytes() as usize,
-                    Access::ReadOnly,
-                )
-                .map_err(|e| MigError::Setup(format!("mapping source memory: {e}")))?;
-                // Off the main thread, so heartbeats go on for a big guest.
-                let (tx, rx) = std::sync::mpsc::channel();
-                std::thread::spawn(move || {
-                    let _ = tx.send(verify::digests(&mem));
-                });
-                let digests = loop {
-                    match rx.try_recv() {
-                        Ok(d) => break d,
-                        Err(std::sync::mpsc::TryRecvError::Empty) => {
-                            self.idle(Duration::from_millis(20))?
-                        }
-                        Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                            return Err(MigError::Setup("the digest thread died".into()))
-                        }
-                    }
-                };
-                let control = self.control.as_mut().expect("connected");
-                for (i, chunk) in digests.chunks(1 << 20).enumerate() {
-                    control.send(&ControlMsg::SourceDigests {
-                        first: (i as u64) << 20,
-                        digests: chunk.to_vec(),
-                    })?;
-                }
-                control.send(&ControlMsg::SourceDigestsEnd)?;
-            }
+    /// Starts the memory check: with digests, the source memory (frozen
+    /// since the stop) is digested off the main thread, so heartbeats go on
+    /// for a big guest, and sent when ready (`poll_digests`).
+    fn start_verify(&mut self) -> Result<(), MigError> {
+        if self.opts.verify != VerifyMethod::Digest {
+            return Ok(());
         }
-        let v = self.wait(
-            "the destination's memory check",
-            Some(Duration::from_secs(300)),
-            |ev| match ev {
-                Event::Peer(ControlMsg::Verified(v)) => Ok(v),
-                other => Err(other),
-            },
-        )?;
-        self.report.verify = VerifyReport::from_result(v);
+        let mem = Mapping::new(
+            self.memfd.as_fd(),
+            self.layout.mem_bytes() as usize,
+            Access::ReadOnly,
+        )
+        .map_err(|e| MigError::Setup(format!("mapping source memory: {e}")))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(verify::digests(&mem));
+        });
+        self.digests = Some(rx);
         Ok(())
     }
 
-    /// Tells the destination we are done and collects its process list.
-    fn finish_peer(&mut self) {
-        let Some(control) = self.control.as_mut() else {
-            return;
+    /// Sends the source digests once they are computed.
+    fn poll_digests(&mut self) -> Result<(), MigError> {
+        let Some(rx) = &self.digests else {
+            return Ok(());
         };
-        if control.send(&ControlMsg::Finish).is_err() {
-            return;
-        }
-        match self.wait(
-            "the destination's process list",
-            Some(Duration::from_secs(20)),
-            |ev| match ev {
-                Event::Peer(ControlMsg::DestDone {
-                    roles,
-                    serial_bytes,
-                }) => Ok((roles, serial_bytes)),
-                other => Err(other),
-            },
-        ) {
-            Ok((roles, serial_bytes)) => {
-                self.report.roles.extend(roles.iter().map(RoleReport::from));
-                if let (Some(d), Some(b)) = (self.dest.as_mut(), serial_bytes) {
-                    d.serial_bytes = b;
-                }
+        let digests = match rx.try_recv() {
+            Ok(d) => d,
+            Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(()),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                return Err(MigError::Setup("the digest thread died".into()))
             }
-            Err(e) => log::warn!("no process list from the destination: {e}"),
+        };
+        self.digests = None;
+        let control = self.control.as_mut().expect("connected");
+        for (i, chunk) in digests.chunks(1 << 20).enumerate() {
+            control.send(&ControlMsg::SourceDigests {
+                first: (i as u64) << 20,
+                digests: chunk.to_vec(),
+            })?;
         }
+        control.send(&ControlMsg::SourceDigestsEnd)?;
+        Ok(())
     }
 
     /// After a failure before the package: the seed's rule, resume the
-    /// source guest; then show that it runs and its memory is intact.
-    fn keep_source_running(&mut self) {
+    /// source guest (`stopped`: it was asked to stop, whether or not it
+    /// answered); then show that it runs and its memory is intact.
+    fn keep_source_running(&mut self, stopped: bool) {
         let Some(guest) = &self.guest else { return };
         if !self.s.is_alive("postcopy-guest") || self.s.is_quitting("postcopy-guest") {
             self.report.source_guest = Some("gone".into());
             return;
         }
-        let stopped = self.guest_stopped;
         if stopped && guest.send(ToGuest::Resume).is_err() {
             self.report.source_guest = Some("unreachable".into());
             return;
@@ -926,7 +870,15 @@ impl Source {
 
     fn finish(mut self, result: Result<(), MigError>) -> Report {
         self.progress.clear();
-        self.finishing = true;
+        // What the source guest needs is decided by where the migration
+        // stood when it ended; from here events no longer fail it.
+        let fate = self.m.state().guest_fate();
+        let outcome = match &result {
+            Ok(()) => MigrationState::Completed,
+            Err(MigError::Cancelled(_)) => MigrationState::Cancelled,
+            Err(_) => MigrationState::Failed,
+        };
+        self.m.end(outcome);
         if let Some(c) = &self.cmd_socket {
             c.set_phase(Phase::Past);
         }
@@ -952,29 +904,21 @@ impl Source {
                         guest_ran: true,
                     });
                 }
-                let next = if cancelled {
-                    MigrationState::Cancelled
-                } else {
-                    MigrationState::Failed
-                };
-                if self.sm.state().can_go(next) {
-                    let _ = self.sm.go(next);
-                }
                 if self.report.source_guest.is_some() {
                     // Released after completion: a later failure (say, of
                     // the memory check) changes nothing for it.
-                } else if self.package_sent && self.s.peer_guest_ran == Some(false) {
+                } else if fate == GuestFate::Frozen && self.s.peer_guest_ran == Some(false) {
                     // The destination says its guest never ran: no second
                     // copy exists, so the source may carry on.
                     log::warn!("the destination never ran the guest: resuming it here");
-                    self.keep_source_running();
-                } else if self.package_sent {
+                    self.keep_source_running(true);
+                } else if fate == GuestFate::Frozen {
                     self.report.source_guest = Some(
                         "frozen: the destination may be running the guest; the source never resumes it"
                             .into(),
                     );
                 } else {
-                    self.keep_source_running();
+                    self.keep_source_running(fate == GuestFate::Resume);
                 }
                 if self.report.verify.mismatches.is_none() {
                     self.report.verify.detail = "migration did not complete".into();

@@ -1,0 +1,591 @@
+//! The source supervisor's protocol state (docs/state-machine.md): one enum
+//! whose variants hold what that state needs. Every event, from the peer or
+//! a role, is judged by [`SourceMachine::on`] against the state alone: it is
+//! refused with an error naming the message and the state, or it moves the
+//! migration on and says what to do next ([`SrcAction`]). No I/O here, so
+//! tests drive it through every interleaving the protocol allows.
+
+use common::control::{ControlMsg, PostcopyMode};
+use common::msg::{FromGuest, FromPageServer, FromRamSender, ToRamSender};
+use common::state::MigrationState;
+
+use crate::events::Event;
+use crate::policy::{Decision, Policy};
+
+use super::{GuestFate, Judged, ProtocolError};
+
+/// Where the source migration is. Each variant holds what that step needs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SourceState {
+    /// The guest starts and warms up; nothing is connected yet.
+    /// `requested`: start-postcopy arrived already.
+    Booting { requested: bool },
+    /// `Setup` is on the control connection; the answer is awaited.
+    Setup { requested: bool },
+    /// Precopy rounds: the ram-sender sends a round and owes a `Synced`
+    /// (our answer to it is given at once). `requested`: start-postcopy
+    /// arrived and waits for the policy to allow it.
+    Precopy { requested: bool },
+    /// The switch is decided and the guest still runs: the early discard
+    /// set is on its way. `mark` is the MARK the ram-sender put after it
+    /// (once it said so), `acked` the highest MARK the destination has
+    /// processed. `round_open`: the switch was requested in the middle of
+    /// a round, whose `Synced` may still come (and means nothing now).
+    PreDiscard {
+        mark: Option<u64>,
+        acked: u64,
+        round_open: bool,
+    },
+    /// `Stop` was sent to the guest; its `Stopped` is awaited. The guest may
+    /// already obey it: a failure from here on must resume it.
+    Stopping { postcopy: bool },
+    /// The guest is stopped; the final dirty sync runs.
+    FinalSync { postcopy: bool },
+    /// The guest saves its state for the package.
+    Saving { postcopy: bool },
+    /// The package was handed to the ram-sender: the destination may run
+    /// the guest from now on, so the source never resumes its own.
+    /// `dest_running`: the destination says its guest runs.
+    PackageOut { dest_running: bool, tail: Tail },
+    /// The destination has every page; the memory check runs.
+    Verifying { tail: Tail },
+    /// `Finish` sent; the destination's process list is awaited.
+    Finishing { tail: Tail },
+    /// Over: completed, failed or cancelled.
+    Over(MigrationState),
+}
+
+/// What the source roles still owe once the package is out; each report
+/// comes once, in any order against the destination's.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Tail {
+    /// The package asked to listen: a postcopy migration.
+    pub postcopy: bool,
+    /// The ram-sender said the package is on the wire.
+    pub sent: bool,
+    /// (postcopy) The ram-sender pushed every page.
+    pub push_done: bool,
+    /// (postcopy) The page-server saw the destination's POSTCOPY_DONE.
+    pub served: bool,
+    /// The page-server saw the return path end.
+    pub closed: bool,
+}
+
+impl Tail {
+    fn new(postcopy: bool) -> Self {
+        Tail {
+            postcopy,
+            sent: false,
+            push_done: false,
+            served: false,
+            closed: false,
+        }
+    }
+}
+
+impl SourceState {
+    /// The role reports still owed, once the package is out.
+    pub fn tail(&self) -> Option<&Tail> {
+        match self {
+            SourceState::PackageOut { tail, .. }
+            | SourceState::Verifying { tail }
+            | SourceState::Finishing { tail } => Some(tail),
+            _ => None,
+        }
+    }
+
+    fn tail_mut(&mut self) -> Option<&mut Tail> {
+        match self {
+            SourceState::PackageOut { tail, .. }
+            | SourceState::Verifying { tail }
+            | SourceState::Finishing { tail } => Some(tail),
+            _ => None,
+        }
+    }
+
+    /// Name for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SourceState::Booting { .. } => "booting",
+            SourceState::Setup { .. } => "setup",
+            SourceState::Precopy { .. } => "precopy",
+            SourceState::PreDiscard { .. } => "early discard",
+            SourceState::Stopping { .. } => "stopping the guest",
+            SourceState::FinalSync { .. } => "final dirty sync",
+            SourceState::Saving { .. } => "saving the guest state",
+            SourceState::PackageOut { .. } => "package sent",
+            SourceState::Verifying { .. } => "verifying",
+            SourceState::Finishing { .. } => "finishing",
+            SourceState::Over(s) => s.name(),
+        }
+    }
+
+    /// The coarse state of the transition table (common/src/state.rs).
+    pub fn coarse(&self) -> MigrationState {
+        match self {
+            SourceState::Booting { .. } | SourceState::Setup { .. } => MigrationState::Setup,
+            SourceState::Precopy { .. }
+            | SourceState::PreDiscard { .. }
+            | SourceState::Stopping { .. }
+            | SourceState::FinalSync { .. }
+            | SourceState::Saving { .. } => MigrationState::Active,
+            SourceState::PackageOut { tail, .. } if tail.postcopy => MigrationState::PostcopyActive,
+            SourceState::PackageOut { .. } => MigrationState::Active,
+            SourceState::Verifying { .. } | SourceState::Finishing { .. } => {
+                MigrationState::Completed
+            }
+            SourceState::Over(s) => *s,
+        }
+    }
+
+    /// True once the package may have reached the destination.
+    pub fn package_out(&self) -> bool {
+        self.tail().is_some() || *self == SourceState::Over(MigrationState::Completed)
+    }
+
+    /// The ram-sender owes an answer in this state (its silence is a
+    /// failure after a while).
+    pub fn awaits_sender(&self) -> bool {
+        match self {
+            SourceState::Precopy { .. }
+            | SourceState::PreDiscard { mark: None, .. }
+            | SourceState::FinalSync { .. } => true,
+            SourceState::PackageOut { tail, .. } => {
+                !tail.sent || (tail.postcopy && !tail.push_done)
+            }
+            _ => false,
+        }
+    }
+
+    /// What the source guest needs if the migration fails now (the seed's
+    /// rule: resumed before the package, never after it).
+    pub fn guest_fate(&self) -> GuestFate {
+        match self {
+            SourceState::Booting { .. }
+            | SourceState::Setup { .. }
+            | SourceState::Precopy { .. }
+            | SourceState::PreDiscard { .. } => GuestFate::Running,
+            SourceState::Stopping { .. }
+            | SourceState::FinalSync { .. }
+            | SourceState::Saving { .. } => GuestFate::Resume,
+            _ => GuestFate::Frozen,
+        }
+    }
+
+    /// What the step waits for, and how long it may take, if it is bounded.
+    /// Precopy rounds and the postcopy phase are bounded by liveness
+    /// (heartbeats, the ram-sender's progress), not by a step deadline.
+    pub fn step(&self) -> Option<&'static str> {
+        match self {
+            SourceState::Setup { .. } => Some("the destination to accept"),
+            SourceState::PreDiscard { .. } => Some("the early discard"),
+            SourceState::Stopping { .. } => Some("the guest to stop"),
+            SourceState::FinalSync { .. } => Some("the final dirty sync"),
+            SourceState::Saving { .. } => Some("the guest state"),
+            SourceState::PackageOut {
+                dest_running: false,
+                ..
+            } => Some("the destination guest to run"),
+            SourceState::Finishing { .. } => Some("the destination's process list"),
+            _ => None,
+        }
+    }
+}
+
+/// What the driver does next, in order.
+#[derive(Clone, Debug)]
+pub enum SrcAction {
+    /// Tell the ram-sender.
+    Sender(ToRamSender),
+    /// The policy decided to switch (reason for the report).
+    SwitchDecided(String),
+    /// Precopy converged (expected downtime, ms).
+    Converged(f64),
+    /// Check that every channel postcopy needs is alive, then send `Stop`
+    /// to the guest. Past this the failure rule changes.
+    StopGuest { postcopy: bool },
+    /// Ask the guest for its state.
+    SaveState,
+    /// Hand the package (the saved state) to the ram-sender.
+    SendPackage { postcopy: bool },
+    /// The destination guest runs (downtime ends).
+    DestRunning,
+    /// The destination has every page: release the source guest and check
+    /// memory (send digests when verifying by digest).
+    Completed,
+    /// The memory check result is in: send `Finish`.
+    Finish,
+    /// The destination listed its processes: the migration is over.
+    Done,
+}
+
+/// The source's state and the policy that decides when precopy ends.
+#[derive(Clone, Debug)]
+pub struct SourceMachine {
+    state: SourceState,
+    policy: Policy,
+}
+
+impl SourceMachine {
+    pub fn new(policy: Policy) -> Self {
+        SourceMachine {
+            state: SourceState::Booting { requested: false },
+            policy,
+        }
+    }
+
+    pub fn state(&self) -> &SourceState {
+        &self.state
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn policy_mut(&mut self) -> &mut Policy {
+        &mut self.policy
+    }
+
+    fn go(&mut self, next: SourceState) -> Result<(), ProtocolError> {
+        let (from, to) = (self.state.coarse(), next.coarse());
+        if from != to && !from.can_go(to) {
+            return Err(ProtocolError::transition(from, to));
+        }
+        log::debug!("source: {} -> {}", self.state.name(), next.name());
+        self.state = next;
+        Ok(())
+    }
+
+    /// The control handshake went out.
+    pub fn setup_sent(&mut self) -> Result<(), ProtocolError> {
+        match self.state {
+            SourceState::Booting { requested } => self.go(SourceState::Setup { requested }),
+            _ => Err(self.out_of_step("Setup")),
+        }
+    }
+
+    /// The destination accepted and the roles run: precopy starts (the
+    /// ram-sender starts its first round by itself). A start-postcopy that
+    /// came early is judged now.
+    pub fn roles_started(&mut self) -> Result<Judged<SrcAction>, ProtocolError> {
+        match self.state {
+            SourceState::Setup { requested } => {
+                self.go(SourceState::Precopy { requested: false })?;
+                if requested {
+                    self.on(&Event::StartPostcopy)
+                } else {
+                    Ok(Judged::Act(vec![]))
+                }
+            }
+            _ => Err(self.out_of_step("the start of precopy")),
+        }
+    }
+
+    /// Ends the migration with `outcome` (failed or cancelled, or
+    /// completed once the destination listed its processes). Where the
+    /// table forbids it (cancelling in postcopy), the coarse state stays.
+    pub fn end(&mut self, outcome: MigrationState) {
+        let now = self.state.coarse();
+        let to = if now == outcome || now.can_go(outcome) {
+            outcome
+        } else {
+            now
+        };
+        self.state = SourceState::Over(to);
+    }
+
+    pub fn is_over(&self) -> bool {
+        matches!(self.state, SourceState::Over(_))
+    }
+
+    fn out_of_step(&self, step: &str) -> ProtocolError {
+        ProtocolError::new(
+            step.to_string(),
+            self.state.name(),
+            "a step of the source's own out of order",
+        )
+    }
+
+    /// Judges one event and returns what to do. Events the machine has no
+    /// opinion on (exits, heartbeats, progress) come back as `Ignored`.
+    pub fn on(&mut self, ev: &Event) -> Result<Judged<SrcAction>, ProtocolError> {
+        use SourceState as S;
+        let name = super::event_name(ev);
+        let refuse = |st: &SourceState, why: &str| -> Result<Judged<SrcAction>, ProtocolError> {
+            Err(ProtocolError::new(name.clone(), st.name(), why))
+        };
+        match ev {
+            // ------------------------------------------------ the peer
+            Event::Peer(m) => match m {
+                ControlMsg::Heartbeat | ControlMsg::Abort { .. } => Ok(Judged::Ignored),
+                ControlMsg::SetupAccepted(_) | ControlMsg::SetupRefused { .. } => match self.state
+                {
+                    S::Setup { .. } => Ok(Judged::Ignored),
+                    _ => refuse(&self.state, "an answer to a Setup that is not pending"),
+                },
+                // One MARK per migration, acked once.
+                ControlMsg::DestMark { id } => match &mut self.state {
+                    S::PreDiscard { acked, .. } if *acked == 0 && *id > 0 => {
+                        *acked = *id;
+                        self.after_discard()
+                    }
+                    st => refuse(st, "no MARK is awaiting its ack"),
+                },
+                ControlMsg::DestRunning { .. } => match &mut self.state {
+                    S::PackageOut { dest_running, .. } if !*dest_running => {
+                        *dest_running = true;
+                        Ok(Judged::Act(vec![SrcAction::DestRunning]))
+                    }
+                    S::PackageOut { .. } => refuse(&self.state, "the destination already runs"),
+                    st => refuse(st, "the package was not sent"),
+                },
+                ControlMsg::DestCompleted(_) => match &self.state {
+                    S::PackageOut {
+                        dest_running: true,
+                        tail,
+                    } => {
+                        let tail = *tail;
+                        self.go(S::Verifying { tail })?;
+                        Ok(Judged::Act(vec![SrcAction::Completed]))
+                    }
+                    S::PackageOut { .. } => refuse(&self.state, "DestRunning has not come first"),
+                    st => refuse(st, "the package was not sent"),
+                },
+                ControlMsg::Verified(_) => match self.state {
+                    S::Verifying { tail } => {
+                        self.go(S::Finishing { tail })?;
+                        Ok(Judged::Act(vec![SrcAction::Finish]))
+                    }
+                    _ => refuse(&self.state, "no memory check is running"),
+                },
+                ControlMsg::DestDone { .. } => match self.state {
+                    S::Finishing { .. } => {
+                        self.go(S::Over(MigrationState::Completed))?;
+                        Ok(Judged::Act(vec![SrcAction::Done]))
+                    }
+                    _ => refuse(&self.state, "Finish was not sent"),
+                },
+                ControlMsg::Setup(_)
+                | ControlMsg::SourceDigests { .. }
+                | ControlMsg::SourceDigestsEnd
+                | ControlMsg::Finish => refuse(&self.state, "only a source sends it"),
+            },
+            // ------------------------------------------------ ram-sender
+            Event::Sender(m) => match m {
+                FromRamSender::Progress(_) => Ok(Judged::Ignored),
+                FromRamSender::Error(_) => Ok(Judged::Ignored),
+                FromRamSender::Synced(stats) => match &mut self.state {
+                    S::Precopy { requested } => {
+                        let requested = *requested;
+                        let d = self.policy.decide(stats, requested);
+                        self.decided(d, true)
+                    }
+                    // A round that ended as the switch was decided: moot.
+                    S::PreDiscard {
+                        mark: None,
+                        round_open,
+                        ..
+                    } if *round_open => {
+                        *round_open = false;
+                        Ok(Judged::Act(vec![]))
+                    }
+                    st => refuse(st, "no precopy round is running"),
+                },
+                FromRamSender::PreDiscarded { mark: m, .. } => match &mut self.state {
+                    S::PreDiscard {
+                        mark, round_open, ..
+                    } if mark.is_none() => {
+                        // The ram-sender answers in order: a round's Synced
+                        // would have come first.
+                        *round_open = false;
+                        *mark = Some(*m);
+                        self.after_discard()
+                    }
+                    st => refuse(st, "no early discard was asked for"),
+                },
+                FromRamSender::FinalSyncDone(_) => match self.state {
+                    S::FinalSync { postcopy } => {
+                        self.go(S::Saving { postcopy })?;
+                        Ok(Judged::Act(vec![SrcAction::SaveState]))
+                    }
+                    _ => refuse(&self.state, "no final sync was asked for"),
+                },
+                // The destination can be done before the ram-sender says
+                // the package left, or that the push ended.
+                FromRamSender::PackageSent { .. } => match self.state.tail_mut() {
+                    Some(t) if !t.sent => {
+                        t.sent = true;
+                        Ok(Judged::Act(vec![]))
+                    }
+                    _ => refuse(&self.state, "no package was handed over, or it was reported sent already"),
+                },
+                FromRamSender::PushDone(_) => match self.state.tail_mut() {
+                    // After PackageSent: the ram-sender reports in order.
+                    Some(t) if t.postcopy && t.sent && !t.push_done => {
+                        t.push_done = true;
+                        Ok(Judged::Act(vec![]))
+                    }
+                    _ => refuse(&self.state, "no postcopy push runs"),
+                },
+            },
+            // ------------------------------------------------ page-server
+            Event::Server(m) => match m {
+                FromPageServer::Error(_) => Ok(Judged::Ignored),
+                FromPageServer::PostcopyDone(_) => match self.state.tail_mut() {
+                    Some(t) if t.postcopy && !t.served && !t.closed => {
+                        t.served = true;
+                        Ok(Judged::Act(vec![]))
+                    }
+                    _ => refuse(&self.state, "no postcopy runs, or it was reported done already"),
+                },
+                FromPageServer::Closed(_) => match &mut self.state {
+                    // The destination closes the return path as it ends,
+                    // after its POSTCOPY_DONE (the page-server reports in
+                    // order); a precopy completion never uses it.
+                    S::PackageOut { tail, .. } | S::Verifying { tail } | S::Finishing { tail }
+                        if !tail.closed && (!tail.postcopy || tail.served) =>
+                    {
+                        tail.closed = true;
+                        Ok(Judged::Act(vec![]))
+                    }
+                    S::PackageOut { tail, .. } | S::Verifying { tail } | S::Finishing { tail }
+                        if !tail.closed =>
+                    {
+                        refuse(
+                        &self.state,
+                        "the destination closed the return path in postcopy before it had every page",
+                        )
+                    }
+                    S::PackageOut { .. } | S::Verifying { .. } | S::Finishing { .. } => {
+                        refuse(&self.state, "the return path ended already")
+                    }
+                    _ if self.policy.mode() == PostcopyMode::Never => Ok(Judged::Ignored),
+                    _ => refuse(
+                        &self.state,
+                        "the destination closed the return path before the switch; postcopy could not fetch a page",
+                    ),
+                },
+            },
+            // ------------------------------------------------ the guest
+            Event::Guest(m) => match m {
+                FromGuest::Progress { .. } | FromGuest::Error(_) => Ok(Judged::Ignored),
+                FromGuest::Ready { .. } | FromGuest::Running => match self.state {
+                    S::Booting { .. } => Ok(Judged::Ignored),
+                    _ => refuse(&self.state, "the guest started already"),
+                },
+                FromGuest::Stopped => match self.state {
+                    S::Stopping { postcopy } => {
+                        self.go(S::FinalSync { postcopy })?;
+                        Ok(Judged::Act(vec![SrcAction::Sender(if postcopy {
+                            ToRamSender::Switchover
+                        } else {
+                            ToRamSender::Complete
+                        })]))
+                    }
+                    _ => refuse(&self.state, "the guest was not asked to stop"),
+                },
+                FromGuest::State(_) => match self.state {
+                    S::Saving { postcopy } => {
+                        self.go(S::PackageOut {
+                            dest_running: false,
+                            tail: Tail::new(postcopy),
+                        })?;
+                        Ok(Judged::Act(vec![SrcAction::SendPackage { postcopy }]))
+                    }
+                    _ => refuse(&self.state, "the guest was not asked for its state"),
+                },
+                FromGuest::Listening | FromGuest::Loaded => {
+                    refuse(&self.state, "only a destination guest says it")
+                }
+            },
+            // ------------------------------------------------ local
+            Event::StartPostcopy => {
+                if self.policy.mode() == PostcopyMode::Never {
+                    log::warn!("start-postcopy ignored: this migration runs with --postcopy never");
+                    return Ok(Judged::Ignored);
+                }
+                match &mut self.state {
+                    S::Booting { requested } | S::Setup { requested } => {
+                        *requested = true;
+                        Ok(Judged::Act(vec![]))
+                    }
+                    S::Precopy { requested } => {
+                        *requested = true;
+                        // Switch now if allowed: PreDiscard interrupts the
+                        // running round (the ram-sender takes it mid-round).
+                        match self.policy.requested() {
+                            d @ Decision::Switchover { .. } => self.decided(d, false),
+                            _ => Ok(Judged::Act(vec![])),
+                        }
+                    }
+                    _ => {
+                        log::warn!("start-postcopy ignored: the migration is past precopy");
+                        Ok(Judged::Ignored)
+                    }
+                }
+            }
+            Event::Handler(_) => refuse(&self.state, "only a destination role sends it"),
+            Event::Interrupt(_) | Event::ChannelClosed(_) | Event::Exited { .. } | Event::PeerLost(_) => {
+                Ok(Judged::Ignored)
+            }
+        }
+    }
+
+    /// Acts on a policy decision. `answer_round`: the ram-sender waits for
+    /// a decision on the sync it just reported.
+    fn decided(
+        &mut self,
+        d: Decision,
+        answer_round: bool,
+    ) -> Result<Judged<SrcAction>, ProtocolError> {
+        match d {
+            Decision::Continue => Ok(Judged::Act(if answer_round {
+                vec![SrcAction::Sender(ToRamSender::Continue)]
+            } else {
+                vec![]
+            })),
+            Decision::Complete { expected_ms } => {
+                self.go(SourceState::Stopping { postcopy: false })?;
+                Ok(Judged::Act(vec![
+                    SrcAction::Converged(expected_ms),
+                    SrcAction::StopGuest { postcopy: false },
+                ]))
+            }
+            Decision::Switchover { reason } => {
+                self.go(SourceState::PreDiscard {
+                    mark: None,
+                    acked: 0,
+                    round_open: !answer_round,
+                })?;
+                Ok(Judged::Act(vec![
+                    SrcAction::SwitchDecided(reason),
+                    SrcAction::Sender(ToRamSender::PreDiscard),
+                ]))
+            }
+        }
+    }
+
+    /// The early discard is over once the destination processed its MARK.
+    fn after_discard(&mut self) -> Result<Judged<SrcAction>, ProtocolError> {
+        match self.state {
+            SourceState::PreDiscard {
+                mark: Some(m),
+                acked,
+                ..
+            } if acked >= m => {
+                self.go(SourceState::Stopping { postcopy: true })?;
+                Ok(Judged::Act(vec![SrcAction::StopGuest { postcopy: true }]))
+            }
+            _ => Ok(Judged::Act(vec![])),
+        }
+    }
+
+    /// Cancelling is allowed until the package may have left.
+    pub fn can_cancel(&self) -> Result<(), &'static str> {
+        if self.state.package_out() {
+            Err("the package was sent: the destination may be running the only live copy of the guest")
+        } else {
+            Ok(())
+        }
+    }
+}
