@@ -118,7 +118,10 @@ pub struct Report {
     pub page_size: u64,
     pub postcopy_mode: String,
     pub downtime_limit_ms: u64,
+    /// Main-stream cap before the switch to postcopy, bytes/s (0 = none).
     pub max_bandwidth: u64,
+    /// Main-stream cap after it, bytes/s (0 = none).
+    pub max_postcopy_bandwidth: u64,
     pub total_time_ms: f64,
     pub setup_time_ms: f64,
     pub downtime_ms: Option<f64>,

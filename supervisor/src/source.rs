@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use common::bitmap::SharedBitmap;
 use common::control::{ControlMsg, DestSummary, PostcopyMode, SetupRequest, VerifyMethod};
+use common::counters::{Counter, SharedCounters};
 use common::guest::GuestKind;
 use common::mem::{create_memfd, Access, Mapping};
 use common::msg::{
-    FinalSync, FromGuest, FromPageServer, FromRamSender, GuestInit, PushStats, RoundStats,
-    SenderSetup, ServerSetup, ServerStats, Side, ToGuest, ToPageServer, ToRamSender,
+    FromGuest, FromPageServer, FromRamSender, GuestInit, PushStats, RoundStats, SenderSetup,
+    ServerSetup, Side, ToGuest, ToPageServer, ToRamSender,
 };
 use common::state::{MigrationState, StateMachine};
 use common::types::{MemLayout, MigrationId, RemoteAddr, PAGE_SIZE};
@@ -60,9 +61,9 @@ struct Source {
     package_sent: bool,
     t0: Option<Instant>,
     last_round: Option<RoundStats>,
-    final_sync: Option<FinalSync>,
     push: Option<PushStats>,
-    served: Option<ServerStats>,
+    /// What the roles put on the wire, counted as they write.
+    counters: Option<SharedCounters>,
     dest: Option<DestSummary>,
     /// The last MARK the destination has processed.
     dest_mark: u64,
@@ -93,6 +94,7 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         postcopy_mode: opts.postcopy.to_string(),
         downtime_limit_ms: opts.downtime_limit.as_millis() as u64,
         max_bandwidth: opts.max_bandwidth,
+        max_postcopy_bandwidth: opts.max_postcopy_bandwidth,
         verify: VerifyReport::none("not reached"),
         ..Default::default()
     };
@@ -141,9 +143,8 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         package_sent: false,
         t0: None,
         last_round: None,
-        final_sync: None,
         push: None,
-        served: None,
+        counters: None,
         dest: None,
         dest_mark: 0,
         finishing: false,
@@ -257,10 +258,7 @@ impl EventLoop for Source {
                 self.awaiting_sender = false;
                 Ok(())
             }
-            Event::Server(FromPageServer::Closed(st)) => {
-                self.served = Some(st);
-                Ok(())
-            }
+            Event::Server(FromPageServer::Closed(_)) => Ok(()),
             Event::Peer(ControlMsg::DestMark { id }) => {
                 self.dest_mark = self.dest_mark.max(id);
                 Ok(())
@@ -484,6 +482,9 @@ impl Source {
 
         let (_sent, sent_fd) = SharedBitmap::create("postcopy-sent", self.layout.pages())
             .map_err(|e| MigError::Setup(format!("sent bitmap: {e}")))?;
+        let (counters, counters_fd) = SharedCounters::create("postcopy-counters")
+            .map_err(|e| MigError::Setup(format!("counters: {e}")))?;
+        self.counters = Some(counters);
 
         let mut sender: Child<ToRamSender, FromRamSender> = spawn::spawn("ram-sender")?;
         self.s.watch("ram-sender", sender.pid);
@@ -509,11 +510,13 @@ impl Source {
             ("sent", sent_fd.as_fd()),
             ("return", ret.as_fd()),
             ("urgent", urgent.as_fd()),
+            ("counters", counters_fd.as_fd()),
         ])?;
         sender.send(ToRamSender::Start(SenderSetup {
             layout: self.layout,
             guest_base: self.guest_base,
             max_bandwidth: self.opts.max_bandwidth,
+            max_postcopy_bandwidth: self.opts.max_postcopy_bandwidth,
         }))?;
         sender.send_fds(&[
             ("memory", self.memfd.as_fd()),
@@ -521,9 +524,10 @@ impl Source {
             ("uffd", self.guest_fds[0].as_fd()),
             ("sent", sent_fd.as_fd()),
             ("main", main.as_fd()),
+            ("counters", counters_fd.as_fd()),
         ])?;
         self.held
-            .extend([sent_fd, main.into(), ret.into(), urgent.into()]);
+            .extend([sent_fd, counters_fd, main.into(), ret.into(), urgent.into()]);
         self.sender = Some(sender);
         self.server = Some(server);
         self.awaiting_sender = true;
@@ -638,11 +642,11 @@ impl Source {
             run: true,
             guest_state: state,
         }))?;
-        let pkg_bytes = self.wait(
+        self.wait(
             "the package to be sent",
             Some(STEP_TIMEOUT),
             |ev| match ev {
-                Event::Sender(FromRamSender::PackageSent { bytes }) => Ok(bytes),
+                Event::Sender(FromRamSender::PackageSent { .. }) => Ok(()),
                 other => Err(other),
             },
         )?;
@@ -657,10 +661,7 @@ impl Source {
             package: ms(t_pkg - t_synced),
             ..Default::default()
         });
-        self.report.downtime_bytes = fs.bytes + pkg_bytes;
         self.report.discarded_pages = self.report.prediscard_pages + fs.discard_pages;
-        self.report.dirty_sync_count = fs.sync_count;
-        self.final_sync = Some(fs);
         Ok(t_stop)
     }
 
@@ -732,7 +733,7 @@ impl Source {
                 other => Err(other),
             },
         ) {
-            Ok(stats) => self.served = Some(stats),
+            Ok(stats) => log::debug!("page-server: {stats:?}"),
             Err(e) => log::warn!("page-server: {e}"),
         }
         self.awaiting_sender = false;
@@ -1022,34 +1023,25 @@ impl Source {
 
     fn fill_totals(&mut self) {
         let r = &mut self.report;
-        let (mut pages, mut zero, mut bytes_total) = (0u64, 0u64, 0u64);
-        if let Some(fs) = &self.final_sync {
-            r.precopy_bytes = fs.precopy_bytes;
-            pages += fs.precopy_pages + fs.pages;
-            zero += fs.precopy_zero_pages + fs.zero_pages;
-            bytes_total += r.precopy_bytes + r.downtime_bytes;
-        } else if let Some(l) = &self.last_round {
-            r.precopy_bytes = l.total_bytes;
-            pages += l.total_pages;
-            zero += l.total_zero_pages;
-            bytes_total += l.total_bytes;
-            r.dirty_sync_count = l.sync_count;
+        // The roles' own running counts, not the end-of-step messages: a
+        // round cut short, a push that failed and a role that died count
+        // for what they sent.
+        if let Some(c) = &self.counters {
+            let g = |k| c.get(k);
+            r.precopy_bytes = g(Counter::PrecopyBytes);
+            r.downtime_bytes = g(Counter::DowntimeBytes);
+            r.postcopy_bytes = g(Counter::PushBytes) + g(Counter::UrgentBytes);
+            r.pages_sent = g(Counter::PrecopyPages)
+                + g(Counter::DowntimePages)
+                + g(Counter::PushPages)
+                + g(Counter::UrgentPages);
+            r.zero_pages = g(Counter::PrecopyZeroPages)
+                + g(Counter::DowntimeZeroPages)
+                + g(Counter::PushZeroPages)
+                + g(Counter::UrgentZeroPages);
+            r.dirty_sync_count = u32::try_from(g(Counter::DirtySyncs)).unwrap_or(u32::MAX);
         }
-        let mut post = 0u64;
-        if let Some(p) = &self.push {
-            post += p.bytes;
-            pages += p.pages;
-            zero += p.zero_pages;
-        }
-        if let Some(s) = &self.served {
-            post += s.bytes;
-            pages += s.pages_urgent - s.zero_pages;
-            zero += s.zero_pages;
-        }
-        r.postcopy_bytes = post;
-        bytes_total += post;
-        r.pages_sent = pages;
-        r.zero_pages = zero;
+        let bytes_total = r.precopy_bytes + r.downtime_bytes + r.postcopy_bytes;
         if r.total_time_ms > 0.0 {
             r.throughput_mbps = bytes_total as f64 * 8.0 / (r.total_time_ms / 1e3) / 1e6;
         }
