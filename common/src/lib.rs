@@ -1,9 +1,10 @@
 //! What more than one postcopy process truly shares: the wire protocol, the
-//! messages between supervisor and roles, shared bitmaps, memfd mappings,
+//! messages between supervisor and roles, shared bitmaps and counters, memfd mappings,
 //! userfaultfd, page digests and the migration state machine.
 
 pub mod bitmap;
 pub mod control;
+pub mod counters;
 pub mod digest;
 pub mod guest;
 pub mod logging;

@@ -90,14 +90,20 @@ impl RoleOutput for FromGuest {
 pub struct SenderSetup {
     pub layout: MemLayout,
     pub guest_base: RemoteAddr,
-    /// Bytes per second on the main stream; 0 = unlimited.
+    /// Bytes per second on the main stream while the guest runs (and when
+    /// precopy completes); 0 = unlimited.
     pub max_bandwidth: u64,
+    /// Bytes per second on the main stream from the switch to postcopy on
+    /// (discard set, package, background push); 0 = unlimited. Requested
+    /// pages go out on the urgent connection and are never paced.
+    pub max_postcopy_bandwidth: u64,
 }
 
 /// Supervisor → ram-sender.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ToRamSender {
-    /// fds: `memory`, `pagemap`, `uffd`, `sent`, `main`.
+    /// fds: `memory`, `pagemap`, `uffd`, `sent`, `main`, `counters` (the
+    /// source's [`crate::counters::SharedCounters`]).
     Start(SenderSetup),
     /// After Synced: another precopy round.
     Continue,
@@ -114,7 +120,10 @@ pub enum ToRamSender {
     /// Send the device-state package; after a switchover, push every page
     /// not sent yet; after Complete, end the stream.
     Package(Package),
+    /// New precopy cap, bytes/s (0 = unlimited).
     SetMaxBandwidth(u64),
+    /// New postcopy cap, bytes/s (0 = unlimited).
+    SetMaxPostcopyBandwidth(u64),
     /// Stop sending and exit.
     Quit,
 }
@@ -219,7 +228,8 @@ pub struct ServerSetup {
 /// Supervisor → page-server.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ToPageServer {
-    /// fds: `memory`, `sent`, `return`, `urgent`.
+    /// fds: `memory`, `sent`, `return`, `urgent`, `counters` (the source's
+    /// [`crate::counters::SharedCounters`]).
     Start(ServerSetup),
     Quit,
 }

@@ -8,6 +8,7 @@ use std::net::TcpStream;
 use std::os::fd::AsFd;
 
 use common::bitmap::{BitmapError, SharedBitmap};
+use common::counters::{Counter, CountersError, SharedCounters};
 use common::mem::{is_zero, Access, Mapping, MemError};
 use common::msg::{FromPageServer, ServerSetup, ServerStats, ToPageServer};
 use common::role::{LinkError, RoleLink};
@@ -25,6 +26,8 @@ pub enum ServeError {
     Mem(#[from] MemError),
     #[error("sent bitmap: {0}")]
     Bitmap(#[from] BitmapError),
+    #[error("counters: {0}")]
+    Counters(#[from] CountersError),
     #[error("return path: {0}")]
     ReturnPath(WireError),
     #[error("urgent connection: {0}")]
@@ -42,6 +45,7 @@ pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeErro
     let sent = SharedBitmap::open(fds.take("sent")?.as_fd(), layout.pages())?;
     let ret = TcpStream::from(fds.take("return")?);
     let urgent = TcpStream::from(fds.take("urgent")?);
+    let counters = SharedCounters::open(fds.take("counters")?.as_fd())?;
 
     // Commands arrive while this thread blocks on the return path; Quit ends
     // the process from the side thread.
@@ -61,6 +65,7 @@ pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeErro
         mem,
         sent,
         urgent,
+        counters,
         stats: ServerStats::default(),
         buf: vec![0u8; PAGES_PREFIX_LEN + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE],
     };
@@ -97,6 +102,9 @@ struct Server {
     mem: Mapping,
     sent: SharedBitmap,
     urgent: TcpStream,
+    /// What went out, where the supervisor reads it even after a Quit
+    /// ended this process mid-request.
+    counters: SharedCounters,
     stats: ServerStats,
     buf: Vec<u8>,
 }
@@ -104,6 +112,7 @@ struct Server {
 impl Server {
     fn serve(&mut self, range: PageRange) -> Result<(), ServeError> {
         self.stats.requests += 1;
+        self.counters.add(Counter::Requests, 1);
         // Tell the ram-sender where the guest is looking now.
         self.sent.set_hint(range.end());
         let mut run: Option<(u64, u32)> = None;
@@ -144,11 +153,17 @@ impl Server {
                 .map_err(ServeError::Urgent)?;
             self.stats.zero_pages += u64::from(count);
             self.stats.bytes += PAGES_PREFIX_LEN as u64;
+            self.counters
+                .add(Counter::UrgentBytes, PAGES_PREFIX_LEN as u64);
+            self.counters
+                .add(Counter::UrgentZeroPages, u64::from(count));
         } else {
             self.buf[..PAGES_PREFIX_LEN].copy_from_slice(&pages_prefix(range));
             let frame = &self.buf[..PAGES_PREFIX_LEN + n * PAGE_SIZE];
             self.urgent.write_all(frame).map_err(ServeError::Urgent)?;
             self.stats.bytes += frame.len() as u64;
+            self.counters.add(Counter::UrgentBytes, frame.len() as u64);
+            self.counters.add(Counter::UrgentPages, u64::from(count));
         }
         self.stats.pages_urgent += u64::from(count);
         Ok(())

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::bitmap::SharedBitmap;
+use common::counters::{Counter, SharedCounters};
 use common::mem::{create_memfd, write_at};
 use common::msg::{FromPageServer, ServerSetup, ServerStats, ToPageServer};
 use common::types::{MemLayout, PageRange, PAGE_SIZE};
@@ -110,6 +111,8 @@ struct Source {
     rx: IpcReceiver<FromPageServer>,
     /// The shared `sent` bitmap, as the ram-sender would see it.
     sent: SharedBitmap,
+    /// The shared counters, as the supervisor reads them.
+    counters: SharedCounters,
     /// Our end of the return path: we write requests here.
     ret: TcpStream,
     /// Our end of the urgent connection: the role's pages arrive here.
@@ -118,6 +121,7 @@ struct Source {
     /// Held for the role's lifetime, as the supervisor does.
     _memfd: OwnedFd,
     _sent_fd: OwnedFd,
+    _counters_fd: OwnedFd,
 }
 
 impl Source {
@@ -134,6 +138,7 @@ impl Source {
         for &p in already_sent {
             assert!(sent.test_and_set(p));
         }
+        let (counters, counters_fd) = SharedCounters::create("counters").expect("counters");
         let (ret, ret_theirs) = tcp_pair();
         let (urgent, urgent_theirs) = tcp_pair();
         urgent
@@ -153,6 +158,7 @@ impl Source {
                 ("sent", sent_fd.as_fd()),
                 ("return", ret_theirs.as_fd()),
                 ("urgent", urgent_theirs.as_fd()),
+                ("counters", counters_fd.as_fd()),
             ])
             .expect("send fds");
         // The role holds its own copies now; ours would hide its exit.
@@ -161,11 +167,13 @@ impl Source {
             child,
             rx,
             sent,
+            counters,
             ret,
             urgent: FrameReader::new(urgent, ConnKind::Urgent, layout()),
             reaped: false,
             _memfd: memfd,
             _sent_fd: sent_fd,
+            _counters_fd: counters_fd,
         }
     }
 
@@ -387,6 +395,18 @@ fn postcopy_done_reports_what_was_served() {
         other => panic!("expected PostcopyDone, got {other:?}"),
     };
     assert_eq!(format!("{stats:?}"), format!("{want:?}"));
+    // The shared counters say the same, without a message from the role.
+    let c = |k| s.counters.get(k);
+    assert_eq!(
+        [
+            c(Counter::Requests),
+            c(Counter::UrgentPages),
+            c(Counter::UrgentZeroPages),
+            c(Counter::UrgentBytes)
+        ],
+        [4, 7, 1, wire_bytes],
+        "shared counters"
+    );
 
     // The destination hangs up; the role says so and waits for Quit.
     s.ret.shutdown(Shutdown::Write).expect("shutdown");

@@ -9,6 +9,7 @@ use std::os::fd::AsFd;
 use std::time::Instant;
 
 use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
+use common::counters::{Counter, CountersError, SharedCounters};
 use common::mem::{is_zero, Access, Mapping, MemError};
 use common::msg::{
     FinalSync, FromRamSender, PushStats, RoundStats, SendProgress, SenderSetup, ToRamSender,
@@ -21,7 +22,7 @@ use common::wire::{
     FrameType, Package, WireError, MAX_PAGES_PER_FRAME, PAGES_PREFIX_LEN,
 };
 
-use crate::limiter::Limiter;
+use crate::limiter::Caps;
 use crate::pagemap::{Pagemap, ScanError};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,8 @@ pub enum SendError {
     Mem(#[from] MemError),
     #[error("sent bitmap: {0}")]
     Bitmap(#[from] BitmapError),
+    #[error("counters: {0}")]
+    Counters(#[from] CountersError),
     #[error("dirty tracking: {0}")]
     Scan(#[from] ScanError),
     #[error("initial write-protect failed: {0}")]
@@ -60,6 +63,56 @@ enum RoundEnd {
     Interrupted(ToRamSender),
 }
 
+/// Where the ram-sender is, for the shared counters and the bandwidth cap.
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Phase {
+    /// The guest runs: precopy rounds, the early discard.
+    Precopy,
+    /// The guest is stopped, precopy converged: the rest, the package.
+    Completion,
+    /// The guest is stopped for postcopy: discard set, package.
+    Switchover,
+    /// The background push.
+    Push,
+}
+
+impl Phase {
+    /// The counters this phase's bytes, pages and zero pages go to.
+    fn counters(self) -> [Counter; 3] {
+        match self {
+            Phase::Precopy => [
+                Counter::PrecopyBytes,
+                Counter::PrecopyPages,
+                Counter::PrecopyZeroPages,
+            ],
+            Phase::Completion | Phase::Switchover => [
+                Counter::DowntimeBytes,
+                Counter::DowntimePages,
+                Counter::DowntimeZeroPages,
+            ],
+            Phase::Push => [
+                Counter::PushBytes,
+                Counter::PushPages,
+                Counter::PushZeroPages,
+            ],
+        }
+    }
+
+    /// After the switch the postcopy cap applies (QEMU's
+    /// max-postcopy-bandwidth); before it, and when precopy completes,
+    /// the precopy cap.
+    fn postcopy(self) -> bool {
+        matches!(self, Phase::Switchover | Phase::Push)
+    }
+}
+
+/// Which bandwidth cap a command changes.
+#[derive(Copy, Clone)]
+enum Cap {
+    Precopy,
+    Postcopy,
+}
+
 #[derive(Default)]
 struct Totals {
     bytes: u64,
@@ -79,7 +132,9 @@ struct Sender {
     uffd: Uffd,
     sent: SharedBitmap,
     out: TcpStream,
-    limiter: Limiter,
+    limiter: Caps,
+    phase: Phase,
+    counters: SharedCounters,
     dirty: Bitmap,
     buf: Vec<u8>,
     totals: Totals,
@@ -107,12 +162,14 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
         layout,
         guest_base,
         max_bandwidth,
+        max_postcopy_bandwidth,
     } = setup;
     let memfd = fds.take("memory")?;
     let mem = Mapping::new(memfd.as_fd(), layout.mem_bytes() as usize, Access::ReadOnly)?;
     let sent_fd = fds.take("sent")?;
     let sent = SharedBitmap::open(sent_fd.as_fd(), layout.pages())?;
     let out = TcpStream::from(fds.take("main")?);
+    let counters = SharedCounters::open(fds.take("counters")?.as_fd())?;
     let mut s = Sender {
         layout,
         base: guest_base,
@@ -121,7 +178,9 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
         uffd: Uffd::from_fd(fds.take("uffd")?),
         sent,
         out,
-        limiter: Limiter::new(max_bandwidth),
+        limiter: Caps::new(max_bandwidth, max_postcopy_bandwidth),
+        phase: Phase::Precopy,
+        counters,
         dirty: Bitmap::new(layout.pages()),
         buf: vec![0u8; PAGES_PREFIX_LEN + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE],
         totals: Totals::default(),
@@ -151,15 +210,17 @@ impl Sender {
         self.uffd
             .write_protect(self.base, self.layout.mem_bytes(), true)?;
         self.dirty.set_all();
-        self.sync_count = 1;
+        self.synced();
         self.last_sync = Instant::now();
+        let cap = |r: u64| match r {
+            0 => "none".to_string(),
+            r => format!("{r} B/s"),
+        };
         log::info!(
-            "precopy of {} pages starts (bandwidth limit {})",
+            "precopy of {} pages starts (bandwidth limit {}, after the switch {})",
             self.layout.pages(),
-            match self.limiter.rate() {
-                0 => "none".to_string(),
-                r => format!("{r} B/s"),
-            }
+            cap(self.limiter.precopy()),
+            cap(self.limiter.postcopy())
         );
         loop {
             let round_start = Instant::now();
@@ -184,7 +245,7 @@ impl Sender {
                 true,
             )?;
             self.last_sync = Instant::now();
-            self.sync_count += 1;
+            self.synced();
             self.write(&round_frame(self.sync_count))?;
             let round_bytes = self.totals.bytes - before.0;
             let secs = (round_us as f64 / 1e6).max(1e-6);
@@ -207,7 +268,8 @@ impl Sender {
             loop {
                 match self.link.recv()? {
                     ToRamSender::Continue => break,
-                    ToRamSender::SetMaxBandwidth(r) => self.limiter.set_rate(r),
+                    ToRamSender::SetMaxBandwidth(r) => self.set_cap(Cap::Precopy, r),
+                    ToRamSender::SetMaxPostcopyBandwidth(r) => self.set_cap(Cap::Postcopy, r),
                     cmd => return self.obey_after_round(cmd),
                 }
             }
@@ -234,7 +296,8 @@ impl Sender {
         self.round_left = self.dirty.count();
         for (first, count) in runs {
             match self.link.try_recv() {
-                Ok(Some(ToRamSender::SetMaxBandwidth(r))) => self.limiter.set_rate(r),
+                Ok(Some(ToRamSender::SetMaxBandwidth(r))) => self.set_cap(Cap::Precopy, r),
+                Ok(Some(ToRamSender::SetMaxPostcopyBandwidth(r))) => self.set_cap(Cap::Postcopy, r),
                 Ok(Some(cmd)) => return Ok(RoundEnd::Interrupted(cmd)),
                 Ok(None) => {}
                 Err(_) => return Ok(RoundEnd::Interrupted(ToRamSender::Quit)),
@@ -253,6 +316,7 @@ impl Sender {
     /// Precopy converged and the guest is stopped: the last sync, the rest
     /// of the pages, the package, end of stream.
     fn complete(&mut self) -> Result<(), SendError> {
+        self.enter(Phase::Completion);
         let t = Instant::now();
         let found = self.pagemap.collect_written(
             self.base,
@@ -260,7 +324,7 @@ impl Sender {
             &mut self.dirty,
             false,
         )?;
-        self.sync_count += 1;
+        self.synced();
         let sync_us = t.elapsed().as_micros() as u64;
         let before = (self.totals.bytes, self.totals.pages, self.totals.zero_pages);
         let t = Instant::now();
@@ -298,10 +362,11 @@ impl Sender {
     /// The guest is stopped and postcopy begins: last sync, discard set,
     /// package, then push everything not sent yet.
     fn switchover(&mut self) -> Result<(), SendError> {
+        self.enter(Phase::Switchover);
         let t = Instant::now();
         self.pagemap
             .collect_written(self.base, self.layout.mem_bytes(), &mut self.dirty, false)?;
-        self.sync_count += 1;
+        self.synced();
         let sync_us = t.elapsed().as_micros() as u64;
         let t = Instant::now();
         let before = self.totals.bytes;
@@ -366,7 +431,8 @@ impl Sender {
         loop {
             match self.link.recv()? {
                 ToRamSender::Switchover => return self.switchover(),
-                ToRamSender::SetMaxBandwidth(r) => self.limiter.set_rate(r),
+                ToRamSender::SetMaxBandwidth(r) => self.set_cap(Cap::Precopy, r),
+                ToRamSender::SetMaxPostcopyBandwidth(r) => self.set_cap(Cap::Postcopy, r),
                 ToRamSender::Quit => return Ok(()),
                 other => {
                     return Err(SendError::Unexpected {
@@ -381,6 +447,7 @@ impl Sender {
     /// Postcopy background push: every page whose `sent` bit this role wins,
     /// starting after the page the destination asked for last.
     fn push(&mut self) -> Result<(), SendError> {
+        self.enter(Phase::Push);
         let t = Instant::now();
         let before = (self.totals.bytes, self.totals.pages, self.totals.zero_pages);
         let pages = self.layout.pages();
@@ -388,7 +455,8 @@ impl Sender {
         let mut last_hint = 0u64;
         loop {
             match self.link.try_recv() {
-                Ok(Some(ToRamSender::SetMaxBandwidth(r))) => self.limiter.set_rate(r),
+                Ok(Some(ToRamSender::SetMaxBandwidth(r))) => self.set_cap(Cap::Precopy, r),
+                Ok(Some(ToRamSender::SetMaxPostcopyBandwidth(r))) => self.set_cap(Cap::Postcopy, r),
                 Ok(Some(ToRamSender::Quit)) | Err(_) => return Ok(()),
                 Ok(Some(other)) => {
                     return Err(SendError::Unexpected {
@@ -441,7 +509,8 @@ impl Sender {
         loop {
             match self.link.recv()? {
                 ToRamSender::Package(p) => return Ok(p),
-                ToRamSender::SetMaxBandwidth(r) => self.limiter.set_rate(r),
+                ToRamSender::SetMaxBandwidth(r) => self.set_cap(Cap::Precopy, r),
+                ToRamSender::SetMaxPostcopyBandwidth(r) => self.set_cap(Cap::Postcopy, r),
                 other => {
                     return Err(SendError::Unexpected {
                         cmd: format!("{other:?}"),
@@ -456,7 +525,7 @@ impl Sender {
         loop {
             match self.link.rx.recv() {
                 Ok(ToRamSender::Quit) | Err(_) => return Ok(()),
-                Ok(ToRamSender::SetMaxBandwidth(_)) => {}
+                Ok(ToRamSender::SetMaxBandwidth(_) | ToRamSender::SetMaxPostcopyBandwidth(_)) => {}
                 Ok(other) => {
                     return Err(SendError::Unexpected {
                         cmd: format!("{other:?}"),
@@ -471,7 +540,7 @@ impl Sender {
         let frame = message_frame(FrameType::Package, pkg, "device-state package")?;
         self.out.write_all(&frame)?;
         self.out.flush()?;
-        self.totals.bytes += frame.len() as u64;
+        self.count(frame.len() as u64, 0, 0);
         Ok(frame.len() as u64)
     }
 
@@ -527,8 +596,7 @@ impl Sender {
                     self.limiter.take(frame.len() as u64);
                 }
                 self.out.write_all(&frame)?;
-                self.totals.bytes += frame.len() as u64;
-                self.totals.zero_pages += (j - i) as u64;
+                self.count(frame.len() as u64, 0, (j - i) as u64);
             } else {
                 // The prefix goes right before page i, over the tail of page
                 // i-1, which was sent already, is a zero page or is not ours.
@@ -539,8 +607,7 @@ impl Sender {
                     self.limiter.take(len);
                 }
                 self.out.write_all(&self.buf[start..data_at(j)])?;
-                self.totals.bytes += len;
-                self.totals.pages += (j - i) as u64;
+                self.count(len, (j - i) as u64, 0);
             }
             self.totals.wire_us += t.elapsed().as_micros() as u64;
             i = j;
@@ -570,9 +637,49 @@ impl Sender {
         let t = Instant::now();
         self.limiter.take(bytes.len() as u64);
         self.out.write_all(bytes)?;
-        self.totals.bytes += bytes.len() as u64;
+        self.count(bytes.len() as u64, 0, 0);
         self.totals.wire_us += t.elapsed().as_micros() as u64;
         Ok(())
+    }
+
+    /// Accounts what was just written to the main stream: here and in the
+    /// shared counters the supervisor reads.
+    fn count(&mut self, bytes: u64, pages: u64, zero_pages: u64) {
+        self.totals.bytes += bytes;
+        self.totals.pages += pages;
+        self.totals.zero_pages += zero_pages;
+        let [b, p, z] = self.phase.counters();
+        self.counters.add(b, bytes);
+        self.counters.add(p, pages);
+        self.counters.add(z, zero_pages);
+    }
+
+    /// One more dirty sync done.
+    fn synced(&mut self) {
+        self.sync_count += 1;
+        self.counters.add(Counter::DirtySyncs, 1);
+    }
+
+    /// Moves to `phase`; at the switch the limiter takes the postcopy cap.
+    fn enter(&mut self, phase: Phase) {
+        if phase.postcopy() && !self.phase.postcopy() {
+            self.limiter.switch_to_postcopy();
+            log::info!(
+                "switched to postcopy: bandwidth limit {}",
+                match self.limiter.rate() {
+                    0 => "none".to_string(),
+                    r => format!("{r} B/s"),
+                }
+            );
+        }
+        self.phase = phase;
+    }
+
+    fn set_cap(&mut self, cap: Cap, rate: u64) {
+        match cap {
+            Cap::Precopy => self.limiter.set_precopy(rate),
+            Cap::Postcopy => self.limiter.set_postcopy(rate),
+        }
     }
 
     /// True if a Quit is waiting (or the supervisor is gone).

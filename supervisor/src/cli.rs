@@ -123,10 +123,15 @@ pub struct MigrationArgs {
     /// Longest acceptable stop of the guest, in ms.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub downtime_limit: u64,
-    /// Main-stream bandwidth limit in bytes per second (0 = unlimited;
-    /// otherwise at least 1M).
+    /// Precopy bandwidth limit of the main stream, bytes per second (0 =
+    /// unlimited; otherwise at least 1M).
     #[arg(long, value_parser = bandwidth_arg, default_value = "0")]
     pub max_bandwidth: u64,
+    /// Bandwidth limit of the main stream after the switch to postcopy
+    /// (the background push), bytes per second (0 = unlimited; otherwise
+    /// at least 1M). Requested pages are never limited.
+    #[arg(long, value_parser = bandwidth_arg, default_value = "0")]
+    pub max_postcopy_bandwidth: u64,
     /// How to check the destination's memory afterwards.
     #[arg(long, value_enum, default_value = "auto")]
     pub verify: VerifyArg,
@@ -208,7 +213,9 @@ pub struct SourceOpts {
     pub postcopy: PostcopyMode,
     pub postcopy_after_syncs: Option<u32>,
     pub downtime_limit: Duration,
+    /// Main-stream caps before and after the switch, bytes/s; 0 = none.
     pub max_bandwidth: u64,
+    pub max_postcopy_bandwidth: u64,
     pub warmup: Duration,
     pub verify: VerifyMethod,
     pub verify_ranges: Vec<(u64, u64)>,
@@ -380,6 +387,7 @@ impl SourceOpts {
             postcopy_after_syncs: m.postcopy_after_syncs,
             downtime_limit: Duration::from_millis(m.downtime_limit),
             max_bandwidth: m.max_bandwidth,
+            max_postcopy_bandwidth: m.max_postcopy_bandwidth,
             warmup: Duration::from_millis(g.warmup_ms),
             verify,
             verify_ranges,

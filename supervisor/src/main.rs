@@ -4,7 +4,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 use supervisor::cli::{Cli, Cmd, SourceOpts};
-use supervisor::report::Report;
+use supervisor::report::{Report, ReportFile};
 use supervisor::{ctlsock, demo, dest, source};
 
 fn main() -> ExitCode {
@@ -19,30 +19,29 @@ fn main() -> ExitCode {
     common::logging::init(tag);
     match cli.cmd {
         Cmd::Demo(args) => match SourceOpts::from_args(&args.guest, &args.mig)
-            .and_then(|opts| check_json(opts.json.as_deref()).map(|()| opts))
-            .and_then(|opts| demo::demo(&args, opts.clone()).map(|r| (r, opts)))
+            .and_then(|opts| Ok((report_file(opts.json.as_deref())?, opts)))
+            .and_then(|(json, opts)| Ok((demo::demo(&args, opts)?, json)))
         {
-            Ok((report, opts)) => conclude(&report, opts.json.as_deref(), true),
+            Ok((report, json)) => conclude(&report, json, true),
             Err(e) => usage_error(&e),
         },
         Cmd::Migrate(args) => match SourceOpts::from_args(&args.guest, &args.mig)
-            .and_then(|opts| check_json(opts.json.as_deref()).map(|()| opts))
+            .and_then(|opts| Ok((report_file(opts.json.as_deref())?, opts)))
         {
-            Ok(opts) => {
-                let json = opts.json.clone();
+            Ok((json, opts)) => {
                 let report = source::migrate(opts, args.to.clone(), &[]);
-                conclude(&report, json.as_deref(), true)
+                conclude(&report, json, true)
             }
             Err(e) => usage_error(&e),
         },
         Cmd::Incoming(args) => {
-            if let Err(e) = check_json(args.json.as_deref()) {
-                return usage_error(&e);
-            }
-            let json = args.json.clone();
+            let json = match report_file(args.json.as_deref()) {
+                Ok(j) => j,
+                Err(e) => return usage_error(&e),
+            };
             let quiet = args.quiet;
             let report = dest::incoming(args);
-            conclude(&report, json.as_deref(), !quiet)
+            conclude(&report, json, !quiet)
         }
         Cmd::StartPostcopy(args) => {
             match ctlsock::send_command(args.socket.as_deref(), "start-postcopy") {
@@ -60,20 +59,10 @@ fn main() -> ExitCode {
 }
 
 /// A report path that cannot be written is a usage error now, not a lost
-/// report after the whole migration.
-fn check_json(path: Option<&std::path::Path>) -> Result<(), String> {
-    if let Some(p) = path {
-        // The report is written beside it first, then renamed over it.
-        let tmp = p.with_extension("json.tmp");
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&tmp)
-            .map_err(|e| format!("--json {}: {e}", p.display()))?;
-        let _ = std::fs::remove_file(&tmp);
-    }
-    Ok(())
+/// report after the whole migration: the file is opened and written here,
+/// and the report goes through that same handle at the end.
+fn report_file(path: Option<&std::path::Path>) -> Result<Option<ReportFile>, String> {
+    path.map(ReportFile::create).transpose()
 }
 
 fn usage_error(e: &str) -> ExitCode {
@@ -81,13 +70,13 @@ fn usage_error(e: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn conclude(report: &Report, json: Option<&std::path::Path>, summary: bool) -> ExitCode {
+fn conclude(report: &Report, json: Option<ReportFile>, summary: bool) -> ExitCode {
     if summary {
         print!("{}", report.summary());
     }
-    if let Some(path) = json {
-        if let Err(e) = report.write_json(path) {
-            eprintln!("postcopy: cannot write {}: {e}", path.display());
+    if let Some(mut file) = json {
+        if let Err(e) = file.write(report) {
+            eprintln!("postcopy: cannot write {}: {e}", file.path().display());
             return ExitCode::FAILURE;
         }
     }

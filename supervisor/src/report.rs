@@ -1,6 +1,10 @@
 //! The migration report: a JSON object (`--json FILE`) and a human summary.
 //! Field names are part of the interface: later versions add, never rename.
 
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
 use serde::Serialize;
 
 use common::control::{ExitStatus, RoleInfo, VerifyResult};
@@ -114,7 +118,10 @@ pub struct Report {
     pub page_size: u64,
     pub postcopy_mode: String,
     pub downtime_limit_ms: u64,
+    /// Main-stream cap before the switch to postcopy, bytes/s (0 = none).
     pub max_bandwidth: u64,
+    /// Main-stream cap after it, bytes/s (0 = none).
+    pub max_postcopy_bandwidth: u64,
     pub total_time_ms: f64,
     pub setup_time_ms: f64,
     pub downtime_ms: Option<f64>,
@@ -281,12 +288,99 @@ impl Report {
         }
         s
     }
+}
 
-    /// Writes the JSON report atomically (temp file + rename).
-    pub fn write_json(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, text + "\n")?;
-        std::fs::rename(&tmp, path)
+/// What a report file holds while the migration runs.
+const PLACEHOLDER: &str = "{\"status\": \"running\"}\n";
+
+/// The `--json` file. It is opened and written (with a placeholder saying
+/// the migration runs) before anything starts, and the report later goes
+/// through the same handle in the same way: a path that cannot take the
+/// report fails up front, as a command-line error, never after the whole
+/// migration.
+#[derive(Debug)]
+pub struct ReportFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl ReportFile {
+    /// Opens (creates if missing) `path` and writes the placeholder.
+    /// Errors: the open or the write failed (a directory, a missing
+    /// parent, a read-only or full file system, a file that takes no
+    /// writes); the message names the path.
+    pub fn create(path: &Path) -> Result<ReportFile, String> {
+        let fail = |e: std::io::Error| format!("--json {}: {e}", path.display());
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(fail)?;
+        let mut f = ReportFile {
+            path: path.to_path_buf(),
+            file,
+        };
+        f.replace(PLACEHOLDER).map_err(fail)?;
+        Ok(f)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Replaces the file's content with the report as one JSON object.
+    pub fn write(&mut self, report: &Report) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
+        self.replace(&(text + "\n"))
+    }
+
+    /// Writes from the start, then cuts what an older, longer content left
+    /// behind: a reader never finds the file empty.
+    fn replace(&mut self, text: &str) -> std::io::Result<()> {
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.write_all(text.as_bytes())?;
+        self.file.set_len(text.len() as u64)?;
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("postcopy-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir.join(name)
+    }
+
+    #[test]
+    fn the_report_replaces_the_placeholder_and_older_content() {
+        let p = scratch("r.json");
+        std::fs::write(&p, "x".repeat(100_000)).expect("old content");
+        let mut f = ReportFile::create(&p).expect("create");
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), PLACEHOLDER);
+        let r = Report {
+            status: "completed".into(),
+            ..Default::default()
+        };
+        f.write(&r).expect("write");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).expect("read")).expect("json");
+        assert_eq!(v["status"], "completed");
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn unwritable_paths_fail_up_front_naming_the_path() {
+        let dir = scratch("a-directory");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let missing = scratch("missing-dir").join("r.json");
+        // Root may open these, but they take no report.
+        for p in [dir.as_path(), &missing, Path::new("/proc/version")] {
+            let e = ReportFile::create(p).expect_err("should fail");
+            assert!(e.contains(&p.display().to_string()), "{e}");
+        }
     }
 }

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use common::bitmap::SharedBitmap;
 use common::control::{ControlMsg, DestSummary, PostcopyMode, SetupRequest, VerifyMethod};
+use common::counters::{Counter, SharedCounters};
 use common::guest::GuestKind;
 use common::mem::{create_memfd, Access, Mapping};
 use common::msg::{
-    FinalSync, FromGuest, FromPageServer, FromRamSender, GuestInit, PushStats, RoundStats,
-    SenderSetup, ServerSetup, ServerStats, Side, ToGuest, ToPageServer, ToRamSender,
+    FinalSync, FromGuest, FromPageServer, FromRamSender, GuestInit, RoundStats, SenderSetup,
+    ServerSetup, Side, ToGuest, ToPageServer, ToRamSender,
 };
 use common::state::MigrationState;
 use common::types::{MemLayout, MigrationId, RemoteAddr, PAGE_SIZE};
@@ -84,8 +85,8 @@ struct Source {
     saved_state: Option<Vec<u8>>,
     last_round: Option<RoundStats>,
     final_sync: Option<FinalSync>,
-    push: Option<PushStats>,
-    served: Option<ServerStats>,
+    /// What the roles put on the wire, counted as they write.
+    counters: Option<SharedCounters>,
     dest: Option<DestSummary>,
     /// The last progress report: when, and bytes sent by then.
     last_progress: Option<(Instant, u64)>,
@@ -111,6 +112,7 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         postcopy_mode: opts.postcopy.to_string(),
         downtime_limit_ms: opts.downtime_limit.as_millis() as u64,
         max_bandwidth: opts.max_bandwidth,
+        max_postcopy_bandwidth: opts.max_postcopy_bandwidth,
         verify: VerifyReport::none("not reached"),
         ..Default::default()
     };
@@ -170,8 +172,7 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         saved_state: None,
         last_round: None,
         final_sync: None,
-        push: None,
-        served: None,
+        counters: None,
         dest: None,
         last_progress: None,
         digests: None,
@@ -235,14 +236,9 @@ impl EventLoop for Source {
 
     fn on_event(&mut self, ev: Event) -> Result<(), MigError> {
         if self.m.is_over() {
-            // The migration has ended: only exits and the page-server's
-            // last numbers still matter.
-            match ev {
-                Event::Exited { pid, status } => {
-                    self.s.exited(pid, status);
-                }
-                Event::Server(FromPageServer::PostcopyDone(st)) => self.served = Some(st),
-                _ => {}
+            // The migration has ended: only exits still matter.
+            if let Event::Exited { pid, status } = ev {
+                self.s.exited(pid, status);
             }
             return Ok(());
         }
@@ -332,17 +328,11 @@ impl Source {
             Event::Sender(FromRamSender::FinalSyncDone(fs)) => {
                 self.times.synced = Some(Instant::now());
                 self.report.discarded_pages = self.report.prediscard_pages + fs.discard_pages;
-                self.report.dirty_sync_count = fs.sync_count;
                 self.final_sync = Some(fs);
             }
-            Event::Sender(FromRamSender::PackageSent { bytes }) => {
+            Event::Sender(FromRamSender::PackageSent { .. }) => {
                 self.times.package_sent = Some(Instant::now());
-                self.report.downtime_bytes =
-                    self.final_sync.as_ref().map(|f| f.bytes).unwrap_or(0) + bytes;
             }
-            Event::Sender(FromRamSender::PushDone(p)) => self.push = Some(p),
-            Event::Server(FromPageServer::Closed(st))
-            | Event::Server(FromPageServer::PostcopyDone(st)) => self.served = Some(st),
             Event::Guest(FromGuest::Stopped) => self.times.stopped = Some(Instant::now()),
             Event::Guest(FromGuest::State(st)) => self.saved_state = Some(st),
             Event::Peer(ControlMsg::DestRunning {
@@ -562,14 +552,6 @@ impl Source {
         while !self.m.is_over() {
             self.idle(Duration::from_millis(100))?;
         }
-        if self.report.switched_to_postcopy && self.served.is_none() {
-            // The page-server's POSTCOPY_DONE brings its numbers; the
-            // destination supervisor's word (already in) is what counts.
-            let t = Instant::now();
-            while self.served.is_none() && t.elapsed() < Duration::from_secs(2) {
-                self.idle(Duration::from_millis(20))?;
-            }
-        }
         Ok(())
     }
 
@@ -701,6 +683,9 @@ impl Source {
 
         let (_sent, sent_fd) = SharedBitmap::create("postcopy-sent", self.layout.pages())
             .map_err(|e| MigError::Setup(format!("sent bitmap: {e}")))?;
+        let (counters, counters_fd) = SharedCounters::create("postcopy-counters")
+            .map_err(|e| MigError::Setup(format!("counters: {e}")))?;
+        self.counters = Some(counters);
 
         let mut sender: Child<ToRamSender, FromRamSender> = spawn::spawn("ram-sender")?;
         self.s.watch("ram-sender", sender.pid);
@@ -726,11 +711,13 @@ impl Source {
             ("sent", sent_fd.as_fd()),
             ("return", ret.as_fd()),
             ("urgent", urgent.as_fd()),
+            ("counters", counters_fd.as_fd()),
         ])?;
         sender.send(ToRamSender::Start(SenderSetup {
             layout: self.layout,
             guest_base: self.guest_base,
             max_bandwidth: self.opts.max_bandwidth,
+            max_postcopy_bandwidth: self.opts.max_postcopy_bandwidth,
         }))?;
         sender.send_fds(&[
             ("memory", self.memfd.as_fd()),
@@ -738,8 +725,9 @@ impl Source {
             ("uffd", self.guest_fds[0].as_fd()),
             ("sent", sent_fd.as_fd()),
             ("main", main.as_fd()),
+            ("counters", counters_fd.as_fd()),
         ])?;
-        self.held.push(sent_fd);
+        self.held.extend([sent_fd, counters_fd]);
         self.conns = vec![main, ret, urgent];
         self.sender = Some(sender);
         self.server = Some(server);
@@ -966,34 +954,25 @@ impl Source {
 
     fn fill_totals(&mut self) {
         let r = &mut self.report;
-        let (mut pages, mut zero, mut bytes_total) = (0u64, 0u64, 0u64);
-        if let Some(fs) = &self.final_sync {
-            r.precopy_bytes = fs.precopy_bytes;
-            pages += fs.precopy_pages + fs.pages;
-            zero += fs.precopy_zero_pages + fs.zero_pages;
-            bytes_total += r.precopy_bytes + r.downtime_bytes;
-        } else if let Some(l) = &self.last_round {
-            r.precopy_bytes = l.total_bytes;
-            pages += l.total_pages;
-            zero += l.total_zero_pages;
-            bytes_total += l.total_bytes;
-            r.dirty_sync_count = l.sync_count;
+        // The roles' own running counts, not the end-of-step messages: a
+        // round cut short, a push that failed and a role that died count
+        // for what they sent.
+        if let Some(c) = &self.counters {
+            let g = |k| c.get(k);
+            r.precopy_bytes = g(Counter::PrecopyBytes);
+            r.downtime_bytes = g(Counter::DowntimeBytes);
+            r.postcopy_bytes = g(Counter::PushBytes) + g(Counter::UrgentBytes);
+            r.pages_sent = g(Counter::PrecopyPages)
+                + g(Counter::DowntimePages)
+                + g(Counter::PushPages)
+                + g(Counter::UrgentPages);
+            r.zero_pages = g(Counter::PrecopyZeroPages)
+                + g(Counter::DowntimeZeroPages)
+                + g(Counter::PushZeroPages)
+                + g(Counter::UrgentZeroPages);
+            r.dirty_sync_count = u32::try_from(g(Counter::DirtySyncs)).unwrap_or(u32::MAX);
         }
-        let mut post = 0u64;
-        if let Some(p) = &self.push {
-            post += p.bytes;
-            pages += p.pages;
-            zero += p.zero_pages;
-        }
-        if let Some(s) = &self.served {
-            post += s.bytes;
-            pages += s.pages_urgent - s.zero_pages;
-            zero += s.zero_pages;
-        }
-        r.postcopy_bytes = post;
-        bytes_total += post;
-        r.pages_sent = pages;
-        r.zero_pages = zero;
+        let bytes_total = r.precopy_bytes + r.downtime_bytes + r.postcopy_bytes;
         if r.total_time_ms > 0.0 {
             r.throughput_mbps = bytes_total as f64 * 8.0 / (r.total_time_ms / 1e3) / 1e6;
         }

@@ -8,13 +8,13 @@ use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::{
-    bin_dir, check, free_port, kvm_skip_reason, num, postcopy, report, run, start, text, TempDir,
-    TwoHosts,
+    bin_dir, check, free_port, kvm_skip_reason, num, postcopy, report, run, start, text, Running,
+    TempDir, TwoHosts,
 };
 
 type TestResult = Result<(), String>;
@@ -64,6 +64,22 @@ fn main() {
         kvm(
             "kvm_boot_sector_with_verify_range",
             kvm_boot_sector_with_verify_range,
+        ),
+        plain(
+            "unwritable_report_path_is_refused_up_front",
+            unwritable_report_path_is_refused_up_front,
+        ),
+        plain(
+            "interrupted_precopy_counts_what_went_out",
+            interrupted_precopy_counts_what_went_out,
+        ),
+        plain(
+            "failed_postcopy_counts_what_went_out",
+            failed_postcopy_counts_what_went_out,
+        ),
+        plain(
+            "postcopy_bandwidth_is_capped_apart",
+            postcopy_bandwidth_is_capped_apart,
         ),
     ];
     libtest_mimic::run(&args, trials).exit();
@@ -1002,4 +1018,325 @@ fn kvm_boot_sector_with_verify_range() -> TestResult {
         "workload is not boot-sector",
     )?;
     serial_after_switchover(&r)
+}
+
+// ---------------------------------------------------------------- operator interface
+
+fn unwritable_report_path_is_refused_up_front() -> TestResult {
+    let dir = TempDir::new("json");
+    let a_dir = dir.path("jdir");
+    std::fs::create_dir(&a_dir).map_err(|e| e.to_string())?;
+    let missing = dir.path("no-such-dir").join("r.json");
+    let read_only = dir.path("read-only.json");
+    std::fs::write(&read_only, "{}").map_err(|e| e.to_string())?;
+    let mut perms = std::fs::metadata(&read_only)
+        .map_err(|e| e.to_string())?
+        .permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&read_only, perms).map_err(|e| e.to_string())?;
+    // Root opens /proc/version for writing; only the write fails.
+    let paths: [(&Path, bool); 4] = [
+        (&a_dir, false),
+        (&missing, false),
+        (Path::new("/proc/version"), false),
+        // Root ignores file modes: the read-only file is tried as nobody.
+        (&read_only, true),
+    ];
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let commands: [&[&str]; 3] = [
+        &["demo", "--mem", "64M"],
+        &["migrate", "--to", &listen, "--mem", "64M"],
+        &["incoming", "--listen", &listen, "--accept-timeout", "60"],
+    ];
+    for (path, unprivileged) in paths {
+        for args in commands {
+            let mut cmd = if unprivileged {
+                let mut c = Command::new("setpriv");
+                // The directory must be reachable for the file's own mode
+                // to be what refuses.
+                c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                    .arg(bin_dir().join("postcopy"));
+                c
+            } else {
+                postcopy()
+            };
+            cmd.args(args).arg("--json").arg(path);
+            let t = Instant::now();
+            let out = run(&mut cmd, Duration::from_secs(60))?;
+            let what = format!("{args:?} --json {}", path.display());
+            check(
+                out.status.code() == Some(2),
+                format!("{what} should exit 2 at once\n{}", out.describe()),
+            )?;
+            check(
+                out.stderr.contains(&format!("--json {}", path.display())),
+                format!(
+                    "{what}: the error does not name the path\n{}",
+                    out.describe()
+                ),
+            )?;
+            // Nothing started: no guest, no migration, no summary.
+            check(
+                !out.stdout.contains("migration") && t.elapsed() < Duration::from_secs(5),
+                format!(
+                    "{what}: ran for {:?} before refusing\n{}",
+                    t.elapsed(),
+                    out.describe()
+                ),
+            )?;
+        }
+    }
+    check(a_dir.is_dir(), "the directory was replaced")?;
+    check(
+        std::fs::read_to_string(&read_only).map_err(|e| e.to_string())? == "{}",
+        "the read-only file was changed",
+    )?;
+    Ok(())
+}
+
+/// 16 MiB/s, the cap the totals tests migrate at.
+const CAP: f64 = 16.0 * 1024.0 * 1024.0;
+
+/// `bytes` moved at `CAP` within a factor of 2 over `secs`.
+fn at_cap(what: &str, bytes: u64, secs: f64) -> TestResult {
+    let rate = bytes as f64 / secs;
+    check(
+        rate > CAP / 2.0 && rate < CAP * 2.0,
+        format!(
+            "{what}: {bytes} bytes in {secs:.2} s is {:.1} MiB/s, not about 16",
+            rate / 1048576.0
+        ),
+    )
+}
+
+/// The totals every report must keep consistent, finished or not.
+fn totals_add_up(r: &Value) -> TestResult {
+    let bytes = num(r, "precopy_bytes")? + num(r, "downtime_bytes")? + num(r, "postcopy_bytes")?;
+    let pages = num(r, "pages_sent")?;
+    check(
+        pages > 0 && pages * 4096 <= bytes,
+        format!("{pages} pages sent but {bytes} bytes in all"),
+    )?;
+    let secs = r["total_time_ms"].as_f64().ok_or("no total_time_ms")? / 1e3;
+    let mbps = r["throughput_mbps"].as_f64().ok_or("no throughput_mbps")?;
+    let want = bytes as f64 * 8.0 / secs / 1e6;
+    check(
+        mbps > 0.0 && (mbps - want).abs() <= want * 0.01,
+        format!("throughput_mbps {mbps}, but {bytes} bytes in {secs:.2} s is {want:.1}"),
+    )
+}
+
+fn interrupted_precopy_counts_what_went_out() -> TestResult {
+    // 256 MiB at 16 MiB/s: the first round takes 16 s, so SIGINT lands
+    // in it, before any round finished.
+    let dir = TempDir::new("sigint");
+    let json = dir.path("r.json");
+    let m = start(
+        postcopy()
+            .args([
+                "demo",
+                "--mem",
+                "256M",
+                "--workload",
+                "ab",
+                "--postcopy",
+                "never",
+                "--max-bandwidth",
+                "16M",
+            ])
+            .arg("--json")
+            .arg(&json),
+    );
+    let root = m.pid();
+    wait_for("the ram-sender", Duration::from_secs(30), || {
+        !pids_named(root, "ram-sender").is_empty()
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signals the demo this test started.
+    unsafe { libc::kill(root as i32, libc::SIGINT) };
+    let out = m.finish(Duration::from_secs(60))?;
+    let r = report(&json)?;
+    check(
+        out.status.code() == Some(1) && text(&r, "status") == "cancelled",
+        format!("status {}\n{}", r["status"], out.describe()),
+    )?;
+    check(
+        r["rounds"].as_array().is_some_and(Vec::is_empty),
+        "a round finished",
+    )?;
+    let secs = r["total_time_ms"].as_f64().ok_or("no total_time_ms")? / 1e3;
+    at_cap("precopy", num(&r, "precopy_bytes")?, secs)?;
+    check(
+        num(&r, "downtime_bytes")? == 0 && num(&r, "postcopy_bytes")? == 0,
+        "bytes counted after a stop that never came",
+    )?;
+    // The arming of dirty tracking is the first sync.
+    check(
+        num(&r, "dirty_sync_count")? == 1,
+        format!("dirty_sync_count {}", r["dirty_sync_count"]),
+    )?;
+    totals_add_up(&r)
+}
+
+/// Starts a demo in manual mode, lets precopy run for `precopy`, asks for
+/// postcopy and returns the running demo, its report path and when the
+/// request was taken.
+fn demo_switching_after(
+    dir: &TempDir,
+    args: &[&str],
+    precopy: Duration,
+) -> Result<(Running, PathBuf, Instant), String> {
+    let json = dir.path("r.json");
+    let sock = dir.path("cmd.sock");
+    let mut m = start(
+        postcopy()
+            .arg("demo")
+            .args(args)
+            .args(["--postcopy", "manual"])
+            .arg("--command-socket")
+            .arg(&sock)
+            .arg("--json")
+            .arg(&json),
+    );
+    let root = m.pid();
+    wait_for("the ram-sender", Duration::from_secs(30), || {
+        !pids_named(root, "ram-sender").is_empty()
+    })?;
+    std::thread::sleep(precopy);
+    check(m.running(), "the migration ended before start-postcopy")?;
+    let out = run(
+        postcopy().arg("start-postcopy").arg("--socket").arg(&sock),
+        Duration::from_secs(10),
+    )?;
+    check(
+        out.status.success(),
+        format!("start-postcopy failed\n{}", out.describe()),
+    )?;
+    Ok((m, json, Instant::now()))
+}
+
+fn failed_postcopy_counts_what_went_out() -> TestResult {
+    // An idle guest faults on nothing, so after the switch the paced push
+    // carries the pages: 112 MiB left at 16 MiB/s takes 7 s. The
+    // ram-sender is killed in the middle of it.
+    let dir = TempDir::new("pushfail");
+    let args = [
+        "--mem",
+        "128M",
+        "--workload",
+        "idle",
+        "--max-bandwidth",
+        "16M",
+        "--max-postcopy-bandwidth",
+        "16M",
+    ];
+    let (m, json, t_switch) = demo_switching_after(&dir, &args, Duration::from_secs(1))?;
+    let root = m.pid();
+    std::thread::sleep(Duration::from_millis(2500));
+    let sender = pids_named(root, "ram-sender");
+    check(sender.len() == 1, format!("ram-sender pids {sender:?}"))?;
+    // SAFETY: kills a role of the demo this test started.
+    unsafe { libc::kill(sender[0] as i32, libc::SIGKILL) };
+    let pushed_for = t_switch.elapsed().as_secs_f64();
+    let out = m.finish(Duration::from_secs(60))?;
+    let r = report(&json)?;
+    check(
+        out.status.code() == Some(1) && text(&r, "status") == "failed",
+        format!("status {}\n{}", r["status"], out.describe()),
+    )?;
+    check(
+        text(&r, "error").contains("ram-sender"),
+        format!("error: {}", r["error"]),
+    )?;
+    check(
+        r["switched_to_postcopy"] == true,
+        "the kill came before the switch",
+    )?;
+    check(num(&r, "precopy_bytes")? > 0, "precopy_bytes is 0")?;
+    at_cap("postcopy push", num(&r, "postcopy_bytes")?, pushed_for)?;
+    // Arming, then the final sync at the switch.
+    check(
+        num(&r, "dirty_sync_count")? == 2,
+        format!("dirty_sync_count {}", r["dirty_sync_count"]),
+    )?;
+    totals_add_up(&r)
+}
+
+/// Bytes per second the postcopy push carried: pages that arrived on the
+/// main stream after the switch over the postcopy phase.
+fn push_rate(r: &Value) -> Result<f64, String> {
+    let secs = r["postcopy_phase_ms"]
+        .as_f64()
+        .ok_or("no postcopy_phase_ms")?
+        / 1e3;
+    Ok(num(r, "pages_background")? as f64 * 4096.0 / secs)
+}
+
+fn postcopy_bandwidth_is_capped_apart() -> TestResult {
+    // The same switch twice, precopy capped at 16 MiB/s both times: an idle
+    // guest leaves the ~48 MiB not sent by then to the push.
+    let base = [
+        "--mem",
+        "64M",
+        "--workload",
+        "idle",
+        "--max-bandwidth",
+        "16M",
+    ];
+    let finish = |m: Running, json: &Path| -> Result<Value, String> {
+        let out = m.finish(Duration::from_secs(120))?;
+        let r = report(json)?;
+        check(
+            out.status.success(),
+            format!("demo failed\n{}\n{r:#}", out.describe()),
+        )?;
+        completed(&r)?;
+        postcopied(&r)?;
+        check(
+            num(&r, "pages_background")? > 4096,
+            format!("the push carried only {} pages", r["pages_background"]),
+        )?;
+        Ok(r)
+    };
+
+    // --max-bandwidth caps precopy only: the push runs unpaced.
+    let dir = TempDir::new("unpaced");
+    let (m, json, _) = demo_switching_after(&dir, &base, Duration::from_secs(1))?;
+    let r = finish(m, &json)?;
+    check(
+        num(&r, "max_bandwidth")? == 16 << 20 && num(&r, "max_postcopy_bandwidth")? == 0,
+        format!(
+            "caps in the report: {} / {}",
+            r["max_bandwidth"], r["max_postcopy_bandwidth"]
+        ),
+    )?;
+    let rate = push_rate(&r)?;
+    check(
+        rate > 2.0 * CAP,
+        format!(
+            "unpaced push ran at {:.1} MiB/s, not faster than the precopy cap",
+            rate / 1048576.0
+        ),
+    )?;
+
+    // --max-postcopy-bandwidth caps it.
+    let dir = TempDir::new("paced");
+    let mut args = base.to_vec();
+    args.extend(["--max-postcopy-bandwidth", "16M"]);
+    let (m, json, _) = demo_switching_after(&dir, &args, Duration::from_secs(1))?;
+    let r = finish(m, &json)?;
+    check(
+        num(&r, "max_postcopy_bandwidth")? == 16 << 20,
+        format!("max_postcopy_bandwidth {}", r["max_postcopy_bandwidth"]),
+    )?;
+    let rate = push_rate(&r)?;
+    check(
+        rate < 1.3 * CAP,
+        format!(
+            "push capped at 16 MiB/s ran at {:.1} MiB/s",
+            rate / 1048576.0
+        ),
+    )?;
+    Ok(())
 }
