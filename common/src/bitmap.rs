@@ -175,6 +175,54 @@ impl SharedBitmap {
         None
     }
 
+    /// The bits as little-endian bytes (bit `i` is bit `i % 8` of byte
+    /// `i / 8`), `ceil(len / 8)` of them: what a resync sends.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out: Vec<u8> = self
+            .words()
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+            .collect();
+        out.truncate(self.bits.div_ceil(8) as usize);
+        out
+    }
+
+    /// Replaces every bit with `bytes` (as from [`Self::to_bytes`]) and
+    /// recounts. Only while no role uses the bitmap (the supervisor,
+    /// between two roles). Errors when `bytes` does not hold exactly
+    /// `ceil(len / 8)` bytes or sets bits past the end.
+    pub fn overwrite(&self, bytes: &[u8]) -> Result<(), BitmapError> {
+        let want = self.bits.div_ceil(8);
+        if bytes.len() as u64 != want
+            || (!self.bits.is_multiple_of(8) && bytes[bytes.len() - 1] >> (self.bits % 8) != 0)
+        {
+            return Err(BitmapError::WrongSize {
+                actual: bytes.len() as u64 * 8,
+                expected: self.bits,
+            });
+        }
+        let mut count = 0u64;
+        for (i, w) in self.words().iter().enumerate() {
+            let mut le = [0u8; 8];
+            let start = i * 8;
+            let end = (start + 8).min(bytes.len());
+            le[..end - start].copy_from_slice(&bytes[start..end]);
+            let v = u64::from_le_bytes(le);
+            count += u64::from(v.count_ones());
+            w.store(v, Ordering::Release);
+        }
+        self.header(H_COUNT).store(count, Ordering::Release);
+        Ok(())
+    }
+
+    /// Clears every bit.
+    pub fn clear_all(&self) {
+        for w in self.words() {
+            w.store(0, Ordering::Release);
+        }
+        self.header(H_COUNT).store(0, Ordering::Release);
+    }
+
     /// The hint word (0 = no hint).
     pub fn hint(&self) -> u64 {
         self.header(H_HINT).load(Ordering::Acquire)
@@ -400,5 +448,27 @@ mod tests {
         assert_eq!(b.runs(1000).collect::<Vec<_>>(), vec![(0, 200)]);
         b.clear_all();
         assert_eq!(b.runs(10).next(), None);
+    }
+
+    #[test]
+    fn shared_bytes_round_trip_and_refuse_bad_input() {
+        let (a, _fd) = SharedBitmap::create("t-a", 70).unwrap();
+        for b in [0, 5, 63, 64, 69] {
+            a.test_and_set(b);
+        }
+        let bytes = a.to_bytes();
+        assert_eq!(bytes.len(), 9);
+        let (b, _fd2) = SharedBitmap::create("t-b", 70).unwrap();
+        b.overwrite(&bytes).unwrap();
+        assert_eq!(b.count(), 5);
+        assert!(b.get(69) && b.get(64) && !b.get(1));
+        // A bit past the end, or the wrong length, is refused.
+        let mut bad = bytes.clone();
+        bad[8] |= 0x80;
+        assert!(b.overwrite(&bad).is_err());
+        assert!(b.overwrite(&bytes[..8]).is_err());
+        b.clear_all();
+        assert_eq!(b.count(), 0);
+        assert!(!b.get(69));
     }
 }

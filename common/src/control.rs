@@ -163,6 +163,24 @@ pub enum ControlMsg {
     /// Either way, every second: "still here". A peer that stays silent
     /// for the link timeout is lost, even if its kernel keeps TCP alive.
     Heartbeat,
+    /// Either side: a data role died or a data connection broke; replace
+    /// every data connection and data role (epoch `epoch`, counting from 1).
+    /// docs/state-machine.md, "Restart and recovery".
+    Resync {
+        epoch: u32,
+        reason: String,
+    },
+    /// Destination → source: ready for the data connections of `epoch`.
+    /// `package`: the package arrived whole, so `received` (the bitmap of
+    /// pages the destination has, as from `SharedBitmap::to_bytes`) is
+    /// what postcopy resumes from. Without it the destination guest never
+    /// ran, and precopy starts over.
+    ResyncReady {
+        epoch: u32,
+        package: bool,
+        #[serde(with = "serde_bytes")]
+        received: Vec<u8>,
+    },
 }
 
 impl ControlMsg {
@@ -181,6 +199,8 @@ impl ControlMsg {
             ControlMsg::Abort { .. } => "Abort",
             ControlMsg::Finish => "Finish",
             ControlMsg::Heartbeat => "Heartbeat",
+            ControlMsg::Resync { .. } => "Resync",
+            ControlMsg::ResyncReady { .. } => "ResyncReady",
         }
     }
 }

@@ -97,6 +97,24 @@ pub struct SenderSetup {
     /// (discard set, package, background push); 0 = unlimited. Requested
     /// pages go out on the urgent connection and are never paced.
     pub max_postcopy_bandwidth: u64,
+    /// Where to start: a fresh precopy, or (a ram-sender started again
+    /// after the package) the postcopy push of whatever `sent` lacks.
+    pub resume: SenderStart,
+}
+
+/// Where a ram-sender starts (docs/state-machine.md, "Restart and
+/// recovery").
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SenderStart {
+    /// Arm dirty tracking and send every page: the first start, and any
+    /// start before the package (what an earlier ram-sender had harvested
+    /// from the dirty log but not delivered is unknown, so everything goes
+    /// again).
+    Precopy,
+    /// After the package, on a fresh main stream: push every page whose
+    /// `sent` bit is clear (the supervisor set `sent` to what the
+    /// destination has).
+    Push,
 }
 
 /// Supervisor → ram-sender.
@@ -271,6 +289,23 @@ pub struct HandlerSetup {
     pub postcopy: bool,
     /// Record a digest of every page as it is placed.
     pub digests: bool,
+    /// Where to start: a fresh stream, or (a fault-handler started again
+    /// after the guest registered its memory) postcopy at once.
+    pub resume: HandlerStart,
+}
+
+/// Where a fault-handler starts.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HandlerStart {
+    /// Read the main stream from its start (precopy).
+    Fresh,
+    /// A fresh stream again, after an earlier handler wrote pages: what it
+    /// wrote is unknown, so a zero page always drops the page.
+    Again,
+    /// Postcopy from the first frame: guest memory is registered; what
+    /// was placed is in `received`; threads blocked on a fault an earlier
+    /// handler read are woken to fault again.
+    Postcopy,
 }
 
 /// Supervisor → fault-handler.

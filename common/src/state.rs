@@ -31,9 +31,11 @@ impl MigrationState {
             (self, to),
             (Setup, Active | Failed | Cancelled)
                 | (Active, PostcopyActive | Completed | Failed | Cancelled)
-                | (PostcopyActive, Completed | PostcopyPaused | Failed)
+                // A role restart recovers without a pause; a lost link
+                // pauses first.
+                | (PostcopyActive, Completed | PostcopyPaused | PostcopyRecover | Failed)
                 | (PostcopyPaused, PostcopyRecover | Failed)
-                | (PostcopyRecover, PostcopyActive | PostcopyPaused | Failed)
+                | (PostcopyRecover, PostcopyActive | PostcopyPaused | Completed | Failed)
         )
     }
 

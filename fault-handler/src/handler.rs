@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
 use common::digest::{page_digest, zero_page_digest};
 use common::mem::{punch_hole, write_at, Access, Mapping, MemError};
-use common::msg::{FromFaultHandler, HandlerSetup, PostcopyStats, RecvProgress, ToFaultHandler};
+use common::msg::{
+    FromFaultHandler, HandlerSetup, HandlerStart, PostcopyStats, RecvProgress, ToFaultHandler,
+};
 use common::role::{LinkError, RoleLink};
 use common::types::{MemLayout, PageRange, RemoteAddr, PAGE_SIZE};
 use common::uffd::{Placed, Uffd, UffdError};
@@ -46,7 +48,7 @@ pub enum HandlerError {
     Uffd(#[from] UffdError),
     #[error("protocol: {0}")]
     Protocol(String),
-    #[error("the source ended the main stream with {missing} of {pages} pages never sent")]
+    #[error("the source sent its package with {missing} of {pages} pages never sent")]
     Incomplete { missing: u64, pages: u64 },
 }
 
@@ -101,6 +103,9 @@ struct Handler {
     ret: Mutex<TcpStream>,
     counters: Counters,
     done: AtomicBool,
+    /// Started again after the package: serving faults begins with a wake
+    /// of the whole range.
+    resumed: bool,
     tx: IpcSender<FromFaultHandler>,
 }
 
@@ -127,6 +132,7 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
         guest_base,
         postcopy,
         digests,
+        resume,
     } = setup;
     // Never mapped here: pages go in with pwrite (precopy) or through the
     // userfaultfd (postcopy), so nothing can fault a page in by accident.
@@ -158,10 +164,26 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
         received,
         digests,
         uffd,
-        mode: RwLock::new(Mode::Precopy),
+        // A postcopy restart waits for the supervisor's Listening (the
+        // guest may not have registered its memory yet) like a fresh
+        // handler after the package.
+        mode: RwLock::new(if resume == HandlerStart::Postcopy {
+            Mode::AwaitingListen
+        } else {
+            Mode::Precopy
+        }),
+        resumed: resume == HandlerStart::Postcopy,
         mode_changed: Condvar::new(),
         mode_lock: Mutex::new(()),
-        written: Mutex::new(Bitmap::new(layout.pages())),
+        written: Mutex::new({
+            // An earlier handler may have written any page: a zero page
+            // must then always drop what is there.
+            let mut w = Bitmap::new(layout.pages());
+            if resume != HandlerStart::Fresh {
+                w.set_all();
+            }
+            w
+        }),
         pending: Mutex::new(Pending::default()),
         latencies: Mutex::new(Latencies::default()),
         ret: Mutex::new(ret),
@@ -196,7 +218,7 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
             })
             .expect("spawn urgent reader");
     }
-    match h.read_main(main) {
+    match h.read_main(main, resume == HandlerStart::Postcopy) {
         Ok(()) => {
             // Stay alive until Quit arrives on the command thread.
             loop {
@@ -245,13 +267,47 @@ impl Handler {
                     }
                 })
                 .expect("spawn fault thread");
+            if self.resumed {
+                let h = self.clone();
+                std::thread::Builder::new()
+                    .name("resume".into())
+                    .spawn(move || {
+                        if let Err(e) = h.resume_postcopy() {
+                            h.fatal(e);
+                        }
+                    })
+                    .expect("spawn resume thread");
+            }
         } else {
             log::warn!("Listening while in {mode:?}: ignored");
         }
         self.mode_changed.notify_all();
     }
 
-    fn read_main(self: &Arc<Self>, main: TcpStream) -> Result<(), HandlerError> {
+    /// A handler started again after the package, once the guest's memory
+    /// is registered: wake every thread still blocked on a fault an earlier
+    /// handler read (it faults again and we see it), and finish if every
+    /// page is here already.
+    fn resume_postcopy(&self) -> Result<(), HandlerError> {
+        let uffd = self.uffd.as_ref().ok_or_else(|| {
+            HandlerError::Protocol("a postcopy restart without a userfaultfd".into())
+        })?;
+        log::info!(
+            "resuming postcopy: {} of {} pages here",
+            self.received.count(),
+            self.layout.pages()
+        );
+        uffd.wake(self.base, self.layout.mem_bytes())?;
+        self.check_complete()
+    }
+
+    /// Reads the main stream. `package_seen`: a restarted postcopy
+    /// handler, whose stream holds only pages (and the end).
+    fn read_main(
+        self: &Arc<Self>,
+        main: TcpStream,
+        package_seen: bool,
+    ) -> Result<(), HandlerError> {
         let mut reader = FrameReader::new(main, ConnKind::Main, self.layout)
             .counting_into(self.counters.main_bytes.clone());
         let wire = |source| HandlerError::Wire {
@@ -259,7 +315,15 @@ impl Handler {
             source,
         };
         let mut last_progress = Instant::now();
-        let mut package_seen = false;
+        if package_seen {
+            // A postcopy restart: pages go through the userfaultfd, which
+            // needs the guest's registration (the supervisor's Listening).
+            let mut g = self.mode_lock.lock().expect("mode lock");
+            while *self.mode.read().expect("mode") != Mode::Postcopy {
+                g = self.mode_changed.wait(g).expect("mode lock");
+            }
+        }
+        let mut package_seen = package_seen;
         loop {
             let frame = match reader.next_frame() {
                 Ok(f) => f,
@@ -311,7 +375,16 @@ impl Handler {
                         "package arrived ({} bytes of guest state, listen={listen})",
                         pkg.guest_state.len()
                     );
+                    if !listen {
+                        // A plain precopy's package follows every page:
+                        // they are all here now, whatever becomes of the
+                        // rest of the stream (or of this process).
+                        self.precopy_complete()?;
+                    }
                     self.send(FromFaultHandler::Package(pkg, self.progress()))?;
+                    if !listen {
+                        self.send(FromFaultHandler::PrecopyDone(self.progress()))?;
+                    }
                     if listen {
                         // The rest of the stream goes through the userfaultfd,
                         // which needs the guest's registration first.
@@ -329,21 +402,12 @@ impl Handler {
                         self.check_complete()?;
                         return Ok(());
                     }
-                    let missing = self.layout.pages() - self.received.count();
-                    if missing != 0 {
-                        return Err(HandlerError::Incomplete {
-                            missing,
-                            pages: self.layout.pages(),
-                        });
-                    }
                     if !package_seen {
                         return Err(HandlerError::Protocol(
                             "the main stream ended without a device-state package".into(),
                         ));
                     }
-                    self.done.store(true, Ordering::Release);
-                    log::info!("precopy complete: every page is in");
-                    self.send(FromFaultHandler::PrecopyDone(self.progress()))?;
+                    // Complete since the package (see above).
                     return Ok(());
                 }
                 other => unreachable!("main stream yielded {other:?}"),
@@ -353,6 +417,20 @@ impl Handler {
                 self.send(FromFaultHandler::Progress(self.progress()))?;
             }
         }
+    }
+
+    /// A plain precopy's package arrived: every page must be here.
+    fn precopy_complete(&self) -> Result<(), HandlerError> {
+        let missing = self.layout.pages() - self.received.count();
+        if missing != 0 {
+            return Err(HandlerError::Incomplete {
+                missing,
+                pages: self.layout.pages(),
+            });
+        }
+        self.done.store(true, Ordering::Release);
+        log::info!("precopy complete: every page is in");
+        Ok(())
     }
 
     fn read_urgent(self: &Arc<Self>, urgent: TcpStream) -> Result<(), HandlerError> {

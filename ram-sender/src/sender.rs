@@ -12,7 +12,8 @@ use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
 use common::counters::{Counter, CountersError, SharedCounters};
 use common::mem::{is_zero, Access, Mapping, MemError};
 use common::msg::{
-    FinalSync, FromRamSender, PushStats, RoundStats, SendProgress, SenderSetup, ToRamSender,
+    FinalSync, FromRamSender, PushStats, RoundStats, SendProgress, SenderSetup, SenderStart,
+    ToRamSender,
 };
 use common::role::{LinkError, RoleLink};
 use common::types::{MemLayout, PageRange, RemoteAddr, PAGE_SIZE};
@@ -163,6 +164,7 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
         guest_base,
         max_bandwidth,
         max_postcopy_bandwidth,
+        resume,
     } = setup;
     let memfd = fds.take("memory")?;
     let mem = Mapping::new(memfd.as_fd(), layout.mem_bytes() as usize, Access::ReadOnly)?;
@@ -191,7 +193,18 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
         round_left: 0,
         link,
     };
-    match s.precopy() {
+    let result = match resume {
+        SenderStart::Precopy => s.precopy(),
+        SenderStart::Push => {
+            log::info!(
+                "resuming the postcopy push: {} of {} pages to go",
+                s.layout.pages() - s.sent.count(),
+                s.layout.pages()
+            );
+            s.push()
+        }
+    };
+    match result {
         // The supervisor told us to stop and then the peer went away: that
         // is the end we were asked for, not a failure.
         Err(SendError::Net(e)) if s.quit_pending() => {

@@ -150,6 +150,11 @@ pub struct MigrationArgs {
     /// Seconds of silence after which the peer counts as lost.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub link_timeout: u64,
+    /// How often each data role (ram-sender, page-server; on the
+    /// destination the fault-handler) may be started again after it died
+    /// before the migration fails instead.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub max_restarts: u32,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -194,6 +199,10 @@ pub struct IncomingArgs {
     /// Seconds of silence after which the peer counts as lost.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub link_timeout: u64,
+    /// How often the fault-handler may be started again after it died
+    /// before the migration fails instead.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub max_restarts: u32,
     /// Print no summary (the demo prints the source's).
     #[arg(long, hide = true)]
     pub quiet: bool,
@@ -223,6 +232,7 @@ pub struct SourceOpts {
     pub serial_log: Option<PathBuf>,
     pub command_socket: Option<PathBuf>,
     pub link_timeout: Duration,
+    pub max_restarts: u32,
 }
 
 fn parse_range(text: &str) -> Result<(u64, u64), String> {
@@ -395,6 +405,7 @@ impl SourceOpts {
             serial_log: m.serial_log.clone(),
             command_socket: m.command_socket.clone(),
             link_timeout: Duration::from_secs(m.link_timeout),
+            max_restarts: m.max_restarts,
         })
     }
 }

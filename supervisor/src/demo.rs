@@ -27,6 +27,8 @@ pub fn demo(args: &DemoArgs, opts: SourceOpts) -> Result<Report, String> {
         .arg("--quiet")
         .arg("--link-timeout")
         .arg(opts.link_timeout.as_secs().to_string())
+        .arg("--max-restarts")
+        .arg(opts.max_restarts.to_string())
         .env("POSTCOPY_LOG_TAG", "dst");
     if let Some(p) = &args.dest_serial_log {
         cmd.arg("--serial-log").arg(p);

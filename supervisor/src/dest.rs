@@ -15,17 +15,17 @@ use common::control::{
 use common::guest::{GuestKind, KVM_MAX_MEM};
 use common::mem::{create_memfd, Access, Mapping};
 use common::msg::{
-    FromFaultHandler, FromGuest, GuestInit, HandlerSetup, PostcopyStats, RecvProgress, Side,
-    ToFaultHandler, ToGuest,
+    FromFaultHandler, FromGuest, GuestInit, HandlerSetup, HandlerStart, PostcopyStats,
+    RecvProgress, Side, ToFaultHandler, ToGuest,
 };
 use common::state::MigrationState;
-use common::types::{MemLayout, MigrationId, PAGE_SIZE};
+use common::types::{MemLayout, MigrationId, RemoteAddr, PAGE_SIZE};
 use common::uffd::Uffd;
 use common::wire::{ConnKind, HelloStatus, Package};
 
 use crate::cli::IncomingArgs;
 use crate::error::MigError;
-use crate::events::{self, Event};
+use crate::events::{self, Event, Gate};
 use crate::machine::dest::{DestAction, DestMachine, DestState};
 use crate::machine::Judged;
 use crate::net::{self, Control};
@@ -52,7 +52,18 @@ struct Dest {
     guest: Option<Child<ToGuest, FromGuest>>,
     handler: Option<Child<ToFaultHandler, FromFaultHandler>>,
     control: Option<Control>,
+    /// The memfd of the received bitmap, then the userfaultfd dup (postcopy).
     held: Vec<OwnedFd>,
+    /// The received bitmap (read at a resync).
+    received: Option<SharedBitmap>,
+    /// The data connections the fault-handler holds.
+    conns: Vec<(ConnKind, OwnedFd)>,
+    /// Where the sources' connections arrive (kept for resyncs).
+    listener: Option<TcpListener>,
+    id: MigrationId,
+    guest_base: RemoteAddr,
+    /// What stops the fault-handler's events when it is replaced.
+    handler_gate: Gate,
     serial_path: Option<String>,
     /// The source's digests, as they come.
     digests: Vec<u64>,
@@ -101,6 +112,12 @@ pub fn incoming(args: IncomingArgs) -> Report {
         handler: None,
         control: None,
         held: Vec::new(),
+        received: None,
+        conns: Vec::new(),
+        listener: None,
+        id: MigrationId([0; 16]),
+        guest_base: RemoteAddr(0),
+        handler_gate: Gate::default(),
         serial_path: None,
         digests: Vec::new(),
         package: None,
@@ -152,6 +169,17 @@ impl EventLoop for Dest {
             }
             return Ok(());
         }
+        match self.handle(ev) {
+            Err(e) if e.child() == Some("fault-handler") => self.on_handler_failure(e),
+            r => r,
+        }
+    }
+}
+
+impl Dest {
+    /// One event: the common cases, a signal, then the machine's verdict
+    /// and its steps.
+    fn handle(&mut self, ev: Event) -> Result<(), MigError> {
         let Some(ev) = self.s.handle_common(ev, "source")? else {
             return Ok(());
         };
@@ -169,9 +197,7 @@ impl EventLoop for Dest {
         self.observe(ev)?;
         self.after_judging(judged)
     }
-}
 
-impl Dest {
     fn guest(&self) -> &Child<ToGuest, FromGuest> {
         self.guest.as_ref().expect("guest started")
     }
@@ -289,7 +315,12 @@ impl Dest {
                 self.t_listen = Some(Instant::now());
                 self.guest().send(ToGuest::Listen)?;
             }
-            DestAction::HandlerListening => self.handler().send(ToFaultHandler::Listening)?,
+            DestAction::HandlerListening => {
+                if let Some(h) = &self.handler {
+                    h.send(ToFaultHandler::Listening)
+                        .map_err(|_| MigError::ChannelClosed("fault-handler"))?;
+                }
+            }
             DestAction::Load => {
                 self.listen_us = self
                     .t_listen
@@ -331,6 +362,7 @@ impl Dest {
                 self.m.checked()?;
                 self.note_state();
             }
+            DestAction::Resync(epoch) => self.resync(epoch, "the source asked")?,
             DestAction::Done => {}
         }
         Ok(())
@@ -383,8 +415,11 @@ impl Dest {
             }
         }
         self.accept_data(&listener, id)?;
-        // One migration per `incoming`: later sources are refused at once.
-        drop(listener);
+        self.start_handler(HandlerStart::Fresh)?;
+        // Kept for the connections of a resync (only this migration's
+        // hellos are accepted on it).
+        self.listener = Some(listener);
+        self.id = id;
         self.m.connected()?;
         self.note_state();
         self.report.setup_time_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -489,31 +524,17 @@ impl Dest {
         } else {
             None
         };
-        let (_received, received_fd) =
+        let (received, received_fd) =
             SharedBitmap::create("postcopy-received", self.layout.pages())
                 .map_err(|e| MigError::Setup(format!("received bitmap: {e}")))?;
-        let want_digests = req.verify == VerifyMethod::Digest;
-        if want_digests {
+        self.received = Some(received);
+        if req.verify == VerifyMethod::Digest {
             self.digests_fd = Some(
                 create_memfd("postcopy-digests", self.layout.pages() * 8)
                     .map_err(|e| MigError::Setup(e.to_string()))?,
             );
         }
-        let mut handler: Child<ToFaultHandler, FromFaultHandler> = spawn::spawn("fault-handler")?;
-        self.s.watch("fault-handler", handler.pid);
-        events::forward(
-            handler.rx.take().expect("fresh child"),
-            self.s.tx.clone(),
-            "fault-handler",
-            events::handler_event,
-        );
-        handler.send(ToFaultHandler::Start(HandlerSetup {
-            layout: self.layout,
-            guest_base: base,
-            postcopy,
-            digests: want_digests,
-        }))?;
-        self.handler = Some(handler);
+        self.guest_base = base;
         self.memfd = Some(memfd);
         self.held.push(received_fd);
         if let Some(u) = uffd {
@@ -554,8 +575,44 @@ impl Dest {
             )?;
             got.push((h.kind, stream.into()));
         }
+        self.conns = got;
+        Ok(())
+    }
+
+    /// Starts a fault-handler on the data connections just accepted, with
+    /// the shared bitmaps, the userfaultfd dup and the digest table.
+    fn start_handler(&mut self, resume: HandlerStart) -> Result<(), MigError> {
+        let mut handler: Child<ToFaultHandler, FromFaultHandler> = spawn::spawn("fault-handler")?;
+        if self.s.procs.iter().any(|p| p.name == "fault-handler") {
+            let n = self.s.replace("fault-handler", handler.pid);
+            self.report.note(
+                self.s.started,
+                "restart",
+                format!(
+                    "fault-handler started again (restart {n}, pid {})",
+                    handler.pid
+                ),
+            );
+        } else {
+            self.s.watch("fault-handler", handler.pid);
+        }
+        self.handler_gate = events::forward(
+            handler.rx.take().expect("fresh child"),
+            self.s.tx.clone(),
+            "fault-handler",
+            events::handler_event,
+        );
+        let postcopy = self.held.len() > 1;
+        handler.send(ToFaultHandler::Start(HandlerSetup {
+            layout: self.layout,
+            guest_base: self.guest_base,
+            postcopy,
+            digests: self.digests_fd.is_some(),
+            resume,
+        }))?;
         let fd = |k: ConnKind| {
-            got.iter()
+            self.conns
+                .iter()
                 .find(|(kind, _)| *kind == k)
                 .map(|(_, f)| f.as_fd())
                 .expect("all three accepted")
@@ -568,14 +625,89 @@ impl Dest {
             ("return", fd(ConnKind::ReturnPath)),
             ("urgent", fd(ConnKind::Urgent)),
         ];
-        if self.held.len() > 1 {
+        if postcopy {
             fds.push(("uffd", self.held[1].as_fd()));
         }
         if let Some(d) = &self.digests_fd {
             fds.push(("digests", d.as_fd()));
         }
-        self.handler().send_fds(&fds)?;
-        self.held.extend(got.into_iter().map(|(_, f)| f));
+        handler.send_fds(&fds)?;
+        self.handler = Some(handler);
+        Ok(())
+    }
+
+    /// The fault-handler died or failed (`e` says how): a resync of our own
+    /// replaces it, unless it died too often, or no data plane is needed
+    /// any more (every page is here).
+    fn on_handler_failure(&mut self, e: MigError) -> Result<(), MigError> {
+        if e.child() != Some("fault-handler") {
+            return Err(e);
+        }
+        let restarts = self.s.restarts("fault-handler");
+        if restarts >= self.args.max_restarts {
+            return Err(MigError::Setup(format!(
+                "{e}; the fault-handler was restarted {restarts} times already (--max-restarts {})",
+                self.args.max_restarts
+            )));
+        }
+        match self.m.begin_resync() {
+            Some(epoch) => {
+                log::warn!("{e}: restarting the fault-handler");
+                self.resync(epoch, &e.to_string())
+            }
+            None if self.m.state().guest_ran()
+                || self.received.as_ref().is_some_and(|r| r.is_full()) =>
+            {
+                log::warn!("{e}: every page is here, no fault-handler needed any more");
+                let gate = self.handler_gate.clone();
+                self.s.retire("fault-handler", &gate);
+                self.handler = None;
+                Ok(())
+            }
+            None => Err(e),
+        }
+    }
+
+    /// Resync `epoch` (ours, or asked for by the source): replaces the
+    /// fault-handler and the data connections, and tells the source what
+    /// is here.
+    fn resync(&mut self, epoch: u32, reason: &str) -> Result<(), MigError> {
+        let gate = self.handler_gate.clone();
+        self.s.retire("fault-handler", &gate);
+        self.handler = None;
+        self.conns.clear();
+        let package = self.m.resynced();
+        let received = self.received.as_ref().expect("prepared");
+        if !package {
+            // Precopy starts over: every page comes again.
+            received.clear_all();
+        }
+        let bytes = received.to_bytes();
+        let full = received.is_full();
+        self.report
+            .note(self.s.started, "resync", format!("epoch {epoch}: {reason}"));
+        self.control()?.send(&ControlMsg::ResyncReady {
+            epoch,
+            package,
+            received: bytes,
+        })?;
+        if full {
+            return Ok(());
+        }
+        let listener = self.listener.take().expect("kept for resyncs");
+        let id = self.id;
+        let accepted = self.accept_data(&listener, id);
+        self.listener = Some(listener);
+        accepted?;
+        self.start_handler(if package {
+            HandlerStart::Postcopy
+        } else {
+            HandlerStart::Again
+        })?;
+        if self.m.state().registered() {
+            self.handler().send(ToFaultHandler::Listening)?;
+        }
+        self.note_state();
         Ok(())
     }
 

@@ -50,6 +50,16 @@ pub enum MigError {
 }
 
 impl MigError {
+    /// The child this error is about, if it is a child's death or failure.
+    pub fn child(&self) -> Option<&'static str> {
+        match self {
+            MigError::Role { name, .. }
+            | MigError::RoleDied { name, .. }
+            | MigError::ChannelClosed(name) => Some(name),
+            _ => None,
+        }
+    }
+
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         MigError::Io {
             what: what.into(),

@@ -35,29 +35,59 @@ pub enum Event {
     Interrupt(i32),
     /// `postcopy start-postcopy` or SIGUSR1.
     StartPostcopy,
+    /// A child was retired: none of its events follow (see [`Gate`]).
+    Retired(&'static str),
 }
 
-/// Forwards one child's messages into the event channel.
-pub fn forward<T>(rx: IpcReceiver<T>, tx: Sender<Event>, name: &'static str, wrap: fn(T) -> Event)
+/// Closes one child's stream of events: once retired, nothing more of
+/// that child reaches the event channel (a role being replaced must not
+/// speak for its successor).
+#[derive(Clone, Default)]
+pub struct Gate(Arc<Mutex<bool>>);
+
+impl Gate {
+    /// Stops the forwarding and puts `Event::Retired(name)` on `tx`: every
+    /// event of the child is before it, every event of a successor after.
+    pub fn retire(&self, tx: &Sender<Event>, name: &'static str) {
+        let mut retired = self.0.lock().expect("gate");
+        if !*retired {
+            *retired = true;
+            let _ = tx.send(Event::Retired(name));
+        }
+    }
+}
+
+/// Forwards one child's messages into the event channel until the child's
+/// channel closes or its gate is retired.
+pub fn forward<T>(
+    rx: IpcReceiver<T>,
+    tx: Sender<Event>,
+    name: &'static str,
+    wrap: fn(T) -> Event,
+) -> Gate
 where
     T: Serialize + DeserializeOwned + Send + 'static,
 {
+    let gate = Gate::default();
+    let g = gate.clone();
     std::thread::Builder::new()
         .name(format!("from-{name}"))
         .spawn(move || loop {
-            match rx.recv() {
-                Ok(m) => {
-                    if tx.send(wrap(m)).is_err() {
-                        return;
-                    }
-                }
-                Err(_) => {
-                    let _ = tx.send(Event::ChannelClosed(name));
-                    return;
-                }
+            let ev = match rx.recv() {
+                Ok(m) => wrap(m),
+                Err(_) => Event::ChannelClosed(name),
+            };
+            let closed = matches!(ev, Event::ChannelClosed(_));
+            // Sent under the gate's lock, so a retirement is either
+            // before this event (dropped) or after it (in order).
+            let retired = g.0.lock().expect("gate");
+            if *retired || tx.send(ev).is_err() || closed {
+                return;
             }
+            drop(retired);
         })
         .expect("spawn forwarding thread");
+    gate
 }
 
 /// Watches signals; reaps the children it was told about.

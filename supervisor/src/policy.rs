@@ -76,6 +76,12 @@ impl Policy {
         self.state_bytes = bytes;
     }
 
+    /// Precopy starts over (after a resync): the pending history is moot;
+    /// the measured bandwidth still holds.
+    pub fn restart(&mut self) {
+        self.prev_pending = None;
+    }
+
     /// The bandwidth decisions use, bytes/s.
     pub fn bandwidth(&self) -> f64 {
         match (self.measured, self.max_bandwidth) {

@@ -21,6 +21,18 @@ pub struct VerifyReport {
     pub detail: String,
 }
 
+impl Report {
+    /// Adds an event, timed from `since` (the supervisor's start), and logs it.
+    pub fn note(&mut self, since: std::time::Instant, kind: &str, detail: String) {
+        log::info!("{kind}: {detail}");
+        self.events.push(ReportEvent {
+            t_ms: since.elapsed().as_secs_f64() * 1e3,
+            kind: kind.to_string(),
+            detail,
+        });
+    }
+}
+
 impl VerifyReport {
     pub fn none(detail: &str) -> Self {
         VerifyReport {
@@ -106,6 +118,15 @@ pub struct SwitchoverReport {
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
+pub struct ReportEvent {
+    /// Milliseconds since the supervisor started.
+    pub t_ms: f64,
+    /// `state`, `restart`, `resync`, `pause`, `recover`.
+    pub kind: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     pub status: String,
     pub error: Option<String>,
@@ -134,6 +155,8 @@ pub struct Report {
     pub throughput_mbps: f64,
     pub verify: VerifyReport,
     pub roles: Vec<RoleReport>,
+    /// What happened when: state changes, role restarts, resyncs, pauses.
+    pub events: Vec<ReportEvent>,
     pub switched_to_postcopy: bool,
     pub switchover_reason: Option<String>,
     pub switchover_ms: Option<SwitchoverReport>,

@@ -10,7 +10,7 @@ use common::control::{ControlMsg, ExitStatus, RoleInfo};
 use common::msg::{FromFaultHandler, FromGuest, FromPageServer, FromRamSender};
 
 use crate::error::MigError;
-use crate::events::{Event, Reaper};
+use crate::events::{Event, Gate, Reaper};
 use crate::net::Control;
 
 /// One process this supervisor started.
@@ -41,6 +41,23 @@ pub struct Session {
     /// What the peer's Abort said about its guest having run.
     pub peer_guest_ran: Option<bool>,
     last_tick: Instant,
+    /// When this supervisor started (report event times count from it).
+    pub started: Instant,
+    /// Children retired whose last events may still be queued: dropped
+    /// until their `Retired` mark comes through.
+    retiring: Vec<&'static str>,
+}
+
+/// The child an event comes from, if it comes from one.
+fn child_of(ev: &Event) -> Option<&'static str> {
+    match ev {
+        Event::Guest(_) => Some("postcopy-guest"),
+        Event::Sender(_) => Some("ram-sender"),
+        Event::Server(_) => Some("page-server"),
+        Event::Handler(_) => Some("fault-handler"),
+        Event::ChannelClosed(n) => Some(n),
+        _ => None,
+    }
 }
 
 impl Session {
@@ -60,6 +77,8 @@ impl Session {
             sender_heard: now,
             peer_guest_ran: None,
             last_tick: now,
+            retiring: Vec::new(),
+            started: now,
         })
     }
 
@@ -87,6 +106,51 @@ impl Session {
         let p = self.procs.iter_mut().find(|p| p.pid == pid)?;
         p.exit = Some(status);
         (!p.quitting).then(|| p.clone())
+    }
+
+    /// Replaces a child that is gone or being killed: nothing more of the
+    /// old one is heard (its events are dropped, its exit expected), it is
+    /// killed, and the new process `pid` takes its entry with one more
+    /// restart. Returns the restarts so far.
+    pub fn replace(&mut self, name: &'static str, pid: u32) -> u32 {
+        let p = self
+            .procs
+            .iter_mut()
+            .find(|p| p.name == name)
+            .expect("replacing a child we started");
+        p.pid = pid;
+        p.exit = None;
+        p.quitting = false;
+        p.restarts += 1;
+        let restarts = p.restarts;
+        self.reaper.watch(pid);
+        restarts
+    }
+
+    /// Stops hearing from a child (see [`Gate`]) and kills it: it is being
+    /// replaced. Its exit is expected from now on.
+    pub fn retire(&mut self, name: &'static str, gate: &Gate) {
+        self.retiring.push(name);
+        gate.retire(&self.tx, name);
+        self.stash.retain(|e| child_of(e) != Some(name));
+        for p in self
+            .procs
+            .iter_mut()
+            .filter(|p| p.name == name && p.exit.is_none())
+        {
+            p.quitting = true;
+            // SAFETY: kill(2) on a child we started and have not reaped.
+            unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+        }
+    }
+
+    /// Restarts of `name` so far.
+    pub fn restarts(&self, name: &str) -> u32 {
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.restarts)
+            .unwrap_or(0)
     }
 
     /// Asks a process of ours to end (SIGTERM), if it still runs.
@@ -211,10 +275,7 @@ impl Session {
     /// cancel, a dead process or a lost peer as a failure; anything else is
     /// kept for a later `wait`.
     pub fn poll_stop(&mut self, peer: &str) -> Result<(), MigError> {
-        while let Ok(ev) = self.rx.try_recv() {
-            if let Event::Peer(_) = ev {
-                self.peer_heard = Instant::now();
-            }
+        while let Some(ev) = self.recv(Duration::ZERO) {
             match ev {
                 Event::Interrupt(sig) => return Err(MigError::Cancelled(format!("signal {sig}"))),
                 ev => {
@@ -248,6 +309,25 @@ impl Session {
     }
 
     fn recv(&mut self, timeout: Duration) -> Option<Event> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ev = self.recv_one(left)?;
+            if let Event::Retired(name) = ev {
+                if let Some(i) = self.retiring.iter().position(|n| *n == name) {
+                    self.retiring.remove(i);
+                }
+                continue;
+            }
+            if child_of(&ev).is_some_and(|n| self.retiring.contains(&n)) {
+                log::debug!("dropping an event of a retired {:?}", child_of(&ev));
+                continue;
+            }
+            return Some(ev);
+        }
+    }
+
+    fn recv_one(&mut self, timeout: Duration) -> Option<Event> {
         match self.rx.recv_timeout(timeout) {
             Ok(ev) => {
                 match ev {

@@ -17,7 +17,7 @@ use common::guest::GuestKind;
 use common::mem::{create_memfd, Access, Mapping};
 use common::msg::{
     FinalSync, FromGuest, FromPageServer, FromRamSender, GuestInit, RoundStats, SenderSetup,
-    ServerSetup, Side, ToGuest, ToPageServer, ToRamSender,
+    SenderStart, ServerSetup, Side, ToGuest, ToPageServer, ToRamSender,
 };
 use common::state::MigrationState;
 use common::types::{MemLayout, MigrationId, RemoteAddr, PAGE_SIZE};
@@ -26,7 +26,7 @@ use common::wire::{ConnKind, Package};
 use crate::cli::SourceOpts;
 use crate::ctlsock::{CommandSocket, Phase};
 use crate::error::MigError;
-use crate::events::{self, Event};
+use crate::events::{self, Event, Gate};
 use crate::machine::source::{SourceMachine, SourceState, SrcAction};
 use crate::machine::{GuestFate, Judged};
 use crate::net::{self, Control};
@@ -41,6 +41,13 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the destination may take to list its processes after `Finish`
 /// (the migration has completed by then: a silent peer only costs the list).
 const FINISH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The event gates of the data roles.
+#[derive(Default)]
+struct Gates {
+    sender: Gate,
+    server: Gate,
+}
 
 /// When each step of the stop happened, for the report.
 #[derive(Default)]
@@ -77,8 +84,14 @@ struct Source {
     /// role restart can hand them over again, and so their liveness can be
     /// checked before the switch.
     conns: Vec<TcpStream>,
-    /// The sent bitmap's memfd.
+    /// The memfds of the sent bitmap and the counters, in that order.
     held: Vec<OwnedFd>,
+    /// The sent bitmap (set to the destination's after a resync).
+    sent: Option<SharedBitmap>,
+    /// What stops the data roles' events when they are replaced.
+    gates: Gates,
+    /// The last resync epoch (0: none yet).
+    epoch: u32,
     t0: Option<Instant>,
     times: Times,
     /// The guest's saved state, between its arrival and the package.
@@ -146,7 +159,7 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         0,
         opts.max_bandwidth,
     );
-    let m = SourceMachine::new(policy);
+    let m = SourceMachine::new(policy, layout.pages());
     let mut src = Source {
         opts,
         to,
@@ -167,6 +180,9 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         control: None,
         conns: Vec::new(),
         held: Vec::new(),
+        sent: None,
+        gates: Gates::default(),
+        epoch: 0,
         t0: None,
         times: Times::default(),
         saved_state: None,
@@ -242,6 +258,17 @@ impl EventLoop for Source {
             }
             return Ok(());
         }
+        match self.handle(ev) {
+            Err(e) if e.child().is_some() => self.on_role_failure(e),
+            r => r,
+        }
+    }
+}
+
+impl Source {
+    /// One event: the peer's and the processes' common cases, a signal,
+    /// then the machine's verdict and its steps.
+    fn handle(&mut self, ev: Event) -> Result<(), MigError> {
         let Some(ev) = self.s.handle_common(ev, "destination")? else {
             return Ok(());
         };
@@ -254,13 +281,18 @@ impl EventLoop for Source {
                 }
             };
         }
+        if let Event::Peer(ControlMsg::ResyncReady { epoch, .. }) = &ev {
+            if self.m.epoch() != Some(*epoch) && *epoch > self.epoch {
+                // The destination started this resync (its fault-handler
+                // died): ours follows.
+                self.begin_resync(*epoch, "the destination asked", false)?;
+            }
+        }
         let judged = self.m.on(&ev)?;
         self.observe(ev)?;
         self.after_judging(judged)
     }
-}
 
-impl Source {
     fn guest(&self) -> &Child<ToGuest, FromGuest> {
         self.guest.as_ref().expect("guest started")
     }
@@ -285,7 +317,9 @@ impl Source {
     fn after_judging(&mut self, judged: Judged<SrcAction>) -> Result<(), MigError> {
         let name = self.m.state().name();
         if name != self.state_since.0 {
-            log::info!("state {} -> {name}", self.state_since.0);
+            let from = self.state_since.0;
+            self.report
+                .note(self.s.started, "state", format!("{from} -> {name}"));
             self.state_since = (name, Instant::now());
             if let Some(c) = &self.cmd_socket {
                 c.set_phase(self.cmd_phase());
@@ -370,8 +404,29 @@ impl Source {
     fn exec(&mut self, a: SrcAction) -> Result<(), MigError> {
         match a {
             SrcAction::Sender(cmd) => {
-                self.sender().send(cmd)?;
+                self.sender()
+                    .send(cmd)
+                    .map_err(|_| MigError::ChannelClosed("ram-sender"))?;
                 self.s.sender_heard = Instant::now();
+            }
+            SrcAction::ResumeGuest => {
+                log::info!("back to precopy: resuming the source guest");
+                self.guest().send(ToGuest::Resume)?;
+            }
+            SrcAction::StartRoles { epoch, start, sent } => {
+                let bitmap = self.sent.as_ref().expect("set up");
+                match sent {
+                    None => bitmap.clear_all(),
+                    Some(bytes) => bitmap.overwrite(&bytes).map_err(|e| {
+                        MigError::Protocol(format!("the destination's received bitmap: {e}"))
+                    })?,
+                }
+                log::info!(
+                    "resync {epoch}: starting the data roles again ({start:?}, {} of {} pages on the destination)",
+                    bitmap.count(),
+                    self.layout.pages()
+                );
+                self.start_data_roles(start)?;
             }
             SrcAction::SwitchDecided(reason) => {
                 log::info!("switching to postcopy: {reason}");
@@ -400,11 +455,13 @@ impl Source {
                 // happens next, the source never resumes its own (QEMU's
                 // rule); the machine's state says so already.
                 let state = self.saved_state.take().unwrap_or_default();
-                self.sender().send(ToRamSender::Package(Package {
-                    listen: postcopy,
-                    run: true,
-                    guest_state: state,
-                }))?;
+                self.sender()
+                    .send(ToRamSender::Package(Package {
+                        listen: postcopy,
+                        run: true,
+                        guest_state: state,
+                    }))
+                    .map_err(|_| MigError::ChannelClosed("ram-sender"))?;
                 self.s.sender_heard = Instant::now();
             }
             SrcAction::DestRunning => {
@@ -671,6 +728,20 @@ impl Source {
             }
             Ok(_) => {}
         }
+        let (sent, sent_fd) = SharedBitmap::create("postcopy-sent", self.layout.pages())
+            .map_err(|e| MigError::Setup(format!("sent bitmap: {e}")))?;
+        let (counters, counters_fd) = SharedCounters::create("postcopy-counters")
+            .map_err(|e| MigError::Setup(format!("counters: {e}")))?;
+        self.counters = Some(counters);
+        self.sent = Some(sent);
+        self.held = vec![sent_fd, counters_fd];
+        self.start_data_roles(SenderStart::Precopy)
+    }
+
+    /// Opens the three data connections and starts the ram-sender and the
+    /// page-server on them, with the shared bitmaps and counters: at setup,
+    /// and again after a resync (the same fds, fresh connections).
+    fn start_data_roles(&mut self, start: SenderStart) -> Result<(), MigError> {
         let main = net::connect(&self.to, ConnKind::Main, self.id, self.opts.link_timeout)?;
         net::limit_unsent(&main, 256 << 10);
         let ret = net::connect(
@@ -681,23 +752,17 @@ impl Source {
         )?;
         let urgent = net::connect(&self.to, ConnKind::Urgent, self.id, self.opts.link_timeout)?;
 
-        let (_sent, sent_fd) = SharedBitmap::create("postcopy-sent", self.layout.pages())
-            .map_err(|e| MigError::Setup(format!("sent bitmap: {e}")))?;
-        let (counters, counters_fd) = SharedCounters::create("postcopy-counters")
-            .map_err(|e| MigError::Setup(format!("counters: {e}")))?;
-        self.counters = Some(counters);
-
         let mut sender: Child<ToRamSender, FromRamSender> = spawn::spawn("ram-sender")?;
-        self.s.watch("ram-sender", sender.pid);
-        events::forward(
+        self.watch_role("ram-sender", sender.pid);
+        self.gates.sender = events::forward(
             sender.rx.take().expect("fresh child"),
             self.s.tx.clone(),
             "ram-sender",
             events::sender_event,
         );
         let mut server: Child<ToPageServer, FromPageServer> = spawn::spawn("page-server")?;
-        self.s.watch("page-server", server.pid);
-        events::forward(
+        self.watch_role("page-server", server.pid);
+        self.gates.server = events::forward(
             server.rx.take().expect("fresh child"),
             self.s.tx.clone(),
             "page-server",
@@ -708,31 +773,109 @@ impl Source {
         }))?;
         server.send_fds(&[
             ("memory", self.memfd.as_fd()),
-            ("sent", sent_fd.as_fd()),
+            ("sent", self.held[0].as_fd()),
             ("return", ret.as_fd()),
             ("urgent", urgent.as_fd()),
-            ("counters", counters_fd.as_fd()),
+            ("counters", self.held[1].as_fd()),
         ])?;
         sender.send(ToRamSender::Start(SenderSetup {
             layout: self.layout,
             guest_base: self.guest_base,
             max_bandwidth: self.opts.max_bandwidth,
             max_postcopy_bandwidth: self.opts.max_postcopy_bandwidth,
+            resume: start,
         }))?;
         sender.send_fds(&[
             ("memory", self.memfd.as_fd()),
             ("pagemap", self.guest_fds[1].as_fd()),
             ("uffd", self.guest_fds[0].as_fd()),
-            ("sent", sent_fd.as_fd()),
+            ("sent", self.held[0].as_fd()),
             ("main", main.as_fd()),
-            ("counters", counters_fd.as_fd()),
+            ("counters", self.held[1].as_fd()),
         ])?;
-        self.held.extend([sent_fd, counters_fd]);
         self.conns = vec![main, ret, urgent];
         self.sender = Some(sender);
         self.server = Some(server);
         self.s.sender_heard = Instant::now();
         Ok(())
+    }
+
+    /// Watches a new data role: the first of its name, or the successor of
+    /// one that was retired (counted as a restart).
+    fn watch_role(&mut self, name: &'static str, pid: u32) {
+        if self.s.procs.iter().any(|p| p.name == name) {
+            let n = self.s.replace(name, pid);
+            self.report.note(
+                self.s.started,
+                "restart",
+                format!("{name} started again (restart {n}, pid {pid})"),
+            );
+        } else {
+            self.s.watch(name, pid);
+        }
+    }
+
+    /// A source data role died or failed (`e` says how): the migration
+    /// resyncs with fresh roles and connections, unless the role died
+    /// more than `--max-restarts` times, or nothing can be resumed.
+    fn on_role_failure(&mut self, e: MigError) -> Result<(), MigError> {
+        let Some(name @ ("ram-sender" | "page-server")) = e.child() else {
+            return Err(e);
+        };
+        if self.s.restarts(name) >= self.opts.max_restarts {
+            return Err(MigError::Setup(format!(
+                "{e}; {name} was restarted {} times already (--max-restarts {})",
+                self.s.restarts(name),
+                self.opts.max_restarts
+            )));
+        }
+        log::warn!("{e}: restarting the data roles");
+        self.resync(&e.to_string())
+    }
+
+    /// Starts a resync: retires both data roles and their connections and
+    /// asks the destination for what it has (`ResyncReady` answers).
+    fn resync(&mut self, reason: &str) -> Result<(), MigError> {
+        self.begin_resync(self.epoch + 1, reason, true)
+    }
+
+    /// Resync `epoch`: retires the data roles; `ask`: send `Resync` (the
+    /// destination's `ResyncReady` answers; without `ask` it is on its way).
+    fn begin_resync(&mut self, epoch: u32, reason: &str, ask: bool) -> Result<(), MigError> {
+        let needed = match self.m.begin_resync(epoch) {
+            Ok(n) => n,
+            Err(_) => {
+                return Err(MigError::Setup(format!(
+                    "{reason} (nothing to resume from)"
+                )))
+            }
+        };
+        self.retire_data_roles();
+        if !needed {
+            log::info!("every page is on the destination: no data roles needed any more");
+            return Ok(());
+        }
+        self.epoch = epoch;
+        self.report
+            .note(self.s.started, "resync", format!("epoch {epoch}: {reason}"));
+        if let Some(c) = self.control.as_mut().filter(|_| ask) {
+            c.send(&ControlMsg::Resync {
+                epoch,
+                reason: reason.to_string(),
+            })?;
+        }
+        self.after_judging(Judged::Act(vec![]))
+    }
+
+    /// Kills the ram-sender and page-server and closes their connections;
+    /// nothing more of them is heard.
+    fn retire_data_roles(&mut self) {
+        let (sg, vg) = (self.gates.sender.clone(), self.gates.server.clone());
+        self.s.retire("ram-sender", &sg);
+        self.s.retire("page-server", &vg);
+        self.sender = None;
+        self.server = None;
+        self.conns.clear();
     }
 
     /// The destination has every page: the source guest can go.

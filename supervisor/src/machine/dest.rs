@@ -96,6 +96,17 @@ impl DestState {
         )
     }
 
+    /// The guest registered its memory with the userfaultfd: a
+    /// fault-handler may place pages through it and serve faults.
+    pub fn registered(&self) -> bool {
+        matches!(
+            self,
+            DestState::Loading { postcopy: true, .. }
+                | DestState::Starting { postcopy: true, .. }
+                | DestState::Running { postcopy: true }
+        )
+    }
+
     /// What a bounded step waits for.
     pub fn step(&self) -> Option<&'static str> {
         match self {
@@ -130,6 +141,10 @@ pub enum DestAction {
     Completed,
     /// Check memory and send `Verified`.
     Check,
+    /// Replace the fault-handler and the data connections (resync
+    /// `epoch`): tell the source what is here, accept its connections,
+    /// start a fault-handler that resumes.
+    Resync(u32),
     /// Over.
     Done,
 }
@@ -137,6 +152,8 @@ pub enum DestAction {
 #[derive(Clone, Debug)]
 pub struct DestMachine {
     state: DestState,
+    /// The last resync epoch (0: none yet).
+    epoch: u32,
 }
 
 impl Default for DestMachine {
@@ -149,6 +166,7 @@ impl DestMachine {
     pub fn new() -> Self {
         DestMachine {
             state: DestState::Accepting,
+            epoch: 0,
         }
     }
 
@@ -183,6 +201,44 @@ impl DestMachine {
 
     pub fn is_over(&self) -> bool {
         matches!(self.state, DestState::Over { .. })
+    }
+
+    /// The fault-handler died (or its connections broke): starts a resync
+    /// of our own. `None` when no data plane is needed any more (every
+    /// page is here) or none exists yet.
+    pub fn begin_resync(&mut self) -> Option<u32> {
+        match self.state {
+            DestState::Accepting
+            | DestState::Preparing { .. }
+            | DestState::Verifying { .. }
+            | DestState::AwaitFinish
+            | DestState::Over { .. } => None,
+            // A plain precopy's package follows every page: nothing more
+            // is needed once it is here.
+            DestState::Loading {
+                postcopy: false, ..
+            }
+            | DestState::Starting {
+                postcopy: false, ..
+            }
+            | DestState::Running { postcopy: false } => None,
+            _ => {
+                self.epoch += 1;
+                Some(self.epoch)
+            }
+        }
+    }
+
+    /// Resync `epoch` is under way: precopy without the package starts
+    /// over (a new MARK may come). Returns whether the package is here.
+    pub fn resynced(&mut self) -> bool {
+        match &mut self.state {
+            DestState::Precopy { marked, .. } => {
+                *marked = false;
+                false
+            }
+            _ => true,
+        }
     }
 
     /// Every data connection is in and handed to the fault-handler.
@@ -267,7 +323,22 @@ impl DestMachine {
                     }
                     _ => refuse(&self.state, "the memory check was not sent"),
                 },
+                ControlMsg::Resync { epoch, .. } => match self.state {
+                    S::Accepting | S::Preparing { .. } | S::Over { .. } => {
+                        refuse(&self.state, "there is no data plane to resync")
+                    }
+                    // Every page is here: the source learns it from our
+                    // DestCompleted, already on its way.
+                    S::Verifying { .. } | S::AwaitFinish => Ok(Judged::Ignored),
+                    // Ours crossed theirs: the one we started stands.
+                    _ if *epoch <= self.epoch => Ok(Judged::Ignored),
+                    _ => {
+                        self.epoch = *epoch;
+                        Ok(Judged::Act(vec![DestAction::Resync(*epoch)]))
+                    }
+                },
                 ControlMsg::SetupAccepted(_)
+                | ControlMsg::ResyncReady { .. }
                 | ControlMsg::SetupRefused { .. }
                 | ControlMsg::DestRunning { .. }
                 | ControlMsg::DestMark { .. }
@@ -390,6 +461,7 @@ impl DestMachine {
             | Event::ChannelClosed(_)
             | Event::Exited { .. }
             | Event::PeerLost(_)
+            | Event::Retired(_)
             | Event::StartPostcopy => Ok(Judged::Ignored),
         }
     }

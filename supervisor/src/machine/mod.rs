@@ -75,6 +75,7 @@ pub fn event_name(ev: &Event) -> String {
         Event::Exited { pid, .. } => format!("exit of pid {pid}"),
         Event::Interrupt(s) => format!("signal {s}"),
         Event::StartPostcopy => "start-postcopy".into(),
+        Event::Retired(n) => format!("{n} retired"),
     }
 }
 

@@ -6,7 +6,7 @@
 //! tests drive it through every interleaving the protocol allows.
 
 use common::control::{ControlMsg, PostcopyMode};
-use common::msg::{FromGuest, FromPageServer, FromRamSender, ToRamSender};
+use common::msg::{FromGuest, FromPageServer, FromRamSender, SenderStart, ToRamSender};
 use common::state::MigrationState;
 
 use crate::events::Event;
@@ -25,7 +25,7 @@ pub enum SourceState {
     /// Precopy rounds: the ram-sender sends a round and owes a `Synced`
     /// (our answer to it is given at once). `requested`: start-postcopy
     /// arrived and waits for the policy to allow it.
-    Precopy { requested: bool },
+    Precopy { requested: bool, owed: Owed },
     /// The switch is decided and the guest still runs: the early discard
     /// set is on its way. `mark` is the MARK the ram-sender put after it
     /// (once it said so), `acked` the highest MARK the destination has
@@ -51,8 +51,40 @@ pub enum SourceState {
     Verifying { tail: Tail },
     /// `Finish` sent; the destination's process list is awaited.
     Finishing { tail: Tail },
+    /// Every data connection and data role is being replaced (a role
+    /// died, a connection broke, or the link came back after a pause):
+    /// `Resync` went to the destination, its `ResyncReady` is awaited.
+    Resync { epoch: u32, from: Resume },
+    /// The link to the destination is lost after the package: the
+    /// destination may run the only copy, so the migration waits for the
+    /// link (reconnecting) instead of failing.
+    Paused { epoch: u32, from: Resume },
     /// Over: completed, failed or cancelled.
     Over(MigrationState),
+}
+
+/// Answers the source guest still owes to commands given before a resync
+/// took the migration back to precopy; each is taken once, and means
+/// nothing now.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owed {
+    pub stopped: bool,
+    pub state: bool,
+    /// `Resume` was (or will be) sent: its `Running` comes.
+    pub running: bool,
+}
+
+/// What a resync resumes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resume {
+    /// Before the package: precopy starts over (every page again).
+    /// `owed`: what the guest still answers to commands from before (it
+    /// was asked to stop: it is resumed).
+    Precopy { requested: bool, owed: Owed },
+    /// After the package: what the destination has decides (postcopy
+    /// resumes from its `received` bitmap; if the package never arrived,
+    /// the destination guest never ran and precopy starts over).
+    Package { dest_running: bool, tail: Tail },
 }
 
 /// What the source roles still owe once the package is out; each report
@@ -116,6 +148,8 @@ impl SourceState {
             SourceState::PackageOut { .. } => "package sent",
             SourceState::Verifying { .. } => "verifying",
             SourceState::Finishing { .. } => "finishing",
+            SourceState::Resync { .. } => "resync",
+            SourceState::Paused { .. } => "paused",
             SourceState::Over(s) => s.name(),
         }
     }
@@ -134,13 +168,33 @@ impl SourceState {
             SourceState::Verifying { .. } | SourceState::Finishing { .. } => {
                 MigrationState::Completed
             }
+            SourceState::Resync {
+                from: Resume::Package { tail, .. },
+                ..
+            } if tail.postcopy => MigrationState::PostcopyRecover,
+            SourceState::Paused {
+                from: Resume::Package { tail, .. },
+                ..
+            } if tail.postcopy => MigrationState::PostcopyPaused,
+            SourceState::Resync { .. } | SourceState::Paused { .. } => MigrationState::Active,
             SourceState::Over(s) => *s,
         }
     }
 
     /// True once the package may have reached the destination.
     pub fn package_out(&self) -> bool {
-        self.tail().is_some() || *self == SourceState::Over(MigrationState::Completed)
+        self.tail().is_some()
+            || *self == SourceState::Over(MigrationState::Completed)
+            || matches!(
+                self,
+                SourceState::Resync {
+                    from: Resume::Package { .. },
+                    ..
+                } | SourceState::Paused {
+                    from: Resume::Package { .. },
+                    ..
+                }
+            )
     }
 
     /// The ram-sender owes an answer in this state (its silence is a
@@ -168,6 +222,20 @@ impl SourceState {
             SourceState::Stopping { .. }
             | SourceState::FinalSync { .. }
             | SourceState::Saving { .. } => GuestFate::Resume,
+            SourceState::Resync {
+                from: Resume::Precopy { owed, .. },
+                ..
+            }
+            | SourceState::Paused {
+                from: Resume::Precopy { owed, .. },
+                ..
+            } => {
+                if owed.running {
+                    GuestFate::Resume
+                } else {
+                    GuestFate::Running
+                }
+            }
             _ => GuestFate::Frozen,
         }
     }
@@ -187,6 +255,7 @@ impl SourceState {
                 ..
             } => Some("the destination guest to run"),
             SourceState::Finishing { .. } => Some("the destination's process list"),
+            SourceState::Resync { .. } => Some("the destination to be ready for new connections"),
             _ => None,
         }
     }
@@ -217,6 +286,17 @@ pub enum SrcAction {
     Finish,
     /// The destination listed its processes: the migration is over.
     Done,
+    /// (resync) Resume the source guest: it was asked to stop, and the
+    /// migration goes back to precopy.
+    ResumeGuest,
+    /// (resync) Set the `sent` bitmap (`None`: clear it; `Some`: the
+    /// destination's `received` bitmap), connect the data connections of
+    /// `epoch` and start the ram-sender and page-server again.
+    StartRoles {
+        epoch: u32,
+        start: SenderStart,
+        sent: Option<Vec<u8>>,
+    },
 }
 
 /// The source's state and the policy that decides when precopy ends.
@@ -224,13 +304,16 @@ pub enum SrcAction {
 pub struct SourceMachine {
     state: SourceState,
     policy: Policy,
+    /// Pages of guest memory (to read the destination's bitmaps).
+    pages: u64,
 }
 
 impl SourceMachine {
-    pub fn new(policy: Policy) -> Self {
+    pub fn new(policy: Policy, pages: u64) -> Self {
         SourceMachine {
             state: SourceState::Booting { requested: false },
             policy,
+            pages,
         }
     }
 
@@ -270,7 +353,10 @@ impl SourceMachine {
     pub fn roles_started(&mut self) -> Result<Judged<SrcAction>, ProtocolError> {
         match self.state {
             SourceState::Setup { requested } => {
-                self.go(SourceState::Precopy { requested: false })?;
+                self.go(SourceState::Precopy {
+                    requested: false,
+                    owed: Owed::default(),
+                })?;
                 if requested {
                     self.on(&Event::StartPostcopy)
                 } else {
@@ -296,6 +382,32 @@ impl SourceMachine {
 
     pub fn is_over(&self) -> bool {
         matches!(self.state, SourceState::Over(_))
+    }
+
+    /// Takes one answer the guest owed from before a resync (in order:
+    /// Stopped, State, Running). True if `m` was one.
+    fn owes(&mut self, m: &FromGuest) -> bool {
+        let SourceState::Precopy { owed, .. } = &mut self.state else {
+            return false;
+        };
+        let slot = match m {
+            FromGuest::Stopped if owed.stopped => &mut owed.stopped,
+            FromGuest::State(_) if owed.state && !owed.stopped => &mut owed.state,
+            FromGuest::Running if owed.running && !owed.stopped && !owed.state => &mut owed.running,
+            _ => return false,
+        };
+        *slot = false;
+        true
+    }
+
+    /// Whether a `received` bitmap from the destination has every page
+    /// (its length is checked when it is applied).
+    fn full(&self, received: &[u8]) -> bool {
+        let pages = self.pages;
+        let whole = (pages / 8) as usize;
+        received.len() as u64 == pages.div_ceil(8)
+            && received[..whole].iter().all(|&b| b == 0xff)
+            && (pages.is_multiple_of(8) || received[whole] == (1u8 << (pages % 8)) - 1)
     }
 
     fn out_of_step(&self, step: &str) -> ProtocolError {
@@ -331,6 +443,65 @@ impl SourceMachine {
                     }
                     st => refuse(st, "no MARK is awaiting its ack"),
                 },
+                ControlMsg::ResyncReady {
+                    epoch,
+                    package,
+                    received,
+                } => {
+                    let full = self.full(received);
+                    self.resync_ready(*epoch, *package, received, full)
+                }
+                ControlMsg::Resync { .. } => refuse(&self.state, "only a source asks for a resync"),
+                // The destination may have started its guest (or finished)
+                // before it learnt of the resync.
+                ControlMsg::DestRunning { .. }
+                    if matches!(
+                        &self.state,
+                        S::Resync {
+                            from: Resume::Package {
+                                dest_running: false,
+                                ..
+                            },
+                            ..
+                        }
+                    ) =>
+                {
+                    if let S::Resync {
+                        from: Resume::Package { dest_running, .. },
+                        ..
+                    } = &mut self.state
+                    {
+                        *dest_running = true;
+                    }
+                    Ok(Judged::Act(vec![SrcAction::DestRunning]))
+                }
+                ControlMsg::DestCompleted(_)
+                    if matches!(
+                        &self.state,
+                        S::Resync {
+                            from: Resume::Package {
+                                dest_running: true,
+                                ..
+                            },
+                            ..
+                        }
+                    ) =>
+                {
+                    let S::Resync {
+                        from: Resume::Package { mut tail, .. },
+                        ..
+                    } = self.state.clone()
+                    else {
+                        unreachable!("matched above")
+                    };
+                    // The roles are gone: nothing more comes from them.
+                    tail.sent = true;
+                    tail.push_done = true;
+                    tail.served = true;
+                    tail.closed = true;
+                    self.go(S::Verifying { tail })?;
+                    Ok(Judged::Act(vec![SrcAction::Completed]))
+                }
                 ControlMsg::DestRunning { .. } => match &mut self.state {
                     S::PackageOut { dest_running, .. } if !*dest_running => {
                         *dest_running = true;
@@ -375,7 +546,7 @@ impl SourceMachine {
                 FromRamSender::Progress(_) => Ok(Judged::Ignored),
                 FromRamSender::Error(_) => Ok(Judged::Ignored),
                 FromRamSender::Synced(stats) => match &mut self.state {
-                    S::Precopy { requested } => {
+                    S::Precopy { requested, .. } => {
                         let requested = *requested;
                         let d = self.policy.decide(stats, requested);
                         self.decided(d, true)
@@ -469,6 +640,11 @@ impl SourceMachine {
             // ------------------------------------------------ the guest
             Event::Guest(m) => match m {
                 FromGuest::Progress { .. } | FromGuest::Error(_) => Ok(Judged::Ignored),
+                FromGuest::Stopped | FromGuest::State(_) | FromGuest::Running
+                    if self.owes(m) =>
+                {
+                    Ok(Judged::Act(vec![]))
+                }
                 FromGuest::Ready { .. } | FromGuest::Running => match self.state {
                     S::Booting { .. } => Ok(Judged::Ignored),
                     _ => refuse(&self.state, "the guest started already"),
@@ -509,7 +685,7 @@ impl SourceMachine {
                         *requested = true;
                         Ok(Judged::Act(vec![]))
                     }
-                    S::Precopy { requested } => {
+                    S::Precopy { requested, .. } => {
                         *requested = true;
                         // Switch now if allowed: PreDiscard interrupts the
                         // running round (the ram-sender takes it mid-round).
@@ -525,7 +701,8 @@ impl SourceMachine {
                 }
             }
             Event::Handler(_) => refuse(&self.state, "only a destination role sends it"),
-            Event::Interrupt(_) | Event::ChannelClosed(_) | Event::Exited { .. } | Event::PeerLost(_) => {
+            Event::Interrupt(_) | Event::ChannelClosed(_) | Event::Exited { .. } | Event::PeerLost(_)
+            | Event::Retired(_) => {
                 Ok(Judged::Ignored)
             }
         }
@@ -577,6 +754,201 @@ impl SourceMachine {
                 Ok(Judged::Act(vec![SrcAction::StopGuest { postcopy: true }]))
             }
             _ => Ok(Judged::Act(vec![])),
+        }
+    }
+
+    /// What a resync would resume from here; `None` where there is no
+    /// data plane to replace (before the roles start, or once the
+    /// destination has every page).
+    fn resume_point(&self) -> Option<Resume> {
+        let manual = self.policy.mode() == PostcopyMode::Manual;
+        Some(match &self.state {
+            SourceState::Precopy { requested, owed } => Resume::Precopy {
+                requested: *requested,
+                owed: *owed,
+            },
+            // The switch is undone; in manual mode it was asked for, so it
+            // is asked for again.
+            SourceState::PreDiscard { .. } => Resume::Precopy {
+                requested: manual,
+                owed: Owed::default(),
+            },
+            SourceState::Stopping { postcopy } => Resume::Precopy {
+                requested: *postcopy && manual,
+                owed: Owed {
+                    stopped: true,
+                    state: false,
+                    running: true,
+                },
+            },
+            SourceState::FinalSync { postcopy } => Resume::Precopy {
+                requested: *postcopy && manual,
+                owed: Owed {
+                    stopped: false,
+                    state: false,
+                    running: true,
+                },
+            },
+            SourceState::Saving { postcopy } => Resume::Precopy {
+                requested: *postcopy && manual,
+                owed: Owed {
+                    stopped: false,
+                    state: true,
+                    running: true,
+                },
+            },
+            SourceState::PackageOut { dest_running, tail } => Resume::Package {
+                dest_running: *dest_running,
+                tail: *tail,
+            },
+            SourceState::Resync { from, .. } | SourceState::Paused { from, .. } => from.clone(),
+            _ => return None,
+        })
+    }
+
+    /// A source data role died or a data connection broke: starts resync
+    /// `epoch` (the driver replaces the roles' processes and sends
+    /// `Resync`). `Ok(false)`: nothing to resync, the destination has every
+    /// page already. Errors before precopy starts.
+    pub fn begin_resync(&mut self, epoch: u32) -> Result<bool, ProtocolError> {
+        if matches!(
+            self.state,
+            SourceState::Verifying { .. } | SourceState::Finishing { .. }
+        ) {
+            return Ok(false);
+        }
+        let from = self
+            .resume_point()
+            .ok_or_else(|| self.out_of_step("a resync"))?;
+        self.go(SourceState::Resync { epoch, from })?;
+        Ok(true)
+    }
+
+    /// The link to the destination is lost. After the package the
+    /// migration pauses (true); before it, it fails (false: the source
+    /// guest runs on, the caller reports the loss).
+    pub fn pause(&mut self, epoch: u32) -> Result<bool, ProtocolError> {
+        match self.resume_point() {
+            Some(from @ Resume::Package { .. }) => {
+                self.go(SourceState::Paused { epoch, from })?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// The link is back: resync `epoch` starts.
+    pub fn link_back(&mut self, epoch: u32) -> Result<(), ProtocolError> {
+        match &self.state {
+            SourceState::Paused { from, .. } => {
+                let from = from.clone();
+                self.go(SourceState::Resync { epoch, from })
+            }
+            _ => Err(self.out_of_step("reconnecting")),
+        }
+    }
+
+    /// The resync epoch in progress, if any.
+    pub fn epoch(&self) -> Option<u32> {
+        match self.state {
+            SourceState::Resync { epoch, .. } | SourceState::Paused { epoch, .. } => Some(epoch),
+            _ => None,
+        }
+    }
+
+    /// The destination is ready for resync `epoch` (see
+    /// [`ControlMsg::ResyncReady`]); `full`: `received` has every page.
+    fn resync_ready(
+        &mut self,
+        epoch: u32,
+        package: bool,
+        received: &[u8],
+        full: bool,
+    ) -> Result<Judged<SrcAction>, ProtocolError> {
+        let name = "ResyncReady".to_string();
+        let SourceState::Resync { epoch: ours, from } = &self.state else {
+            return Err(ProtocolError::new(
+                name,
+                self.state.name(),
+                "no resync is in progress",
+            ));
+        };
+        if epoch != *ours {
+            return Err(ProtocolError::new(
+                name,
+                self.state.name(),
+                &format!("it is for epoch {epoch}, not {ours}"),
+            ));
+        }
+        let restart_precopy = |m: &mut Self, requested: bool, owed: Owed| {
+            m.policy.restart();
+            m.go(SourceState::Precopy { requested, owed })?;
+            let mut next = vec![];
+            if owed.running {
+                next.push(SrcAction::ResumeGuest);
+            }
+            next.push(SrcAction::StartRoles {
+                epoch,
+                start: SenderStart::Precopy,
+                sent: None,
+            });
+            Ok(Judged::Act(next))
+        };
+        match from.clone() {
+            Resume::Precopy { .. } if package => Err(ProtocolError::new(
+                name,
+                self.state.name(),
+                "the destination claims a package that was never sent",
+            )),
+            Resume::Precopy { requested, owed } => restart_precopy(self, requested, owed),
+            Resume::Package { dest_running, .. } if !package => {
+                if dest_running {
+                    return Err(ProtocolError::new(
+                        name,
+                        self.state.name(),
+                        "the destination ran the guest without the package",
+                    ));
+                }
+                // The package never arrived whole: the destination guest
+                // never ran, so the source guest may run on (the seed's
+                // rule holds: no second copy exists).
+                restart_precopy(
+                    self,
+                    false,
+                    Owed {
+                        running: true,
+                        ..Owed::default()
+                    },
+                )
+            }
+            Resume::Package {
+                dest_running,
+                mut tail,
+            } => {
+                tail.sent = true;
+                if full {
+                    // Every page is there: nothing to send, no roles.
+                    tail.push_done = true;
+                    self.go(SourceState::PackageOut { dest_running, tail })?;
+                    return Ok(Judged::Act(vec![]));
+                }
+                if !tail.postcopy {
+                    return Err(ProtocolError::new(
+                        name,
+                        self.state.name(),
+                        "pages are missing after a package that did not listen",
+                    ));
+                }
+                tail.push_done = false;
+                tail.served = false;
+                tail.closed = false;
+                self.go(SourceState::PackageOut { dest_running, tail })?;
+                Ok(Judged::Act(vec![SrcAction::StartRoles {
+                    epoch,
+                    start: SenderStart::Push,
+                    sent: Some(received.to_vec()),
+                }]))
+            }
         }
     }
 

@@ -311,6 +311,9 @@ impl SourceWorld {
                     );
                 }
             }
+            SrcAction::ResumeGuest | SrcAction::StartRoles { .. } => {
+                panic!("a resync step without a resync: {a:?}")
+            }
             SrcAction::SwitchDecided(_)
             | SrcAction::Converged(_)
             | SrcAction::DestRunning
@@ -335,7 +338,7 @@ fn source_machine(mode: PostcopyMode, after_syncs: Option<u32>) -> SourceMachine
         0,
         0,
     );
-    SourceMachine::new(policy)
+    SourceMachine::new(policy, 256)
 }
 
 /// Runs a source migration in the order `picks` chooses. `fail_at`: end
@@ -626,6 +629,7 @@ impl DestWorld {
                 }
             }
             DestAction::Check => self.q.push(D_PEER, Event::Peer(ControlMsg::Finish)),
+            DestAction::Resync(_) => panic!("a resync step without a resync"),
             DestAction::Done => {}
         }
     }
