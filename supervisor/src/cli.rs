@@ -1,5 +1,6 @@
 //! The command line (README "CLI reference" is its user-facing description).
 
+use crate::chaos::Chaos;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,6 +34,19 @@ pub enum Cmd {
     /// Switch a running migration (started with --postcopy manual or auto)
     /// to postcopy now.
     StartPostcopy(StartArgs),
+    /// Try the destination again now, of a postcopy migration paused by a
+    /// lost link (it retries by itself with backoff), at `--to` if given.
+    Recover(RecoverArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RecoverArgs {
+    /// The migration's command socket (default: the only one running).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// A new address for the destination, ADDR:PORT.
+    #[arg(long)]
+    pub to: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -155,6 +169,15 @@ pub struct MigrationArgs {
     /// before the migration fails instead.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub max_restarts: u32,
+    /// Kill data roles at chosen points (tests of restart and recovery):
+    /// `ROLE@PHASE[+DELAY],...` or `random:N:SEED` (see
+    /// docs/state-machine.md).
+    #[arg(long, value_parser = chaos_arg)]
+    pub chaos: Option<Chaos>,
+}
+
+fn chaos_arg(s: &str) -> Result<Chaos, String> {
+    Chaos::parse(s)
 }
 
 #[derive(Args, Debug, Clone)]
@@ -203,6 +226,9 @@ pub struct IncomingArgs {
     /// before the migration fails instead.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub max_restarts: u32,
+    /// Kill the fault-handler at chosen points (see `migrate --chaos`).
+    #[arg(long, value_parser = chaos_arg)]
+    pub chaos: Option<Chaos>,
     /// Print no summary (the demo prints the source's).
     #[arg(long, hide = true)]
     pub quiet: bool,
@@ -233,6 +259,7 @@ pub struct SourceOpts {
     pub command_socket: Option<PathBuf>,
     pub link_timeout: Duration,
     pub max_restarts: u32,
+    pub chaos: Option<Chaos>,
 }
 
 fn parse_range(text: &str) -> Result<(u64, u64), String> {
@@ -406,6 +433,7 @@ impl SourceOpts {
             command_socket: m.command_socket.clone(),
             link_timeout: Duration::from_secs(m.link_timeout),
             max_restarts: m.max_restarts,
+            chaos: m.chaos.clone(),
         })
     }
 }

@@ -1,6 +1,7 @@
 //! The source supervisor's command socket, through which
-//! `postcopy start-postcopy` reaches a running migration. One line in
-//! (`start-postcopy`), one line out (`ok` or `error: ...`).
+//! `postcopy start-postcopy` and `postcopy recover` reach a running
+//! migration. One line in (`start-postcopy`, `recover`, `recover ADDR`),
+//! one line out (`ok` or `error: ...`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -30,6 +31,8 @@ pub enum Phase {
     Precopy = 1,
     /// Switched already, or over.
     Past = 2,
+    /// Postcopy paused by a lost link: `recover` applies.
+    Paused = 3,
 }
 
 impl CommandSocket {
@@ -86,6 +89,15 @@ impl CommandSocket {
                         }
                         ("start-postcopy", _) => {
                             "error: this migration is already in postcopy or over\n".to_string()
+                        }
+                        (cmd, p) if cmd == "recover" || cmd.starts_with("recover ") => {
+                            if p == Phase::Paused as u8 {
+                                let to = cmd.strip_prefix("recover ").map(|a| a.trim().to_string());
+                                let _ = events.send(Event::Recover(to));
+                                "ok\n".to_string()
+                            } else {
+                                "error: the migration is not paused (recover applies once a postcopy migration lost its link)\n".to_string()
+                            }
                         }
                         (other, _) => format!("error: unknown command {other:?}\n"),
                     };

@@ -30,6 +30,9 @@ pub fn demo(args: &DemoArgs, opts: SourceOpts) -> Result<Report, String> {
         .arg("--max-restarts")
         .arg(opts.max_restarts.to_string())
         .env("POSTCOPY_LOG_TAG", "dst");
+    if let Some(c) = &args.mig.chaos {
+        cmd.arg("--chaos").arg(&c.spec);
+    }
     if let Some(p) = &args.dest_serial_log {
         cmd.arg("--serial-log").arg(p);
     }

@@ -23,14 +23,15 @@ use common::types::{MemLayout, MigrationId, RemoteAddr, PAGE_SIZE};
 use common::uffd::Uffd;
 use common::wire::{ConnKind, HelloStatus, Package};
 
+use crate::chaos::{self, Chaos};
 use crate::cli::IncomingArgs;
 use crate::error::MigError;
 use crate::events::{self, Event, Gate};
 use crate::machine::dest::{DestAction, DestMachine, DestState};
 use crate::machine::Judged;
-use crate::net::{self, Control};
+use crate::net::{self, Control, NetError};
 use crate::report::{Report, RoleReport, VerifyReport};
-use crate::session::{EventLoop, Session};
+use crate::session::{EventLoop, Session, CONTROL};
 use crate::source::short;
 use crate::spawn::{self, Child};
 use crate::verify;
@@ -77,6 +78,12 @@ struct Dest {
     discard_us: u64,
     /// Discard time already spent at the last MARK (before the stop).
     mark_discard_us: u64,
+    /// Messages for the source kept while the link is down.
+    outbox: Vec<ControlMsg>,
+    /// `--chaos`: planned kills of the fault-handler, and when the current
+    /// chaos phase began.
+    chaos: Option<Chaos>,
+    chaos_since: (Option<chaos::Phase>, Instant),
     /// What the fault-handler said when it had every page.
     done: Option<(Option<PostcopyStats>, RecvProgress)>,
 }
@@ -126,8 +133,12 @@ pub fn incoming(args: IncomingArgs) -> Report {
         listen_us: 0,
         discard_us: 0,
         mark_discard_us: 0,
+        outbox: Vec::new(),
+        chaos: None,
+        chaos_since: (None, Instant::now()),
         done: None,
     };
+    d.chaos = d.args.chaos.clone();
     let t0 = Instant::now();
     let result = d.run();
     d.report.total_time_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -143,8 +154,14 @@ impl EventLoop for Dest {
         if self.m.is_over() {
             return Ok(());
         }
+        if matches!(self.m.state(), DestState::Paused { .. }) {
+            return self.accept_control();
+        }
+        self.chaos_tick();
         let link = self.link_timeout();
-        self.s.keep_alive(self.control.as_mut(), link, "source")?;
+        if let Err(e) = self.s.keep_alive(self.control.as_mut(), link, "source") {
+            return self.on_link_lost(e);
+        }
         let (name, since) = self.state_since;
         if let Some(what) = self.m.state().step() {
             let limit = if self.m.state() == &DestState::AwaitFinish {
@@ -171,6 +188,7 @@ impl EventLoop for Dest {
         }
         match self.handle(ev) {
             Err(e) if e.child() == Some("fault-handler") => self.on_handler_failure(e),
+            Err(e @ (MigError::PeerLost(_) | MigError::Net(_))) => self.on_link_lost(e),
             r => r,
         }
     }
@@ -212,6 +230,97 @@ impl Dest {
             .ok_or_else(|| MigError::Protocol("no control connection".into()))
     }
 
+    /// Sends to the source, or (while the link is down) keeps the message
+    /// for when it is back: the guest goes on meanwhile, and what it did
+    /// (started, finished) must still reach the source, in order.
+    fn send_peer(&mut self, msg: ControlMsg) -> Result<(), MigError> {
+        match self.control.as_mut() {
+            Some(c) if self.outbox.is_empty() => match c.send(&msg) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    self.outbox.push(msg);
+                    Err(e.into())
+                }
+            },
+            _ => {
+                self.outbox.push(msg);
+                Ok(())
+            }
+        }
+    }
+
+    /// The link to the source is lost. Once the package is here the
+    /// migration pauses: the fault-handler goes (faulting threads wait),
+    /// and the source's new control connection is awaited on the
+    /// listener (`accept_control`). Before it, the migration fails.
+    fn on_link_lost(&mut self, e: MigError) -> Result<(), MigError> {
+        if !self.m.pause() {
+            return Err(e);
+        }
+        self.report.note(
+            self.s.started,
+            "pause",
+            format!("{e}; waiting for the source"),
+        );
+        let gate = self.handler_gate.clone();
+        self.s.retire("fault-handler", &gate);
+        self.handler = None;
+        self.conns.clear();
+        if let Some(mut c) = self.control.take() {
+            let gate = c.gate.clone();
+            self.s.retire(CONTROL, &gate);
+            c.shutdown();
+        }
+        self.note_state();
+        Ok(())
+    }
+
+    /// Paused: takes the source's new control connection if one is
+    /// waiting (only this migration's), then sends what the guest did
+    /// meanwhile. The source's Resync follows.
+    fn accept_control(&mut self) -> Result<(), MigError> {
+        let Some(listener) = self.listener.take() else {
+            return Ok(());
+        };
+        let id = self.id;
+        let got = net::accept::<MigError>(
+            &listener,
+            Some(Duration::ZERO),
+            self.link_timeout(),
+            "the source to reconnect",
+            |h| {
+                if h.migration != id {
+                    HelloStatus::UnknownMigration
+                } else if h.kind != ConnKind::Control {
+                    HelloStatus::Unexpected
+                } else {
+                    HelloStatus::Ok
+                }
+            },
+            || Ok(()),
+        );
+        self.listener = Some(listener);
+        let stream = match got {
+            Ok((_, s)) => s,
+            Err(MigError::Net(NetError::AcceptTimeout { .. })) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.control =
+            Some(Control::new(stream, self.s.tx.clone()).map_err(|e| MigError::io("control", e))?);
+        self.s.peer_heard = Instant::now();
+        self.m.link_back();
+        self.report.note(
+            self.s.started,
+            "recover",
+            "the source connected again".into(),
+        );
+        self.note_state();
+        for msg in std::mem::take(&mut self.outbox) {
+            self.send_peer(msg)?;
+        }
+        Ok(())
+    }
+
     fn link_timeout(&self) -> Duration {
         Duration::from_secs(self.args.link_timeout)
     }
@@ -249,7 +358,39 @@ impl Dest {
                 self.exec(a)?;
             }
         }
+        self.chaos_tick();
         Ok(())
+    }
+
+    /// Where the migration is, for `--chaos`.
+    fn chaos_phase(&self) -> Option<chaos::Phase> {
+        match self.m.state() {
+            DestState::Precopy { .. } => Some(chaos::Phase::Precopy),
+            DestState::Listening | DestState::Loading { .. } | DestState::Starting { .. } => {
+                Some(chaos::Phase::Switchover)
+            }
+            DestState::Running { postcopy: true } => Some(chaos::Phase::Postcopy),
+            _ => None,
+        }
+    }
+
+    /// Kills the fault-handler if `--chaos` says it is time.
+    fn chaos_tick(&mut self) {
+        let phase = self.chaos_phase();
+        if phase != self.chaos_since.0 {
+            self.chaos_since = (phase, Instant::now());
+        }
+        let Some(c) = self.chaos.as_mut() else {
+            return;
+        };
+        if let Some(role) = c.due(&["fault-handler"], phase, self.chaos_since.1) {
+            self.report.note(
+                self.s.started,
+                "chaos",
+                format!("killing {role} in {phase:?}", phase = phase.expect("due")),
+            );
+            self.s.kill(role);
+        }
     }
 
     /// Takes what the driver needs from an event the machine allowed.
@@ -310,7 +451,7 @@ impl Dest {
     /// Does one step the machine asked for.
     fn exec(&mut self, a: DestAction) -> Result<(), MigError> {
         match a {
-            DestAction::AckMark(id) => self.control()?.send(&ControlMsg::DestMark { id })?,
+            DestAction::AckMark(id) => self.send_peer(ControlMsg::DestMark { id })?,
             DestAction::Listen => {
                 self.t_listen = Some(Instant::now());
                 self.guest().send(ToGuest::Listen)?;
@@ -337,7 +478,7 @@ impl Dest {
                     .map(|t| t.elapsed().as_micros() as u64)
                     .unwrap_or(0);
                 let (listen_us, discard_us) = (self.listen_us, self.discard_us);
-                self.control()?.send(&ControlMsg::DestRunning {
+                self.send_peer(ControlMsg::DestRunning {
                     listen_us,
                     start_us,
                     discard_us,
@@ -686,7 +827,7 @@ impl Dest {
         let full = received.is_full();
         self.report
             .note(self.s.started, "resync", format!("epoch {epoch}: {reason}"));
-        self.control()?.send(&ControlMsg::ResyncReady {
+        self.send_peer(ControlMsg::ResyncReady {
             epoch,
             package,
             received: bytes,
@@ -734,15 +875,12 @@ impl Dest {
         self.report.discarded_pages = prog.discarded;
         self.report.dirty_sync_count = prog.rounds;
         self.report.serial_log_destination = self.serial_path.clone();
-        self.control
-            .as_mut()
-            .expect("connected")
-            .send(&ControlMsg::DestCompleted(DestSummary {
-                recv: prog,
-                postcopy: stats,
-                serial_log: self.serial_path.clone(),
-                serial_bytes,
-            }))?;
+        self.send_peer(ControlMsg::DestCompleted(DestSummary {
+            recv: prog,
+            postcopy: stats,
+            serial_log: self.serial_path.clone(),
+            serial_bytes,
+        }))?;
         Ok(())
     }
 
@@ -775,19 +913,13 @@ impl Dest {
                 );
             }
             self.report.verify = VerifyReport::from_result(r.clone());
-            self.control
-                .as_mut()
-                .expect("connected")
-                .send(&ControlMsg::Verified(r))?;
+            self.send_peer(ControlMsg::Verified(r))?;
         } else {
             self.report.verify = VerifyReport::none("--verify none");
-            self.control
-                .as_mut()
-                .expect("connected")
-                .send(&ControlMsg::Verified(common::control::VerifyResult {
-                    method: "none".into(),
-                    ..Default::default()
-                }))?;
+            self.send_peer(ControlMsg::Verified(common::control::VerifyResult {
+                method: "none".into(),
+                ..Default::default()
+            }))?;
         }
         Ok(())
     }

@@ -37,6 +37,8 @@ pub enum Event {
     StartPostcopy,
     /// A child was retired: none of its events follow (see [`Gate`]).
     Retired(&'static str),
+    /// `postcopy recover [--to ADDR]`: try the destination again now.
+    Recover(Option<String>),
 }
 
 /// Closes one child's stream of events: once retired, nothing more of
@@ -48,12 +50,23 @@ pub struct Gate(Arc<Mutex<bool>>);
 impl Gate {
     /// Stops the forwarding and puts `Event::Retired(name)` on `tx`: every
     /// event of the child is before it, every event of a successor after.
-    pub fn retire(&self, tx: &Sender<Event>, name: &'static str) {
+    /// Returns false if it was retired before (nothing sent).
+    pub fn retire(&self, tx: &Sender<Event>, name: &'static str) -> bool {
         let mut retired = self.0.lock().expect("gate");
-        if !*retired {
-            *retired = true;
-            let _ = tx.send(Event::Retired(name));
+        if *retired {
+            return false;
         }
+        *retired = true;
+        let _ = tx.send(Event::Retired(name));
+        true
+    }
+
+    /// Sends `ev` unless the gate is retired; false once it is (or the
+    /// receiver is gone). Under the gate's lock, so a retirement is either
+    /// before the event (dropped) or after it (in order).
+    pub fn pass(&self, tx: &Sender<Event>, ev: Event) -> bool {
+        let retired = self.0.lock().expect("gate");
+        !*retired && tx.send(ev).is_ok()
     }
 }
 
@@ -78,13 +91,9 @@ where
                 Err(_) => Event::ChannelClosed(name),
             };
             let closed = matches!(ev, Event::ChannelClosed(_));
-            // Sent under the gate's lock, so a retirement is either
-            // before this event (dropped) or after it (in order).
-            let retired = g.0.lock().expect("gate");
-            if *retired || tx.send(ev).is_err() || closed {
+            if !g.pass(&tx, ev) || closed {
                 return;
             }
-            drop(retired);
         })
         .expect("spawn forwarding thread");
     gate

@@ -43,6 +43,22 @@ fn main() -> ExitCode {
             let report = dest::incoming(args);
             conclude(&report, json, !quiet)
         }
+        Cmd::Recover(args) => {
+            let cmd = match &args.to {
+                Some(to) => format!("recover {to}"),
+                None => "recover".into(),
+            };
+            match ctlsock::send_command(args.socket.as_deref(), &cmd) {
+                Ok(_) => {
+                    println!("recovery requested");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("postcopy recover: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::StartPostcopy(args) => {
             match ctlsock::send_command(args.socket.as_deref(), "start-postcopy") {
                 Ok(_) => {

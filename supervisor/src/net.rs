@@ -15,7 +15,7 @@ use common::wire::{
     FrameReader, Hello, HelloStatus, WireError,
 };
 
-use crate::events::Event;
+use crate::events::{Event, Gate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -126,6 +126,18 @@ pub fn connect(
     id: MigrationId,
     link_timeout: Duration,
 ) -> Result<TcpStream, NetError> {
+    connect_within(addr, kind, id, link_timeout, Duration::from_secs(10))
+}
+
+/// [`connect`], giving up on each address after `within` (reconnecting
+/// while the link may still be down).
+pub fn connect_within(
+    addr: &str,
+    kind: ConnKind,
+    id: MigrationId,
+    link_timeout: Duration,
+    within: Duration,
+) -> Result<TcpStream, NetError> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|source| NetError::Resolve {
@@ -135,10 +147,10 @@ pub fn connect(
         .collect();
     let mut last = None;
     for a in &addrs {
-        match TcpStream::connect_timeout(a, Duration::from_secs(10)) {
+        match TcpStream::connect_timeout(a, within) {
             Ok(mut s) => {
                 tune(&s, link_timeout);
-                s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                s.set_read_timeout(Some(within)).ok();
                 client_hello(&mut s, kind, id).map_err(|source| NetError::Hello {
                     kind,
                     addr: addr.to_string(),
@@ -218,31 +230,33 @@ fn control_layout() -> MemLayout {
 /// message into an [`Event::Peer`].
 pub struct Control {
     out: TcpStream,
+    /// Retired when the connection is replaced (postcopy recovery): what
+    /// the old one still reads is not heard.
+    pub gate: Gate,
 }
 
 impl Control {
     pub fn new(stream: TcpStream, events: Sender<Event>) -> std::io::Result<Self> {
         let layout = control_layout();
         let reader = stream.try_clone()?;
+        let gate = Gate::default();
+        let g = gate.clone();
         std::thread::Builder::new()
             .name("control-reader".into())
             .spawn(move || {
                 let mut r = FrameReader::new(reader, ConnKind::Control, layout);
                 loop {
-                    match recv_control::<_, ControlMsg>(&mut r) {
-                        Ok(m) => {
-                            if events.send(Event::Peer(m)).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            let _ = events.send(Event::PeerLost(e.to_string()));
-                            return;
-                        }
+                    let ev = match recv_control::<_, ControlMsg>(&mut r) {
+                        Ok(m) => Event::Peer(m),
+                        Err(e) => Event::PeerLost(e.to_string()),
+                    };
+                    let lost = matches!(ev, Event::PeerLost(_));
+                    if !g.pass(&events, ev) || lost {
+                        return;
                     }
                 }
             })?;
-        Ok(Control { out: stream })
+        Ok(Control { out: stream, gate })
     }
 
     pub fn send(&mut self, msg: &ControlMsg) -> Result<(), NetError> {

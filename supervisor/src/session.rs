@@ -48,7 +48,10 @@ pub struct Session {
     retiring: Vec<&'static str>,
 }
 
-/// The child an event comes from, if it comes from one.
+/// What the control connection's events are retired as.
+pub const CONTROL: &str = "control connection";
+
+/// The child (or connection) an event comes from, if it comes from one.
 fn child_of(ev: &Event) -> Option<&'static str> {
     match ev {
         Event::Guest(_) => Some("postcopy-guest"),
@@ -56,6 +59,7 @@ fn child_of(ev: &Event) -> Option<&'static str> {
         Event::Server(_) => Some("page-server"),
         Event::Handler(_) => Some("fault-handler"),
         Event::ChannelClosed(n) => Some(n),
+        Event::Peer(_) | Event::PeerLost(_) => Some(CONTROL),
         _ => None,
     }
 }
@@ -130,8 +134,9 @@ impl Session {
     /// Stops hearing from a child (see [`Gate`]) and kills it: it is being
     /// replaced. Its exit is expected from now on.
     pub fn retire(&mut self, name: &'static str, gate: &Gate) {
-        self.retiring.push(name);
-        gate.retire(&self.tx, name);
+        if gate.retire(&self.tx, name) {
+            self.retiring.push(name);
+        }
         self.stash.retain(|e| child_of(e) != Some(name));
         for p in self
             .procs
@@ -139,6 +144,19 @@ impl Session {
             .filter(|p| p.name == name && p.exit.is_none())
         {
             p.quitting = true;
+            // SAFETY: kill(2) on a child we started and have not reaped.
+            unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+        }
+    }
+
+    /// Kills (SIGKILL) the running child called `name`, as a crash would
+    /// (`--chaos`): its death is not expected.
+    pub fn kill(&self, name: &str) {
+        for p in self
+            .procs
+            .iter()
+            .filter(|p| p.name == name && p.exit.is_none() && !p.quitting)
+        {
             // SAFETY: kill(2) on a child we started and have not reaped.
             unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
         }
@@ -293,21 +311,6 @@ impl Session {
         self.stash.push_back(ev);
     }
 
-    fn take_stashed<T>(&mut self, pick: &mut impl FnMut(Event) -> Result<T, Event>) -> Option<T> {
-        let mut i = 0;
-        while i < self.stash.len() {
-            let ev = self.stash.remove(i).expect("index in range");
-            match pick(ev) {
-                Ok(t) => return Some(t),
-                Err(ev) => {
-                    self.stash.insert(i, ev);
-                    i += 1;
-                }
-            }
-        }
-        None
-    }
-
     fn recv(&mut self, timeout: Duration) -> Option<Event> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -438,8 +441,13 @@ pub trait EventLoop {
         timeout: Option<Duration>,
         mut pick: impl FnMut(Event) -> Result<T, Event>,
     ) -> Result<T, MigError> {
-        if let Some(t) = self.session().take_stashed(&mut pick) {
-            return Ok(t);
+        // Events kept while something else was awaited come first, in
+        // their order: the one awaited, or each to on_event.
+        while let Some(ev) = self.session().stash.pop_front() {
+            match pick(ev) {
+                Ok(t) => return Ok(t),
+                Err(ev) => self.on_event(ev)?,
+            }
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {

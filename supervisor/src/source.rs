@@ -23,6 +23,7 @@ use common::state::MigrationState;
 use common::types::{MemLayout, MigrationId, RemoteAddr, PAGE_SIZE};
 use common::wire::{ConnKind, Package};
 
+use crate::chaos::{self, Chaos};
 use crate::cli::SourceOpts;
 use crate::ctlsock::{CommandSocket, Phase};
 use crate::error::MigError;
@@ -33,7 +34,7 @@ use crate::net::{self, Control};
 use crate::policy::Policy;
 use crate::progress::ProgressLine;
 use crate::report::{Report, RoleReport, RoundReport, VerifyReport};
-use crate::session::{EventLoop, Session};
+use crate::session::{EventLoop, Session, CONTROL};
 use crate::spawn::{self, Child};
 use crate::verify;
 
@@ -41,6 +42,17 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the destination may take to list its processes after `Finish`
 /// (the migration has completed by then: a silent peer only costs the list).
 const FINISH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The first wait before reconnecting after a lost link, doubled after
+/// each failed try up to `RECONNECT_MAX`.
+const RECONNECT_FIRST: Duration = Duration::from_millis(500);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// When the next reconnect try is due, and the wait after it.
+struct Reconnect {
+    at: Instant,
+    backoff: Duration,
+}
 
 /// The event gates of the data roles.
 #[derive(Default)]
@@ -92,6 +104,12 @@ struct Source {
     gates: Gates,
     /// The last resync epoch (0: none yet).
     epoch: u32,
+    /// While paused: when to try the destination again.
+    reconnect: Reconnect,
+    /// `--chaos`: planned kills of our data roles, and when the current
+    /// chaos phase began.
+    chaos: Option<Chaos>,
+    chaos_since: (Option<chaos::Phase>, Instant),
     t0: Option<Instant>,
     times: Times,
     /// The guest's saved state, between its arrival and the package.
@@ -183,6 +201,12 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         sent: None,
         gates: Gates::default(),
         epoch: 0,
+        reconnect: Reconnect {
+            at: Instant::now(),
+            backoff: RECONNECT_FIRST,
+        },
+        chaos: None,
+        chaos_since: (None, Instant::now()),
         t0: None,
         times: Times::default(),
         saved_state: None,
@@ -205,6 +229,7 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         }
         Err(e) => log::warn!("no command socket ({e}); SIGUSR1 still starts postcopy"),
     }
+    src.chaos = src.opts.chaos.clone();
     let result = src.run();
     src.finish(result)
 }
@@ -218,9 +243,16 @@ impl EventLoop for Source {
         if self.m.is_over() {
             return Ok(());
         }
+        if matches!(self.m.state(), SourceState::Paused { .. }) {
+            return self.try_reconnect();
+        }
         let link = self.opts.link_timeout;
-        self.s
-            .keep_alive(self.control.as_mut(), link, "destination")?;
+        if let Err(e) = self
+            .s
+            .keep_alive(self.control.as_mut(), link, "destination")
+        {
+            return self.on_link_lost(e);
+        }
         // A ram-sender that stops talking while it has work (stopped,
         // wedged) would hold the migration forever.
         let limit = link.max(Duration::from_secs(30));
@@ -231,6 +263,7 @@ impl EventLoop for Source {
                 detail: format!("no progress for {:.0} s", silent.as_secs_f64()),
             });
         }
+        self.chaos_tick();
         let (name, since) = self.state_since;
         if let Some(what) = self.m.state().step() {
             if matches!(self.m.state(), SourceState::Finishing { .. })
@@ -240,11 +273,23 @@ impl EventLoop for Source {
                 self.m.end(MigrationState::Completed);
                 return Ok(());
             }
-            if since.elapsed() > STEP_TIMEOUT {
-                return Err(MigError::Timeout {
+            // A resync is the destination's answer and three connections:
+            // the link timeout bounds it.
+            let limit = if matches!(self.m.state(), SourceState::Resync { .. }) {
+                self.opts.link_timeout
+            } else {
+                STEP_TIMEOUT
+            };
+            if since.elapsed() > limit {
+                let e = MigError::Timeout {
                     what: format!("{what} (in state {name})"),
-                    secs: STEP_TIMEOUT.as_secs_f64(),
-                });
+                    secs: limit.as_secs_f64(),
+                };
+                return if matches!(self.m.state(), SourceState::Resync { .. }) {
+                    self.on_link_lost(e)
+                } else {
+                    Err(e)
+                };
             }
         }
         self.poll_digests()
@@ -260,6 +305,7 @@ impl EventLoop for Source {
         }
         match self.handle(ev) {
             Err(e) if e.child().is_some() => self.on_role_failure(e),
+            Err(e @ (MigError::PeerLost(_) | MigError::Net(_))) => self.on_link_lost(e),
             r => r,
         }
     }
@@ -272,6 +318,14 @@ impl Source {
         let Some(ev) = self.s.handle_common(ev, "destination")? else {
             return Ok(());
         };
+        if let Event::Recover(to) = ev {
+            if let Some(to) = to {
+                log::info!("recover: the destination is now at {to}");
+                self.to = to;
+            }
+            self.reconnect.at = Instant::now();
+            return Ok(());
+        }
         if let Event::Interrupt(sig) = ev {
             return match self.m.can_cancel() {
                 Ok(()) => Err(MigError::Cancelled(format!("signal {sig}"))),
@@ -280,6 +334,16 @@ impl Source {
                     Ok(())
                 }
             };
+        }
+        if let Event::Server(FromPageServer::Closed(_)) = &ev {
+            if !self.m.expects_closed() && self.m.epoch().is_none() {
+                // The destination's end of the return path went away (its
+                // fault-handler died, say): the data plane is broken.
+                return Err(MigError::Role {
+                    name: "page-server",
+                    detail: "the destination closed the return path".into(),
+                });
+            }
         }
         if let Event::Peer(ControlMsg::ResyncReady { epoch, .. }) = &ev {
             if self.m.epoch() != Some(*epoch) && *epoch > self.epoch {
@@ -308,6 +372,7 @@ impl Source {
             SourceState::Booting { .. }
             | SourceState::Setup { .. }
             | SourceState::Precopy { .. } => Phase::Precopy,
+            SourceState::Paused { .. } => Phase::Paused,
             _ => Phase::Past,
         }
     }
@@ -330,7 +395,43 @@ impl Source {
                 self.exec(a)?;
             }
         }
+        self.chaos_tick();
         Ok(())
+    }
+
+    /// Where the migration is, for `--chaos`.
+    fn chaos_phase(&self) -> Option<chaos::Phase> {
+        match self.m.state() {
+            SourceState::Precopy { .. } => Some(chaos::Phase::Precopy),
+            SourceState::Stopping { .. }
+            | SourceState::FinalSync { .. }
+            | SourceState::Saving { .. }
+            | SourceState::PackageOut {
+                dest_running: false,
+                ..
+            } => Some(chaos::Phase::Switchover),
+            SourceState::PackageOut { tail, .. } if tail.postcopy => Some(chaos::Phase::Postcopy),
+            _ => None,
+        }
+    }
+
+    /// Kills a data role of ours if `--chaos` says it is time.
+    fn chaos_tick(&mut self) {
+        let phase = self.chaos_phase();
+        if phase != self.chaos_since.0 {
+            self.chaos_since = (phase, Instant::now());
+        }
+        let Some(c) = self.chaos.as_mut() else {
+            return;
+        };
+        if let Some(role) = c.due(&["ram-sender", "page-server"], phase, self.chaos_since.1) {
+            self.report.note(
+                self.s.started,
+                "chaos",
+                format!("killing {role} in {phase:?}", phase = phase.expect("due")),
+            );
+            self.s.kill(role);
+        }
     }
 
     /// Takes what the report needs from an event the machine allowed.
@@ -865,6 +966,86 @@ impl Source {
             })?;
         }
         self.after_judging(Judged::Act(vec![]))
+    }
+
+    /// The control connection (or a data connection) to the destination
+    /// is lost. After the package this pauses the migration: the data
+    /// roles go, and the source reconnects with backoff (`try_reconnect`).
+    /// Before it, the migration fails (the source guest runs on).
+    fn on_link_lost(&mut self, e: MigError) -> Result<(), MigError> {
+        let epoch = self.epoch + 1;
+        if !self.m.pause(epoch)? {
+            return Err(e);
+        }
+        self.epoch = epoch;
+        self.report.note(
+            self.s.started,
+            "pause",
+            format!("{e}; reconnecting to {}", self.to),
+        );
+        self.retire_data_roles();
+        if let Some(mut c) = self.control.take() {
+            let gate = c.gate.clone();
+            self.s.retire(CONTROL, &gate);
+            c.shutdown();
+        }
+        self.reconnect = Reconnect {
+            at: Instant::now() + RECONNECT_FIRST,
+            backoff: RECONNECT_FIRST,
+        };
+        self.after_judging(Judged::Act(vec![]))
+    }
+
+    /// Paused: one try to reach the destination again, when it is due (or
+    /// forced by `postcopy recover`). On success the resync starts.
+    fn try_reconnect(&mut self) -> Result<(), MigError> {
+        if Instant::now() < self.reconnect.at {
+            return Ok(());
+        }
+        let within = self.reconnect.backoff.max(Duration::from_secs(1));
+        match net::connect_within(
+            &self.to,
+            ConnKind::Control,
+            self.id,
+            self.opts.link_timeout,
+            within,
+        ) {
+            Ok(stream) => {
+                let control = Control::new(stream, self.s.tx.clone())
+                    .map_err(|e| MigError::io("control", e))?;
+                self.control = Some(control);
+                self.s.peer_heard = Instant::now();
+                let epoch = self.epoch;
+                self.m.link_back(epoch)?;
+                self.report.note(
+                    self.s.started,
+                    "recover",
+                    format!("reconnected to {}", self.to),
+                );
+                let sent = self
+                    .control
+                    .as_mut()
+                    .expect("just set")
+                    .send(&ControlMsg::Resync {
+                        epoch,
+                        reason: "reconnected after losing the link".into(),
+                    });
+                if let Err(e) = sent {
+                    return self.on_link_lost(e.into());
+                }
+                self.after_judging(Judged::Act(vec![]))
+            }
+            Err(e) => {
+                log::info!(
+                    "still no link to {} ({e}); next try in {:.1} s",
+                    self.to,
+                    self.reconnect.backoff.as_secs_f64()
+                );
+                self.reconnect.at = Instant::now() + self.reconnect.backoff;
+                self.reconnect.backoff = (self.reconnect.backoff * 2).min(RECONNECT_MAX);
+                Ok(())
+            }
+        }
     }
 
     /// Kills the ram-sender and page-server and closes their connections;

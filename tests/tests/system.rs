@@ -1219,7 +1219,8 @@ fn demo_switching_after(
 fn failed_postcopy_counts_what_went_out() -> TestResult {
     // An idle guest faults on nothing, so after the switch the paced push
     // carries the pages: 112 MiB left at 16 MiB/s takes 7 s. The
-    // ram-sender is killed in the middle of it.
+    // ram-sender is killed in the middle of it, with no restart allowed
+    // (a restart would complete the migration).
     let dir = TempDir::new("pushfail");
     let args = [
         "--mem",
@@ -1230,6 +1231,8 @@ fn failed_postcopy_counts_what_went_out() -> TestResult {
         "16M",
         "--max-postcopy-bandwidth",
         "16M",
+        "--max-restarts",
+        "0",
     ];
     let (m, json, t_switch) = demo_switching_after(&dir, &args, Duration::from_secs(1))?;
     let root = m.pid();

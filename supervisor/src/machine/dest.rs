@@ -43,6 +43,10 @@ pub enum DestState {
     Verifying { stopped: bool, digests_end: bool },
     /// `Verified` sent; the source's `Finish` is awaited.
     AwaitFinish,
+    /// The link to the source is lost after the package: the guest goes
+    /// on with the pages it has (threads that fault wait), until the
+    /// source connects again; then `resume` goes on.
+    Paused { resume: Box<DestState> },
     /// Over: completed, failed or cancelled. `guest_ran`: the guest was
     /// started here before the end.
     Over {
@@ -63,6 +67,7 @@ impl DestState {
             DestState::Running { .. } => "running",
             DestState::Verifying { .. } => "verifying",
             DestState::AwaitFinish => "awaiting finish",
+            DestState::Paused { .. } => "paused",
             DestState::Over { outcome, .. } => outcome.name(),
         }
     }
@@ -77,6 +82,10 @@ impl DestState {
             | DestState::Running { postcopy: false } => MigrationState::Active,
             DestState::Running { postcopy: true } => MigrationState::PostcopyActive,
             DestState::Verifying { .. } | DestState::AwaitFinish => MigrationState::Completed,
+            DestState::Paused { resume } => match resume.coarse() {
+                MigrationState::PostcopyActive => MigrationState::PostcopyPaused,
+                other => other,
+            },
             DestState::Over { outcome, .. } => *outcome,
         }
     }
@@ -84,21 +93,27 @@ impl DestState {
     /// True once the guest was started here: from then on this may be the
     /// only live copy, and nothing here tears it down by itself.
     pub fn guest_ran(&self) -> bool {
-        matches!(
-            self,
-            DestState::Running { .. }
-                | DestState::Verifying { .. }
-                | DestState::AwaitFinish
-                | DestState::Over {
-                    guest_ran: true,
-                    ..
-                }
-        )
+        match self {
+            DestState::Paused { resume } => resume.guest_ran(),
+            _ => matches!(
+                self,
+                DestState::Running { .. }
+                    | DestState::Verifying { .. }
+                    | DestState::AwaitFinish
+                    | DestState::Over {
+                        guest_ran: true,
+                        ..
+                    }
+            ),
+        }
     }
 
     /// The guest registered its memory with the userfaultfd: a
     /// fault-handler may place pages through it and serve faults.
     pub fn registered(&self) -> bool {
+        if let DestState::Paused { resume } = self {
+            return resume.registered();
+        }
         matches!(
             self,
             DestState::Loading { postcopy: true, .. }
@@ -271,10 +286,60 @@ impl DestMachine {
         }
     }
 
+    /// The link to the source is lost: once the package is here (the guest
+    /// may run the only copy) the migration pauses (true); before it, it
+    /// fails (false).
+    pub fn pause(&mut self) -> bool {
+        match self.state {
+            DestState::Listening
+            | DestState::Loading { .. }
+            | DestState::Starting { .. }
+            | DestState::Running { .. } => {
+                let resume = Box::new(self.state.clone());
+                let paused = DestState::Paused { resume };
+                // The table allows it: a postcopy guest pauses, a precopy
+                // one stays active.
+                let ok = self.go(paused).is_ok();
+                debug_assert!(ok, "pausing from {:?}", self.state);
+                ok
+            }
+            // Every page is here: the source learns of it when it comes back.
+            DestState::Verifying { .. } | DestState::AwaitFinish => false,
+            _ => false,
+        }
+    }
+
+    /// The source connected again: the migration goes on where it paused
+    /// (its Resync follows).
+    pub fn link_back(&mut self) {
+        if let DestState::Paused { resume } = &self.state {
+            self.state = (**resume).clone();
+        }
+    }
+
     /// Judges one event; see [`super::source::SourceMachine::on`].
     /// `digests`: the source sends digests (verify by digest); otherwise
     /// they count as complete from the start.
     pub fn on(&mut self, ev: &Event, digests: bool) -> Result<Judged<DestAction>, ProtocolError> {
+        if let DestState::Paused { resume } = &self.state {
+            if let Event::Peer(m) = ev {
+                return Err(ProtocolError::new(
+                    m.name().to_string(),
+                    self.state.name(),
+                    "the link to the source is down",
+                ));
+            }
+            // The guest goes on while paused: judge by where it stands.
+            let mut inner = DestMachine {
+                state: (**resume).clone(),
+                epoch: self.epoch,
+            };
+            let judged = inner.on(ev, digests)?;
+            self.state = DestState::Paused {
+                resume: Box::new(inner.state),
+            };
+            return Ok(judged);
+        }
         use DestState as S;
         let name = super::event_name(ev);
         let refuse = |st: &DestState, why: &str| -> Result<Judged<DestAction>, ProtocolError> {
@@ -462,6 +527,7 @@ impl DestMachine {
             | Event::Exited { .. }
             | Event::PeerLost(_)
             | Event::Retired(_)
+            | Event::Recover(_)
             | Event::StartPostcopy => Ok(Judged::Ignored),
         }
     }

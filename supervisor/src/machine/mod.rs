@@ -76,6 +76,7 @@ pub fn event_name(ev: &Event) -> String {
         Event::Interrupt(s) => format!("signal {s}"),
         Event::StartPostcopy => "start-postcopy".into(),
         Event::Retired(n) => format!("{n} retired"),
+        Event::Recover(_) => "recover".into(),
     }
 }
 

@@ -702,7 +702,8 @@ impl SourceMachine {
             }
             Event::Handler(_) => refuse(&self.state, "only a destination role sends it"),
             Event::Interrupt(_) | Event::ChannelClosed(_) | Event::Exited { .. } | Event::PeerLost(_)
-            | Event::Retired(_) => {
+            | Event::Retired(_)
+            | Event::Recover(_) => {
                 Ok(Judged::Ignored)
             }
         }
@@ -949,6 +950,16 @@ impl SourceMachine {
                     sent: Some(received.to_vec()),
                 }]))
             }
+        }
+    }
+
+    /// Whether the return path may end now (the page-server's `Closed`):
+    /// once the destination said it has every page, or when postcopy is
+    /// not used. Otherwise its end is a broken data plane.
+    pub fn expects_closed(&self) -> bool {
+        match self.state.tail() {
+            Some(t) => !t.closed && (!t.postcopy || t.served),
+            None => self.policy.mode() == PostcopyMode::Never,
         }
     }
 
