@@ -29,6 +29,8 @@ pub enum ServeError {
     ReturnPath(WireError),
     #[error("urgent connection: {0}")]
     Urgent(std::io::Error),
+    #[error(transparent)]
+    Sandbox(#[from] common::sandbox::SandboxError),
 }
 
 pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeError> {
@@ -42,6 +44,10 @@ pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeErro
     let sent = SharedBitmap::open(fds.take("sent")?.as_fd(), layout.pages())?;
     let ret = TcpStream::from(fds.take("return")?);
     let urgent = TcpStream::from(fds.take("urgent")?);
+    drop(fds);
+    // Every fd is held and mapped: the sandbox goes on before the first
+    // request is read and before the command thread starts.
+    common::sandbox::enter(&crate::seccomp::POLICY)?;
 
     // Commands arrive while this thread blocks on the return path; Quit ends
     // the process from the side thread.

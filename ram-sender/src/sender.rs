@@ -40,6 +40,8 @@ pub enum SendError {
     Net(#[from] std::io::Error),
     #[error("main stream: {0}")]
     Wire(#[from] WireError),
+    #[error(transparent)]
+    Sandbox(#[from] common::sandbox::SandboxError),
     #[error("unexpected command {cmd} while {phase}")]
     Unexpected { cmd: String, phase: &'static str },
 }
@@ -132,6 +134,9 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
         round_left: 0,
         link,
     };
+    drop(fds);
+    // Every fd is held and mapped: nothing from here on needs more.
+    common::sandbox::enter(&crate::seccomp::POLICY)?;
     match s.precopy() {
         // The supervisor told us to stop and then the peer went away: that
         // is the end we were asked for, not a failure.

@@ -145,6 +145,10 @@ pub struct MigrationArgs {
     /// Seconds of silence after which the peer counts as lost.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub link_timeout: u64,
+    /// User the roles drop to once they hold their fds (default: `postcopy`
+    /// if it exists, else `nobody`; a uid-0 user keeps them as root).
+    #[arg(long, value_name = "USER")]
+    pub role_user: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -192,6 +196,10 @@ pub struct IncomingArgs {
     /// Print no summary (the demo prints the source's).
     #[arg(long, hide = true)]
     pub quiet: bool,
+    /// User the roles drop to once they hold their fds (default: `postcopy`
+    /// if it exists, else `nobody`; a uid-0 user keeps them as root).
+    #[arg(long, value_name = "USER")]
+    pub role_user: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -1,7 +1,10 @@
 //! Starting role processes. Each role is its own executable next to
 //! `postcopy`, started with `--ipc NAME` and its fd socket at fd 3, in its own
 //! process group (a terminal's Ctrl-C reaches only the supervisor) and with a
-//! parent-death signal (a role never outlives its supervisor).
+//! parent-death signal (a role never outlives its supervisor). Each also gets
+//! the write end of a note pipe at fd 4, where its sandbox writes the number
+//! of a forbidden syscall before it dies ([`sandbox_note`]), and the uid/gid
+//! it drops to once it holds its fds ([`set_role_user`]).
 
 use ipc_channel::ipc::{IpcOneShotServer, IpcReceiver, IpcSender};
 use serde::{de::DeserializeOwned, Serialize};
@@ -9,10 +12,11 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::role::{Bootstrap, FdSocket, LinkError, FD_SOCKET, IPC_ARG};
+use common::sandbox::{NOTE_FD, ROLE_IDS_ENV};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -33,6 +37,93 @@ pub enum SpawnError {
         #[source]
         source: LinkError,
     },
+}
+
+/// The unprivileged identity roles drop to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Users tried, in order, when `--role-user` is not given.
+pub const DEFAULT_ROLE_USERS: [&str; 2] = ["postcopy", "nobody"];
+
+/// The user roles run as: `name`, or the first of [`DEFAULT_ROLE_USERS`]
+/// that exists. `None` when there is nothing to drop: this supervisor does
+/// not run as root (its roles keep its own uid), or `name` is uid 0 (an
+/// explicit choice to keep roles as root, for debugging).
+pub fn resolve_role_user(name: Option<&str>) -> Result<Option<RoleUser>, String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let lookup = |n: &str| {
+        nix::unistd::User::from_name(n)
+            .map_err(|e| format!("--role-user {n}: cannot look the user up: {e}"))
+    };
+    let user = match name {
+        Some(n) => lookup(n)?.ok_or(format!("--role-user {n}: no such user"))?,
+        None => {
+            let mut found = None;
+            for n in DEFAULT_ROLE_USERS {
+                if let Some(u) = lookup(n)? {
+                    found = Some(u);
+                    break;
+                }
+            }
+            found.ok_or(format!(
+                "no user for the roles: none of {DEFAULT_ROLE_USERS:?} exists; name one with --role-user"
+            ))?
+        }
+    };
+    if user.uid.is_root() {
+        log::warn!("--role-user {}: roles keep uid 0", user.name);
+        return Ok(None);
+    }
+    Ok(Some(RoleUser {
+        name: user.name,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    }))
+}
+
+static ROLE_USER: OnceLock<Option<RoleUser>> = OnceLock::new();
+
+/// Sets, once per process, the user every role started from now on drops
+/// to. Never set (role tests): roles keep our uid.
+pub fn set_role_user(user: Option<RoleUser>) {
+    let _ = ROLE_USER.set(user);
+}
+
+/// Read ends of the note pipes of running roles, by pid.
+static NOTES: Mutex<Vec<(u32, OwnedFd)>> = Mutex::new(Vec::new());
+
+fn take_note_fd(pid: u32) -> Option<OwnedFd> {
+    let mut notes = NOTES.lock().expect("notes");
+    let i = notes.iter().position(|(p, _)| *p == pid)?;
+    Some(notes.swap_remove(i).1)
+}
+
+/// The syscall number the role `pid` wrote to its note pipe before its
+/// sandbox killed it, if it did. Call once the process has exited (the
+/// pipe is closed then, so this never blocks); the pipe is released.
+pub fn sandbox_note(pid: u32) -> Option<i64> {
+    let fd = take_note_fd(pid)?;
+    // Never wait: a note is written before the process dies, or not at all.
+    let _ = nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    let mut buf = [0u8; 64];
+    let n = nix::unistd::read(&fd, &mut buf).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// Releases the note pipe of `pid` (it ended some other way).
+pub fn forget_note(pid: u32) {
+    drop(take_note_fd(pid));
 }
 
 /// Where the role executables live: `POSTCOPY_BIN_DIR`, else the directory
@@ -140,17 +231,44 @@ where
         name: name.to_string(),
         source,
     })?;
-    let mut cmd = Command::new(exe);
-    cmd.arg(IPC_ARG).arg(&server_name).stdin(Stdio::null());
-    hand_over(&mut cmd, theirs.as_raw_fd(), FD_SOCKET);
-    let child = cmd.spawn().map_err(|source| SpawnError::Exec {
+    let exec_err = |source| SpawnError::Exec {
         name: name.to_string(),
         source,
-    })?;
+    };
+    let (note_r, note_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| exec_err(std::io::Error::from(e)))?;
+    // Above the numbers the child gets, so placing the fd socket at 3
+    // cannot overwrite it before it goes to 4.
+    let note_w: OwnedFd =
+        nix::fcntl::fcntl(&note_w, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(NOTE_FD + 1))
+            // SAFETY: F_DUPFD_CLOEXEC just returned this new fd; we own it.
+            .map(|fd| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+            .map_err(|e| exec_err(std::io::Error::from(e)))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(IPC_ARG).arg(&server_name).stdin(Stdio::null());
+    match ROLE_USER.get().cloned().flatten() {
+        Some(u) => cmd.env(ROLE_IDS_ENV, format!("{}:{}", u.uid, u.gid)),
+        None => cmd.env_remove(ROLE_IDS_ENV),
+    };
+    hand_over(&mut cmd, theirs.as_raw_fd(), FD_SOCKET);
+    let note_raw = note_w.as_raw_fd();
+    // SAFETY: runs between fork and exec, after hand_over's closure, and
+    // only calls dup2 (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(note_raw, NOTE_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(exec_err)?;
     let pid = child.id();
     // The reaper owns waiting for it from here on.
     drop(child);
     drop::<OwnedFd>(theirs);
+    drop(note_w);
+    NOTES.lock().expect("notes").push((pid, note_r));
 
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
