@@ -604,7 +604,7 @@ pub fn enter(policy: &Policy) -> Result<(), SandboxError> {
     seccompiler::apply_filter_all_threads(&clone3).map_err(SandboxError::Install)?;
     seccompiler::apply_filter_all_threads(&main).map_err(SandboxError::Install)?;
     log::debug!(
-        "sandbox on: {} syscalls, {} ioctls{}",
+        "sandbox on: {} syscall entries, {} ioctls{}",
         BASE.len() + policy.syscalls.len(),
         policy.ioctls.len(),
         match ids {

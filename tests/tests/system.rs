@@ -58,6 +58,7 @@ fn main() {
         plain("sandbox_kills_ram_sender", sandbox_kills_ram_sender),
         plain("sandbox_kills_page_server", sandbox_kills_page_server),
         plain("sandbox_kills_fault_handler", sandbox_kills_fault_handler),
+        plain("unknown_role_user_is_refused", unknown_role_user_is_refused),
         plain("two_hosts_over_veth", two_hosts_over_veth),
         plain("link_cut_before_switchover", link_cut_before_switchover),
         plain("destination_refuses_postcopy", destination_refuses_postcopy),
@@ -1288,6 +1289,28 @@ fn roles_are_sandboxed() -> TestResult {
         check(
             checked.contains(&name),
             format!("never saw {name} running with its sandbox on"),
+        )?;
+    }
+    Ok(())
+}
+
+/// A role user that does not exist is a command-line error (exit 2) that
+/// names it, before anything starts.
+fn unknown_role_user_is_refused() -> TestResult {
+    for cmd in ["demo", "incoming"] {
+        let mut c = postcopy();
+        c.arg(cmd)
+            .args(["--role-user", "no-such-user-for-postcopy"]);
+        if cmd == "incoming" {
+            c.args(["--listen", "127.0.0.1:1"]);
+        }
+        let out = run(&mut c, Duration::from_secs(20))?;
+        check(
+            out.status.code() == Some(2)
+                && out
+                    .stderr
+                    .contains("--role-user no-such-user-for-postcopy: no such user"),
+            format!("{cmd} with an unknown --role-user\n{}", out.describe()),
         )?;
     }
     Ok(())
