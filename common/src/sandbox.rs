@@ -581,8 +581,9 @@ fn is_pipe(fd: RawFd) -> bool {
 ///
 /// In order: RLIMIT_CORE 0, RLIMIT_NOFILE [`RLIMIT_NOFILE`], RLIMIT_NPROC
 /// [`RLIMIT_NPROC`]; the uid/gid from [`ROLE_IDS_ENV`] (groups cleared,
-/// parent-death signal re-armed); no_new_privs; the SIGSYS handler; the
-/// filters, on every thread (TSYNC). Errors name the step that failed.
+/// parent-death signal re-armed); no_new_privs; a panic hook that only prints;
+/// the SIGSYS handler; the filters, on every thread (TSYNC).
+/// Errors name the step that failed.
 pub fn enter(policy: &Policy) -> Result<(), SandboxError> {
     let (main, clone3) = compile(policy)?;
     let ids = role_ids()?;
@@ -600,6 +601,13 @@ pub fn enter(policy: &Policy) -> Result<(), SandboxError> {
     if is_pipe(NOTE_FD) {
         NOTE.store(NOTE_FD, Ordering::Relaxed);
     }
+    // std's default panic hook looks for the working directory and files
+    // before it prints: a plain message keeps a panic a panic (SIGABRT),
+    // not a sandbox kill.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        eprintln!("thread '{}' {info}", thread.name().unwrap_or("<unnamed>"));
+    }));
     install_sigsys_handler()?;
     seccompiler::apply_filter_all_threads(&clone3).map_err(SandboxError::Install)?;
     seccompiler::apply_filter_all_threads(&main).map_err(SandboxError::Install)?;
