@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::os::fd::AsFd;
 
 use common::bitmap::{BitmapError, SharedBitmap};
-use common::mem::{is_zero, Access, Mapping, MemError};
+use common::mem::{is_zero, reopen_read_only, Access, Mapping, MemError};
 use common::msg::{FromPageServer, ServerSetup, ServerStats, ToPageServer};
 use common::role::{LinkError, RoleLink};
 use common::types::{MemLayout, PageRange, PAGE_SIZE};
@@ -39,7 +39,8 @@ pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeErro
         ToPageServer::Quit => return Ok(()),
     };
     let mut fds = link.fds.recv()?;
-    let memfd = fds.take("memory")?;
+    // Read-only for good: not even mprotect can make this mapping writable.
+    let memfd = reopen_read_only(fds.take("memory")?.as_fd())?;
     let mem = Mapping::new(memfd.as_fd(), layout.mem_bytes() as usize, Access::ReadOnly)?;
     let sent = SharedBitmap::open(fds.take("sent")?.as_fd(), layout.pages())?;
     let ret = TcpStream::from(fds.take("return")?);

@@ -9,7 +9,7 @@ use std::os::fd::AsFd;
 use std::time::Instant;
 
 use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
-use common::mem::{is_zero, Access, Mapping, MemError};
+use common::mem::{is_zero, reopen_read_only, Access, Mapping, MemError};
 use common::msg::{
     FinalSync, FromRamSender, PushStats, RoundStats, SendProgress, SenderSetup, ToRamSender,
 };
@@ -110,7 +110,8 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
         guest_base,
         max_bandwidth,
     } = setup;
-    let memfd = fds.take("memory")?;
+    // Read-only for good: not even mprotect can make this mapping writable.
+    let memfd = reopen_read_only(fds.take("memory")?.as_fd())?;
     let mem = Mapping::new(memfd.as_fd(), layout.mem_bytes() as usize, Access::ReadOnly)?;
     let sent_fd = fds.take("sent")?;
     let sent = SharedBitmap::open(sent_fd.as_fd(), layout.pages())?;
