@@ -302,3 +302,52 @@ where
         fds: ours,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note_pipe(pid: u32, text: &[u8]) {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        nix::unistd::write(&w, text).unwrap();
+        drop(w);
+        NOTES.lock().unwrap().push((pid, r));
+    }
+
+    #[test]
+    fn a_note_gives_the_syscall_once() {
+        note_pipe(4_000_001, b"41\n");
+        assert_eq!(sandbox_note(4_000_001), Some(41));
+        assert_eq!(sandbox_note(4_000_001), None, "the pipe is released");
+    }
+
+    #[test]
+    fn no_or_bad_note_is_none() {
+        note_pipe(4_000_002, b"");
+        assert_eq!(sandbox_note(4_000_002), None);
+        note_pipe(4_000_003, b"socket\n");
+        assert_eq!(sandbox_note(4_000_003), None);
+        assert_eq!(sandbox_note(4_000_004), None, "never spawned");
+        note_pipe(4_000_005, b"41\n");
+        forget_note(4_000_005);
+        assert_eq!(sandbox_note(4_000_005), None);
+    }
+
+    #[test]
+    fn role_user_must_exist() {
+        if !nix::unistd::geteuid().is_root() {
+            assert_eq!(
+                resolve_role_user(Some("no-such-user-for-postcopy")),
+                Ok(None)
+            );
+            return;
+        }
+        let e = resolve_role_user(Some("no-such-user-for-postcopy")).unwrap_err();
+        assert!(e.contains("no such user"), "{e}");
+        assert_eq!(resolve_role_user(Some("root")), Ok(None));
+        let u = resolve_role_user(None)
+            .unwrap()
+            .expect("postcopy or nobody");
+        assert!(DEFAULT_ROLE_USERS.contains(&u.name.as_str()) && u.uid != 0);
+    }
+}
