@@ -200,6 +200,67 @@ pub fn hand_over(cmd: &mut Command, fd: RawFd, at: RawFd) {
     }
 }
 
+/// Longest line of a role's output forwarded in one piece, in bytes.
+const MAX_LINE: u64 = 4096;
+
+/// True if `line` carries the log tag of role `name` with pid `pid`
+/// (`[  1.234 name pid LEVEL] ...`, common::logging): a role can only
+/// produce lines tagged as itself.
+fn tagged_as(line: &str, name: &str, pid: u32) -> bool {
+    line.strip_prefix('[')
+        .map(str::trim_start)
+        .and_then(|l| l.split_once(' '))
+        .is_some_and(|(time, rest)| {
+            time.parse::<f64>().is_ok() && rest.starts_with(&format!("{name} {pid} "))
+        })
+}
+
+/// `bytes` as text fit for a log line or a terminal: control characters
+/// (escape sequences, carriage returns) and invalid UTF-8 escaped.
+fn escape_output(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    for c in text.trim_end_matches(['\n', '\r']).chars() {
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Forwards one output stream of a role to our stderr, line by line: a
+/// role holds a pipe, never our terminal. Control characters are escaped,
+/// lines without the role's own log tag get `[name pid]`, and lines longer
+/// than [`MAX_LINE`] are cut.
+fn forward_output(name: &'static str, pid: u32, stream: impl std::io::Read + Send + 'static) {
+    use std::io::{BufRead, Read, Write};
+    let spawned = std::thread::Builder::new()
+        .name(format!("out-{name}"))
+        .spawn(move || {
+            let mut r = std::io::BufReader::new(stream);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match (&mut r).take(MAX_LINE).read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let text = escape_output(&line);
+                let mut err = std::io::stderr().lock();
+                let _ = if tagged_as(&text, name, pid) {
+                    writeln!(err, "{text}")
+                } else {
+                    writeln!(err, "[{name} {pid}] {text}")
+                };
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("{name} (pid {pid}): cannot forward its output: {e}");
+    }
+}
+
 /// Starts `name` from [`bin_dir`] and waits for it to join.
 pub fn spawn<In, Out>(name: &'static str) -> Result<Child<In, Out>, SpawnError>
 where
@@ -245,7 +306,11 @@ where
             .map(|fd| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
             .map_err(|e| exec_err(std::io::Error::from(e)))?;
     let mut cmd = Command::new(exe);
-    cmd.arg(IPC_ARG).arg(&server_name).stdin(Stdio::null());
+    cmd.arg(IPC_ARG)
+        .arg(&server_name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     match ROLE_USER.get().cloned().flatten() {
         Some(u) => cmd.env(ROLE_IDS_ENV, format!("{}:{}", u.uid, u.gid)),
         None => cmd.env_remove(ROLE_IDS_ENV),
@@ -262,8 +327,14 @@ where
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(exec_err)?;
+    let mut child = cmd.spawn().map_err(exec_err)?;
     let pid = child.id();
+    if let Some(out) = child.stdout.take() {
+        forward_output(name, pid, out);
+    }
+    if let Some(err) = child.stderr.take() {
+        forward_output(name, pid, err);
+    }
     // The reaper owns waiting for it from here on.
     drop(child);
     drop::<OwnedFd>(theirs);
@@ -331,6 +402,32 @@ mod tests {
         note_pipe(4_000_005, b"41\n");
         forget_note(4_000_005);
         assert_eq!(sandbox_note(4_000_005), None);
+    }
+
+    #[test]
+    fn role_output_is_escaped_and_tagged() {
+        assert_eq!(escape_output(b"a\x1b[2Jb\r\n"), "a\\u{1b}[2Jb");
+        assert_eq!(escape_output(b"x\ty\xff\n"), "x\ty\u{fffd}");
+        assert!(tagged_as(
+            "[    0.016 page-server 734 DEBUG] hi",
+            "page-server",
+            734
+        ));
+        assert!(!tagged_as(
+            "[    0.016 page-server 735 DEBUG] hi",
+            "page-server",
+            734
+        ));
+        assert!(!tagged_as(
+            "[    0.016 src 734 ERROR] forged",
+            "page-server",
+            734
+        ));
+        assert!(!tagged_as(
+            "sandbox: forbidden syscall 41",
+            "page-server",
+            734
+        ));
     }
 
     #[test]

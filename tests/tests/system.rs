@@ -1134,7 +1134,7 @@ fn socket_inodes(pid: u32, file: &str) -> Vec<String> {
 }
 
 /// What one sandboxed role's fd table must look like: fd 0 /dev/null, 1
-/// and 2 the supervisor's stdout/stderr, 3 the fd socket (Unix), 4 the note
+/// and 2 pipes the supervisor reads, 3 the fd socket (Unix), 4 the note
 /// pipe; besides fd 3, exactly two Unix sockets (ipc-channel: the command
 /// receiver and the report sender), at most `tcp` TCP sockets (its data
 /// connections; one it is done with may be closed), and otherwise only the
@@ -1181,6 +1181,12 @@ fn check_role_fds(
         at(0).is_none_or(|t| t == "/dev/null"),
         format!("fd 0: {all}"),
     )?;
+    for n in [1, 2] {
+        check(
+            at(n).is_none_or(|t| t.starts_with("pipe:")),
+            format!("fd {n} is not a pipe to the supervisor: {all}"),
+        )?;
+    }
     check(
         at(3).is_none_or(|t| inode(t).is_some_and(|i| unix.contains(&i))),
         format!("fd 3 is not the fd socket: {all}"),
