@@ -241,6 +241,11 @@ impl Session {
         self.stash.push_back(ev);
     }
 
+    /// True if an event kept for a later `wait` matches `f`.
+    pub fn has_stashed(&self, f: impl Fn(&Event) -> bool) -> bool {
+        self.stash.iter().any(f)
+    }
+
     fn take_stashed<T>(&mut self, pick: &mut impl FnMut(Event) -> Result<T, Event>) -> Option<T> {
         let mut i = 0;
         while i < self.stash.len() {

@@ -288,9 +288,18 @@ impl EventLoop for Source {
             Event::Peer(ControlMsg::DestRunning { .. }) if !self.package_sent => Err(
                 MigError::Protocol("DestRunning before the package was sent".into()),
             ),
-            Event::Peer(ControlMsg::DestCompleted(_)) if self.report.downtime_ms.is_none() => Err(
-                MigError::Protocol("DestCompleted before DestRunning".into()),
-            ),
+            // DestRunning may be kept for the wait that takes it (it came
+            // while this side still waited for its own roles).
+            Event::Peer(ControlMsg::DestCompleted(_))
+                if self.report.downtime_ms.is_none()
+                    && !self.s.has_stashed(|e| {
+                        matches!(e, Event::Peer(ControlMsg::DestRunning { .. }))
+                    }) =>
+            {
+                Err(MigError::Protocol(
+                    "DestCompleted before DestRunning".into(),
+                ))
+            }
             Event::Peer(ControlMsg::Verified(_)) if self.dest.is_none() => {
                 Err(MigError::Protocol("Verified before DestCompleted".into()))
             }
