@@ -1,6 +1,6 @@
 //! What more than one postcopy process truly shares: the wire protocol, the
 //! messages between supervisor and roles, shared bitmaps and counters, memfd mappings,
-//! userfaultfd, page digests and the migration state machine.
+//! userfaultfd, the role sandbox, page digests and the migration state machine.
 
 pub mod bitmap;
 pub mod control;
@@ -11,6 +11,7 @@ pub mod logging;
 pub mod mem;
 pub mod msg;
 pub mod role;
+pub mod sandbox;
 pub mod state;
 pub mod types;
 pub mod uffd;

@@ -38,6 +38,8 @@ pub enum MemError {
     Write { offset: u64, source: nix::Error },
     #[error("fstat of a memfd failed: {0}")]
     Stat(nix::Error),
+    #[error("could not reopen memfd {path} read-only: {source}")]
+    Reopen { path: String, source: nix::Error },
 }
 
 /// Creates a memfd of `len` bytes (close-on-exec; sparse until written).
@@ -55,6 +57,20 @@ pub fn create_memfd(name: &str, len: u64) -> Result<OwnedFd, MemError> {
         source,
     })?;
     Ok(fd)
+}
+
+/// A read-only fd for the same memfd as `fd` (through `/proc/self/fd`),
+/// for a process that must only read it: a shared mapping of a read-only
+/// fd can never be made writable, not even with `mprotect`, whereas one of
+/// a read-write fd can. Opens a file, so call it before the sandbox.
+pub fn reopen_read_only(fd: BorrowedFd<'_>) -> Result<OwnedFd, MemError> {
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    nix::fcntl::open(
+        path.as_str(),
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|source| MemError::Reopen { path, source })
 }
 
 /// Size of a memfd (or any file) in bytes.

@@ -234,12 +234,13 @@ where
     }
 }
 
-/// Closes every fd above the fd socket: a role starts with nothing the
-/// supervisor did not mean to give it.
+/// Closes every fd above the fd socket and the sandbox's note pipe: a role
+/// starts with nothing the supervisor did not mean to give it.
 pub fn close_inherited_fds() {
+    let first = crate::sandbox::NOTE_FD.max(FD_SOCKET) as u32 + 1;
     // SAFETY: close_range only closes fds; nothing in this process uses fds
-    // above FD_SOCKET yet (called first thing in main).
-    let r = unsafe { libc::syscall(libc::SYS_close_range, FD_SOCKET as u32 + 1, u32::MAX, 0u32) };
+    // above these two yet (called first thing in main).
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) };
     if r != 0 {
         log::warn!("close_range failed: {}", std::io::Error::last_os_error());
     }

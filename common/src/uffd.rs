@@ -112,6 +112,35 @@ nix::ioctl_readwrite!(ioctl_copy, 0xAA, 0x03, UffdioCopy);
 nix::ioctl_readwrite!(ioctl_zeropage, 0xAA, 0x04, UffdioZeropage);
 nix::ioctl_readwrite!(ioctl_writeprotect, 0xAA, 0x06, UffdioWriteprotect);
 
+/// The request numbers of the ioctls above, for the roles' seccomp lists.
+pub mod requests {
+    use super::*;
+    use std::mem::size_of;
+
+    pub const UFFDIO_UNREGISTER: u64 =
+        nix::request_code_read!(0xAA, 0x01, size_of::<UffdioRange>()) as u64;
+    pub const UFFDIO_WAKE: u64 =
+        nix::request_code_read!(0xAA, 0x02, size_of::<UffdioRange>()) as u64;
+    pub const UFFDIO_COPY: u64 =
+        nix::request_code_readwrite!(0xAA, 0x03, size_of::<UffdioCopy>()) as u64;
+    pub const UFFDIO_ZEROPAGE: u64 =
+        nix::request_code_readwrite!(0xAA, 0x04, size_of::<UffdioZeropage>()) as u64;
+    pub const UFFDIO_WRITEPROTECT: u64 =
+        nix::request_code_readwrite!(0xAA, 0x06, size_of::<UffdioWriteprotect>()) as u64;
+
+    // The numbers linux/userfaultfd.h gives on x86-64.
+    #[cfg(target_arch = "x86_64")]
+    const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
+    #[cfg(target_arch = "x86_64")]
+    const _: () = assert!(UFFDIO_WAKE == 0x8010_aa02);
+    #[cfg(target_arch = "x86_64")]
+    const _: () = assert!(UFFDIO_COPY == 0xc028_aa03);
+    #[cfg(target_arch = "x86_64")]
+    const _: () = assert!(UFFDIO_ZEROPAGE == 0xc020_aa04);
+    #[cfg(target_arch = "x86_64")]
+    const _: () = assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
+}
+
 /// What can go wrong with a userfaultfd.
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {

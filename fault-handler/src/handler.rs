@@ -48,6 +48,8 @@ pub enum HandlerError {
     Uffd(#[from] UffdError),
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error(transparent)]
+    Sandbox(#[from] common::sandbox::SandboxError),
     #[error("the source sent its package with {missing} of {pages} pages never sent")]
     Incomplete { missing: u64, pages: u64 },
 }
@@ -156,6 +158,10 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
     let main = TcpStream::from(fds.take("main")?);
     let ret = TcpStream::from(fds.take("return")?);
     let urgent = TcpStream::from(fds.take("urgent")?);
+    drop(fds);
+    // Every fd is held and mapped: the sandbox goes on before the first
+    // frame is read and before any thread starts.
+    common::sandbox::enter(&crate::seccomp::POLICY)?;
 
     let h = Arc::new(Handler {
         layout,

@@ -3,6 +3,7 @@
 
 mod handler;
 mod latency;
+mod seccomp;
 
 fn main() {
     common::role::role_main::<_, _, _, _>("fault-handler", handler::run)

@@ -1,6 +1,7 @@
 //! `page-server`: the source role that answers page requests from the return
 //! path with pages on the urgent connection.
 
+mod seccomp;
 mod server;
 
 fn main() {

@@ -9,7 +9,7 @@ use std::os::fd::AsFd;
 
 use common::bitmap::{BitmapError, SharedBitmap};
 use common::counters::{Counter, CountersError, SharedCounters};
-use common::mem::{is_zero, Access, Mapping, MemError};
+use common::mem::{is_zero, reopen_read_only, Access, Mapping, MemError};
 use common::msg::{FromPageServer, ServerSetup, ServerStats, ToPageServer};
 use common::role::{LinkError, RoleLink};
 use common::types::{MemLayout, PageRange, PAGE_SIZE};
@@ -32,6 +32,8 @@ pub enum ServeError {
     ReturnPath(WireError),
     #[error("urgent connection: {0}")]
     Urgent(std::io::Error),
+    #[error(transparent)]
+    Sandbox(#[from] common::sandbox::SandboxError),
 }
 
 pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeError> {
@@ -40,12 +42,17 @@ pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeErro
         ToPageServer::Quit => return Ok(()),
     };
     let mut fds = link.fds.recv()?;
-    let memfd = fds.take("memory")?;
+    // Read-only for good: not even mprotect can make this mapping writable.
+    let memfd = reopen_read_only(fds.take("memory")?.as_fd())?;
     let mem = Mapping::new(memfd.as_fd(), layout.mem_bytes() as usize, Access::ReadOnly)?;
     let sent = SharedBitmap::open(fds.take("sent")?.as_fd(), layout.pages())?;
     let ret = TcpStream::from(fds.take("return")?);
     let urgent = TcpStream::from(fds.take("urgent")?);
     let counters = SharedCounters::open(fds.take("counters")?.as_fd())?;
+    drop(fds);
+    // Every fd is held and mapped: the sandbox goes on before the first
+    // request is read and before the command thread starts.
+    common::sandbox::enter(&crate::seccomp::POLICY)?;
 
     // Commands arrive while this thread blocks on the return path; Quit ends
     // the process from the side thread.

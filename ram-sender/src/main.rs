@@ -3,6 +3,7 @@
 
 mod limiter;
 mod pagemap;
+mod seccomp;
 mod sender;
 
 fn main() {

@@ -39,6 +39,12 @@ struct PageRegion {
 
 nix::ioctl_readwrite!(pagemap_scan, b'f', 16, PmScanArg);
 
+/// The PAGEMAP_SCAN request number, for the seccomp list.
+pub const PAGEMAP_SCAN: u64 =
+    nix::request_code_readwrite!(b'f', 16, std::mem::size_of::<PmScanArg>()) as u64;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(PAGEMAP_SCAN == 0xc060_6610);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     #[error("PAGEMAP_SCAN is not supported by this kernel (needs Linux 6.7+): {0}")]

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
 use common::counters::{Counter, CountersError, SharedCounters};
-use common::mem::{is_zero, Access, Mapping, MemError};
+use common::mem::{is_zero, reopen_read_only, Access, Mapping, MemError};
 use common::msg::{
     FinalSync, FromRamSender, PushStats, RoundStats, SendProgress, SenderSetup, SenderStart,
     ToRamSender,
@@ -44,6 +44,8 @@ pub enum SendError {
     Net(#[from] std::io::Error),
     #[error("main stream: {0}")]
     Wire(#[from] WireError),
+    #[error(transparent)]
+    Sandbox(#[from] common::sandbox::SandboxError),
     #[error("unexpected command {cmd} while {phase}")]
     Unexpected { cmd: String, phase: &'static str },
 }
@@ -166,7 +168,8 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
         max_postcopy_bandwidth,
         resume,
     } = setup;
-    let memfd = fds.take("memory")?;
+    // Read-only for good: not even mprotect can make this mapping writable.
+    let memfd = reopen_read_only(fds.take("memory")?.as_fd())?;
     let mem = Mapping::new(memfd.as_fd(), layout.mem_bytes() as usize, Access::ReadOnly)?;
     let sent_fd = fds.take("sent")?;
     let sent = SharedBitmap::open(sent_fd.as_fd(), layout.pages())?;
@@ -193,6 +196,9 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
         round_left: 0,
         link,
     };
+    drop(fds);
+    // Every fd is held and mapped: nothing from here on needs more.
+    common::sandbox::enter(&crate::seccomp::POLICY)?;
     let result = match resume {
         SenderStart::Precopy => s.precopy(),
         SenderStart::Push => {

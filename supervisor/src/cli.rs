@@ -174,6 +174,10 @@ pub struct MigrationArgs {
     /// docs/state-machine.md).
     #[arg(long, value_parser = chaos_arg)]
     pub chaos: Option<Chaos>,
+    /// User the roles drop to once they hold their fds (default: `postcopy`
+    /// if it exists, else `nobody`; a uid-0 user keeps them as root).
+    #[arg(long, value_name = "USER")]
+    pub role_user: Option<String>,
 }
 
 fn chaos_arg(s: &str) -> Result<Chaos, String> {
@@ -232,6 +236,10 @@ pub struct IncomingArgs {
     /// Print no summary (the demo prints the source's).
     #[arg(long, hide = true)]
     pub quiet: bool,
+    /// User the roles drop to once they hold their fds (default: `postcopy`
+    /// if it exists, else `nobody`; a uid-0 user keeps them as root).
+    #[arg(long, value_name = "USER")]
+    pub role_user: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

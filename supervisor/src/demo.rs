@@ -36,6 +36,9 @@ pub fn demo(args: &DemoArgs, opts: SourceOpts) -> Result<Report, String> {
     if let Some(p) = &args.dest_serial_log {
         cmd.arg("--serial-log").arg(p);
     }
+    if let Some(u) = &args.mig.role_user {
+        cmd.arg("--role-user").arg(u);
+    }
     spawn::hand_over(&mut cmd, listener.as_raw_fd(), LISTEN_FD);
     let child = cmd
         .spawn()

@@ -23,6 +23,17 @@ pub enum MigError {
         pid: u32,
         status: ExitStatus,
     },
+    /// Died of SIGSYS: a call outside its seccomp list (docs/security.md).
+    #[error("role {name} was killed by its sandbox ({})", match syscall {
+        Some(nr) => format!("syscall {nr}"),
+        None => "SIGSYS; it left no syscall number".to_string(),
+    })]
+    Sandboxed {
+        name: &'static str,
+        pid: u32,
+        /// The number the role's SIGSYS handler wrote to its note pipe.
+        syscall: Option<i64>,
+    },
     #[error("{0} stopped talking to the supervisor")]
     ChannelClosed(&'static str),
     #[error("the peer aborted the migration: {0}")]

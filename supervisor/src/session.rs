@@ -109,6 +109,10 @@ impl Session {
     pub fn exited(&mut self, pid: u32, status: ExitStatus) -> Option<Proc> {
         let p = self.procs.iter_mut().find(|p| p.pid == pid)?;
         p.exit = Some(status);
+        // A sandbox death leaves a note, read when the death is explained.
+        if status != ExitStatus::Signal(libc::SIGSYS) {
+            crate::spawn::forget_note(pid);
+        }
         (!p.quitting).then(|| p.clone())
     }
 
@@ -283,6 +287,11 @@ impl Session {
             }
         }
         match (pid, status) {
+            (Some(pid), Some(ExitStatus::Signal(libc::SIGSYS))) => MigError::Sandboxed {
+                name,
+                pid,
+                syscall: crate::spawn::sandbox_note(pid),
+            },
             (Some(pid), Some(status)) => MigError::RoleDied { name, pid, status },
             _ => MigError::ChannelClosed(name),
         }

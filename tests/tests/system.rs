@@ -54,6 +54,11 @@ fn main() {
         plain("postcopy_random_digest", postcopy_random_digest),
         plain("manual_start_postcopy", manual_start_postcopy),
         plain("roles_are_separate_processes", roles_are_separate_processes),
+        plain("roles_are_sandboxed", roles_are_sandboxed),
+        plain("sandbox_kills_ram_sender", sandbox_kills_ram_sender),
+        plain("sandbox_kills_page_server", sandbox_kills_page_server),
+        plain("sandbox_kills_fault_handler", sandbox_kills_fault_handler),
+        plain("unknown_role_user_is_refused", unknown_role_user_is_refused),
         plain("two_hosts_over_veth", two_hosts_over_veth),
         plain("link_cut_before_switchover", link_cut_before_switchover),
         plain("destination_refuses_postcopy", destination_refuses_postcopy),
@@ -1341,5 +1346,362 @@ fn postcopy_bandwidth_is_capped_apart() -> TestResult {
             rate / 1048576.0
         ),
     )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- role sandbox
+
+/// Makes `role` call `socket(AF_INET, ...)` right after its seccomp filter
+/// went on (the test trigger of docs/security.md), with `incoming` and
+/// `migrate` run separately so each side's report lists its own roles: the
+/// role must die of SIGSYS (31), its supervisor must say it was killed by
+/// its sandbox with the syscall number (41), and the other side must fail
+/// too, naming it.
+fn forbidden_call_kills(role: &str) -> TestResult {
+    const SOCKET: u32 = 41;
+    const SIGSYS: u32 = 31;
+    let dir = TempDir::new("forbidden");
+    let (sj, dj) = (dir.path("src.json"), dir.path("dst.json"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let dest = start(
+        postcopy()
+            .env("POSTCOPY_TEST_FORBIDDEN_SYSCALL", role)
+            .args(["incoming", "--listen", &addr, "--accept-timeout", "60"])
+            .arg("--json")
+            .arg(&dj),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let src = run(
+        postcopy()
+            .env("POSTCOPY_TEST_FORBIDDEN_SYSCALL", role)
+            .args([
+                "migrate",
+                "--to",
+                &addr,
+                "--mem",
+                "64M",
+                "--postcopy",
+                "auto",
+            ])
+            .arg("--json")
+            .arg(&sj),
+        Duration::from_secs(90),
+    )?;
+    let dst = dest.finish(Duration::from_secs(30))?;
+    let (s, d) = (report(&sj)?, report(&dj)?);
+    let both = format!(
+        "source:\n{}\nsource report: {s:#}\ndestination:\n{}\ndestination report: {d:#}",
+        src.describe(),
+        dst.describe()
+    );
+    check(
+        !src.status.success() && !dst.status.success(),
+        format!("a side exited 0\n{both}"),
+    )?;
+    let (own, other) = if role == "fault-handler" {
+        (&d, &s)
+    } else {
+        (&s, &d)
+    };
+    let said = format!("role {role} was killed by its sandbox (syscall {SOCKET})");
+    check(
+        text(own, "status") == "failed" && text(own, "error").contains(&said),
+        format!("{role}'s side does not say {said:?}\n{both}"),
+    )?;
+    check(
+        text(other, "status") == "failed" && text(other, "error").contains(&said),
+        format!("the other side does not say {said:?}\n{both}"),
+    )?;
+    let entry = own["roles"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|x| x["name"] == role)
+        .ok_or(format!("{role} missing from its side's report\n{both}"))?;
+    check(
+        entry["exit"] == format!("signal {SIGSYS}").as_str(),
+        format!(
+            "{role} exit: {}, expected signal {SIGSYS}\n{both}",
+            entry["exit"]
+        ),
+    )?;
+    // The other roles of its side were not killed by a sandbox.
+    for r in own["roles"].as_array().into_iter().flatten() {
+        check(
+            r["name"] == role || r["exit"] != format!("signal {SIGSYS}").as_str(),
+            format!("{} died of SIGSYS too\n{both}", r["name"]),
+        )?;
+    }
+    check(
+        src.stderr.contains("sandbox: forbidden syscall 41")
+            || dst.stderr.contains("sandbox: forbidden syscall 41"),
+        format!("no line from the role's SIGSYS handler\n{both}"),
+    )?;
+    Ok(())
+}
+
+fn sandbox_kills_ram_sender() -> TestResult {
+    forbidden_call_kills("ram-sender")
+}
+
+fn sandbox_kills_page_server() -> TestResult {
+    forbidden_call_kills("page-server")
+}
+
+fn sandbox_kills_fault_handler() -> TestResult {
+    forbidden_call_kills("fault-handler")
+}
+
+/// The `Name:` line of /proc/PID/status, split into fields.
+fn status_fields(pid: u32, name: &str) -> Option<Vec<String>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}:")))?;
+    Some(line.split_whitespace().skip(1).map(String::from).collect())
+}
+
+/// Inodes of the sockets listed in /proc/PID/net/FILE (unix, tcp, tcp6).
+fn socket_inodes(pid: u32, file: &str) -> Vec<String> {
+    let col = if file == "unix" { 6 } else { 9 };
+    std::fs::read_to_string(format!("/proc/{pid}/net/{file}"))
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(col).map(String::from))
+        .collect()
+}
+
+/// What one sandboxed role's fd table must look like: fd 0 /dev/null, 1
+/// and 2 pipes the supervisor reads, 3 the fd socket (Unix), 4 the note
+/// pipe; besides fd 3, exactly two Unix sockets (ipc-channel: the command
+/// receiver and the report sender), at most `tcp` TCP sockets (its data
+/// connections; one it is done with may be closed), and otherwise only the
+/// kinds of fd it is handed. A role that is ending may have closed some:
+/// Ok(true) when every one of these was there (a full view), Ok(false)
+/// when some were gone. With
+/// `memory_read_only`, guest memory is open read-only (a source role can
+/// then never map it writable).
+fn check_role_fds(
+    name: &str,
+    pid: u32,
+    tcp: usize,
+    kinds: &[&str],
+    memory_read_only: bool,
+) -> Result<bool, String> {
+    let unix = socket_inodes(pid, "unix");
+    let inet: Vec<String> = socket_inodes(pid, "tcp")
+        .into_iter()
+        .chain(socket_inodes(pid, "tcp6"))
+        .collect();
+    let mut fds: Vec<(u32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().parse().ok()?;
+            Some((n, std::fs::read_link(e.path()).ok()?.display().to_string()))
+        })
+        .collect();
+    fds.sort();
+    if fds.is_empty() {
+        return Ok(false);
+    }
+    let all = format!("{name} (pid {pid}) fds: {fds:?}");
+    let inode = |t: &str| {
+        t.strip_prefix("socket:[")
+            .and_then(|r| r.strip_suffix(']'))
+            .map(String::from)
+    };
+    let at = |n: u32| fds.iter().find(|(f, _)| *f == n).map(|(_, t)| t.as_str());
+    // A role that is ending closes fds as it goes: an fd may be missing,
+    // never different.
+    check(
+        at(0).is_none_or(|t| t == "/dev/null"),
+        format!("fd 0: {all}"),
+    )?;
+    for n in [1, 2] {
+        check(
+            at(n).is_none_or(|t| t.starts_with("pipe:")),
+            format!("fd {n} is not a pipe to the supervisor: {all}"),
+        )?;
+    }
+    check(
+        at(3).is_none_or(|t| inode(t).is_some_and(|i| unix.contains(&i))),
+        format!("fd 3 is not the fd socket: {all}"),
+    )?;
+    check(
+        at(4).is_none_or(|t| t.starts_with("pipe:")),
+        format!("fd 4 is not the note pipe: {all}"),
+    )?;
+    let (mut n_unix, mut n_tcp) = (0, 0);
+    for (n, t) in fds.iter().filter(|(n, _)| *n > 4) {
+        if let Some(i) = inode(t) {
+            // A TCP socket whose connection is over may have left the
+            // kernel's table: whatever is not Unix counts as a connection.
+            if unix.contains(&i) {
+                n_unix += 1;
+            } else {
+                check(
+                    inet.contains(&i) || n_tcp < tcp,
+                    format!("fd {n} is a socket neither Unix nor TCP: {all}"),
+                )?;
+                n_tcp += 1;
+            }
+            continue;
+        }
+        if memory_read_only && t.starts_with("/memfd:postcopy-guest-memory") {
+            let info =
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{n}")).unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok());
+            check(
+                flags.is_some_and(|f| f & 3 == 0),
+                format!("fd {n} ({t}) is not read-only (flags {flags:?}): {all}"),
+            )?;
+        }
+        let kind = if t.starts_with("/memfd:") {
+            "memfd"
+        } else if t == "anon_inode:[userfaultfd]" {
+            "userfaultfd"
+        } else if t.starts_with("/proc/") && t.ends_with("/pagemap") {
+            "pagemap"
+        } else {
+            t.as_str()
+        };
+        check(
+            kinds.contains(&kind),
+            format!("fd {n} ({t}) was not handed to it: {all}"),
+        )?;
+    }
+    check(
+        n_unix <= 2,
+        format!("{n_unix} ipc-channel sockets, expected 2: {all}"),
+    )?;
+    // A connection the role is done with (the main stream after its end)
+    // may be closed already.
+    check(
+        n_tcp <= tcp,
+        format!("{n_tcp} TCP sockets, expected at most {tcp}: {all}"),
+    )?;
+    Ok(at(0).is_some()
+        && at(1).is_some()
+        && at(2).is_some()
+        && at(3).is_some()
+        && at(4).is_some()
+        && n_unix == 2
+        && n_tcp > 0)
+}
+
+/// During a real migration (precopy, then postcopy) every role runs with a
+/// seccomp filter, no_new_privs, a non-zero uid and gid, and holds only
+/// the fds it was handed plus ipc-channel's two sockets.
+fn roles_are_sandboxed() -> TestResult {
+    let dir = TempDir::new("sandboxed");
+    let json = dir.path("r.json");
+    let mut m = start(
+        postcopy()
+            .args([
+                "demo",
+                "--mem",
+                "128M",
+                "--postcopy",
+                "auto",
+                "--max-bandwidth",
+                "24M",
+            ])
+            .arg("--json")
+            .arg(&json),
+    );
+    let root = m.pid();
+    // name, TCP connections, kinds of other handed fds, memory read-only
+    let roles: [(&str, usize, &[&str], bool); 3] = [
+        ("ram-sender", 1, &["memfd", "userfaultfd", "pagemap"], true),
+        ("page-server", 2, &["memfd"], true),
+        ("fault-handler", 3, &["memfd", "userfaultfd"], false),
+    ];
+    let mut checked: Vec<&str> = Vec::new();
+    let t = Instant::now();
+    while m.running() && t.elapsed() < Duration::from_secs(120) {
+        for (name, tcp, kinds, ro) in roles {
+            for pid in pids_named(root, name) {
+                // Between its start and its sandbox a role is still setting
+                // up: judge it once the filter is on.
+                let Some(seccomp) = status_fields(pid, "Seccomp") else {
+                    continue;
+                };
+                if seccomp != ["2"] {
+                    continue;
+                }
+                let field = |f: &str| status_fields(pid, f).unwrap_or_default();
+                check(
+                    field("NoNewPrivs") == ["1"],
+                    format!("{name} (pid {pid}) NoNewPrivs {:?}", field("NoNewPrivs")),
+                )?;
+                for ids in ["Uid", "Gid"] {
+                    let v = field(ids);
+                    check(
+                        v.len() == 4 && v.iter().all(|x| x != "0"),
+                        format!("{name} (pid {pid}) {ids}: {v:?}, expected no 0"),
+                    )?;
+                }
+                check(
+                    field("Groups").iter().all(|g| g != "0"),
+                    format!("{name} (pid {pid}) still in group 0"),
+                )?;
+                match check_role_fds(name, pid, tcp, kinds, ro) {
+                    Ok(true) => {}
+                    // Ending, or gone: judged, but not a full view.
+                    Ok(false) => continue,
+                    // Gone in between: its fd table vanished under us.
+                    Err(_) if status_fields(pid, "Seccomp").is_none() => continue,
+                    Err(e) => return Err(e),
+                }
+                if !checked.contains(&name) {
+                    checked.push(name);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = m.finish(Duration::from_secs(30))?;
+    let r = report(&json)?;
+    check(
+        out.status.success(),
+        format!("demo failed\n{}", out.describe()),
+    )?;
+    completed(&r)?;
+    postcopied(&r)?;
+    for (name, _, _, _) in roles {
+        check(
+            checked.contains(&name),
+            format!("never saw {name} running with its sandbox on and all its fds"),
+        )?;
+    }
+    Ok(())
+}
+
+/// A role user that does not exist is a command-line error (exit 2) that
+/// names it, before anything starts.
+fn unknown_role_user_is_refused() -> TestResult {
+    for cmd in ["demo", "incoming"] {
+        let mut c = postcopy();
+        c.arg(cmd)
+            .args(["--role-user", "no-such-user-for-postcopy"]);
+        if cmd == "incoming" {
+            c.args(["--listen", "127.0.0.1:1"]);
+        }
+        let out = run(&mut c, Duration::from_secs(20))?;
+        check(
+            out.status.code() == Some(2)
+                && out
+                    .stderr
+                    .contains("--role-user no-such-user-for-postcopy: no such user"),
+            format!("{cmd} with an unknown --role-user\n{}", out.describe()),
+        )?;
+    }
     Ok(())
 }
