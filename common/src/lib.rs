@@ -9,6 +9,7 @@ pub mod guest;
 pub mod logging;
 pub mod mem;
 pub mod msg;
+pub mod peer_text;
 pub mod role;
 pub mod state;
 pub mod types;

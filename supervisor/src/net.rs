@@ -8,11 +8,11 @@ use std::os::fd::AsRawFd;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use common::control::ControlMsg;
+use common::control::{recv_control, ControlMsg};
 use common::types::{MemLayout, MigrationId};
 use common::wire::{
-    client_hello, recv_control, send_control, server_read_hello, server_reply, ConnKind,
-    FrameReader, Hello, HelloStatus, WireError,
+    client_hello, send_control, server_read_hello, server_reply, ConnKind, FrameReader, Hello,
+    HelloStatus, WireError,
 };
 
 use crate::events::Event;
@@ -204,7 +204,7 @@ impl Control {
             .spawn(move || {
                 let mut r = FrameReader::new(reader, ConnKind::Control, layout);
                 loop {
-                    match recv_control::<_, ControlMsg>(&mut r) {
+                    match recv_control(&mut r) {
                         Ok(m) => {
                             if events.send(Event::Peer(m)).is_err() {
                                 return;
