@@ -356,7 +356,17 @@ pub fn client_hello<S: Read + Write>(
 pub fn server_read_hello<S: Read + Write>(stream: &mut S) -> Result<Hello, WireError> {
     let mut b = [0u8; HELLO_LEN];
     read_exact_at(stream, &mut b, ConnKind::Control, At::Hello)?;
-    match Hello::decode(&b) {
+    server_check_hello(stream, &b)
+}
+
+/// Checks a hello already read whole (by a caller that reads several
+/// connections at once). A hello that cannot be served at all (bad magic,
+/// version, kind) is refused on `stream`, naming our version.
+pub fn server_check_hello<S: Write>(
+    stream: &mut S,
+    b: &[u8; HELLO_LEN],
+) -> Result<Hello, WireError> {
+    match Hello::decode(b) {
         Ok(h) => Ok(h),
         Err(e) => {
             let status = match e {
