@@ -104,7 +104,8 @@ impl EventLoop for Dest {
 
     fn on_tick(&mut self) -> Result<(), MigError> {
         let link = self.link_timeout();
-        self.s.keep_alive(self.control.as_mut(), link, "source")
+        self.s.keep_alive(self.control.as_mut(), link, "source")?;
+        self.s.check_data(link, "source")
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), MigError> {
@@ -198,17 +199,15 @@ impl Dest {
     }
 
     fn run(&mut self) -> Result<(), MigError> {
-        let listener = self.listener()?;
+        let mut listener = net::Acceptor::new(self.listener()?)?;
         if let Ok(a) = listener.local_addr() {
             log::info!("waiting for a migration on {a}");
         }
-        let timeout =
-            (self.args.accept_timeout > 0).then(|| Duration::from_secs(self.args.accept_timeout));
-        let (hello, ctrl) = net::accept(
-            &listener,
-            timeout,
+        let secs = self.args.accept_timeout;
+        let (hello, ctrl) = listener.accept(
+            (secs > 0).then(|| Instant::now() + Duration::from_secs(secs)),
             self.link_timeout(),
-            "migration",
+            &format!("migration within the --accept-timeout of {secs} s"),
             |h| {
                 if h.kind == ConnKind::Control {
                     HelloStatus::Ok
@@ -238,7 +237,9 @@ impl Dest {
                 return Err(e);
             }
         }
-        self.accept_data(&listener, id)?;
+        self.accept_data(&mut listener, id)?;
+        // From here the source must keep the main stream moving.
+        self.s.expect_data(true);
         // One migration per `incoming`: later sources are refused at once.
         drop(listener);
         self.sm.go(MigrationState::Active)?;
@@ -248,13 +249,17 @@ impl Dest {
             Event::Handler(FromFaultHandler::Package(p, prog)) => Ok((p, prog)),
             other => Err(other),
         })?;
+        // Loading the guest pauses the stream on our side, not the source's.
+        self.s.expect_data(false);
         let discard_us = prog.discard_us.saturating_sub(self.mark_discard_us);
         self.start_guest(pkg, discard_us)?;
+        self.s.expect_data(true);
         let (stats, prog) = self.wait("every page", None, |ev| match ev {
             Event::Handler(FromFaultHandler::PrecopyDone(p)) => Ok((None, p)),
             Event::Handler(FromFaultHandler::PostcopyDone(s, p)) => Ok((Some(s), p)),
             other => Err(other),
         })?;
+        self.s.expect_data(false);
         self.completed(stats, prog)?;
         self.verify()?;
         self.wait(
@@ -276,6 +281,7 @@ impl Dest {
                 req.migration
             )));
         }
+        req.check().map_err(|e| MigError::Setup(e.to_string()))?;
         if req.page_size as usize != PAGE_SIZE {
             return Err(MigError::Setup(format!(
                 "page size {} is not supported (only {PAGE_SIZE})",
@@ -403,16 +409,26 @@ impl Dest {
     }
 
     /// The three data connections, then hand them to the fault-handler.
-    fn accept_data(&mut self, listener: &TcpListener, id: MigrationId) -> Result<(), MigError> {
+    fn accept_data(
+        &mut self,
+        listener: &mut net::Acceptor,
+        id: MigrationId,
+    ) -> Result<(), MigError> {
         let mut got: Vec<(ConnKind, OwnedFd)> = Vec::new();
+        // The source opens all three right after SetupAccepted: one link
+        // timeout for all of them, however the peer keeps talking meanwhile.
+        let link_timeout = self.link_timeout();
+        let deadline = Instant::now() + link_timeout;
+        let what = format!(
+            "data connection (all three are due within the {} s link timeout after setup)",
+            link_timeout.as_secs()
+        );
         while got.len() < 3 {
-            let link_timeout = self.link_timeout();
             let s = &mut self.s;
-            let (h, stream) = net::accept(
-                listener,
-                Some(STEP_TIMEOUT),
+            let (h, stream) = listener.accept(
+                Some(deadline),
                 link_timeout,
-                "data connection",
+                &what,
                 |h| {
                     if h.migration != id {
                         HelloStatus::UnknownMigration

@@ -38,6 +38,11 @@ pub struct Session {
     last_heartbeat: Instant,
     /// When a ram-sender message last arrived.
     pub sender_heard: Instant,
+    /// When the fault-handler last reported frames from the main stream
+    /// (progress, a mark, the package, the end).
+    data_heard: Instant,
+    /// Whether the peer must be sending data now (see `check_data`).
+    expect_data: bool,
     /// What the peer's Abort said about its guest having run.
     pub peer_guest_ran: Option<bool>,
     last_tick: Instant,
@@ -58,6 +63,8 @@ impl Session {
             peer_heard: now,
             last_heartbeat: now,
             sender_heard: now,
+            data_heard: now,
+            expect_data: false,
             peer_guest_ran: None,
             last_tick: now,
         })
@@ -253,6 +260,7 @@ impl Session {
                 match ev {
                     Event::Peer(_) => self.peer_heard = Instant::now(),
                     Event::Sender(_) => self.sender_heard = Instant::now(),
+                    Event::Handler(_) => self.data_heard = Instant::now(),
                     _ => {}
                 }
                 Some(ev)
@@ -280,6 +288,30 @@ impl Session {
             return Err(MigError::PeerLost(format!(
                 "no word from the {peer} for {:.0} s",
                 silent.as_secs_f64()
+            )));
+        }
+        Ok(())
+    }
+
+    /// From now on (or no longer), the peer must keep data moving on the
+    /// main stream; the clock starts now.
+    pub fn expect_data(&mut self, on: bool) {
+        self.expect_data = on;
+        self.data_heard = Instant::now();
+    }
+
+    /// Fails when data is expected and none has come for `limit`, whatever
+    /// else the peer says: heartbeats keep a link alive, not a migration, so
+    /// a peer that only sends them cannot hold this end forever. An honest
+    /// source sends a ROUND frame every dirty sync (at least every few
+    /// hundred ms) and pages after the switch.
+    pub fn check_data(&self, limit: Duration, peer: &str) -> Result<(), MigError> {
+        let silent = self.data_heard.elapsed();
+        if self.expect_data && silent > limit {
+            return Err(MigError::Protocol(format!(
+                "the {peer} sent nothing on the main stream for {:.0} s (limit {} s); heartbeats alone do not hold a migration",
+                silent.as_secs_f64(),
+                limit.as_secs()
             )));
         }
         Ok(())
