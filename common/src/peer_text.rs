@@ -31,13 +31,11 @@ pub fn escape(text: &str) -> Cow<'_, str> {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len().min(MAX_SHOWN_CHARS * 2) + 16);
-    let mut shown = 0usize;
-    for (i, c) in text.char_indices() {
+    for (shown, (i, c)) in text.char_indices().enumerate() {
         if shown == MAX_SHOWN_CHARS {
             let _ = write!(out, "… ({} more bytes)", text.len() - i);
             break;
         }
-        shown += 1;
         match c {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),

@@ -689,10 +689,22 @@ impl Source {
     }
 
     fn await_dest_completed(&mut self) -> Result<(), MigError> {
-        let summary = self.wait("the destination to have every page", None, |ev| match ev {
-            Event::Peer(ControlMsg::DestCompleted(s)) => Ok(s),
-            other => Err(other),
-        })?;
+        // While the push runs, the ram-sender's watchdog bounds this wait;
+        // once every page is on the wire, the destination has one step
+        // timeout to confirm, however it keeps talking meanwhile.
+        let summary = loop {
+            match self.wait(
+                "the destination to have every page",
+                Some(STEP_TIMEOUT),
+                |ev| match ev {
+                    Event::Peer(ControlMsg::DestCompleted(s)) => Ok(s),
+                    other => Err(other),
+                },
+            ) {
+                Err(MigError::Timeout { .. }) if self.awaiting_sender => continue,
+                other => break other?,
+            }
+        };
         self.dest = Some(summary);
         Ok(())
     }

@@ -45,6 +45,10 @@ fn main() {
             "heartbeats_without_pages_release_the_destination",
             heartbeats_without_pages_release_the_destination,
         ),
+        t(
+            "destination_that_only_heartbeats_releases_the_source",
+            destination_that_only_heartbeats_releases_the_source,
+        ),
         t("hostile_setups_are_refused", hostile_setups_are_refused),
         t(
             "peer_text_is_escaped_on_both_ends",
@@ -310,6 +314,103 @@ fn heartbeats_without_pages_release_the_destination() -> TestResult {
         t,
         Duration::from_secs(10),
         "sent nothing on the main stream",
+    )
+}
+
+/// The other way round: a fake destination takes every page and the
+/// package, says its guest runs, and then only sends heartbeats, never
+/// `DestCompleted`. The source (its guest stopped, the destination's
+/// claimed to run) gives up after one step timeout (60 s) instead of
+/// waiting forever.
+fn destination_that_only_heartbeats_releases_the_source() -> TestResult {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let fake = std::thread::spawn(move || -> TestResult {
+        let accept = || -> Result<(TcpStream, u8), String> {
+            let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+            let mut h = [0u8; HELLO_LEN];
+            s.read_exact(&mut h).map_err(|e| e.to_string())?;
+            common::wire::server_reply(&mut s, common::wire::HelloStatus::Ok)
+                .map_err(|e| e.to_string())?;
+            Ok((s, h[6]))
+        };
+        let (c, _) = accept()?;
+        let mut p = Peer::new(c)?;
+        let mem = match p.recv()? {
+            ControlMsg::Setup(s) => s.guest.mem_bytes,
+            other => return Err(format!("expected Setup, got {other:?}")),
+        };
+        p.send(&ControlMsg::SetupAccepted(common::control::SetupAccepted {
+            postcopy_ready: false,
+            uffd_features: 0,
+        }))?;
+        p.keep_beating()?;
+        let mut data = Vec::new();
+        for _ in 0..3 {
+            data.push(accept()?);
+        }
+        let main = data
+            .iter()
+            .find(|(_, kind)| *kind == 2)
+            .ok_or("no main stream")?
+            .0
+            .try_clone()
+            .map_err(|e| e.to_string())?;
+        let layout = MemLayout::new(mem).map_err(|e| e.to_string())?;
+        let mut r = FrameReader::new(main, ConnKind::Main, layout);
+        loop {
+            match r.next_frame().map_err(|e| format!("main stream: {e}"))? {
+                common::wire::Frame::Package(_) => p.send(&ControlMsg::DestRunning {
+                    listen_us: 0,
+                    start_us: 0,
+                    discard_us: 0,
+                })?,
+                common::wire::Frame::Eos => break,
+                _ => {}
+            }
+        }
+        // Every page is here; say so never. Heartbeats go on until the
+        // source hangs up.
+        while p.recv().is_ok() {}
+        Ok(())
+    });
+    let dir = TempDir::new("dest-beats");
+    let sj = dir.path("src.json");
+    let t = Instant::now();
+    let out = run(
+        postcopy()
+            .args([
+                "migrate",
+                "--to",
+                &format!("127.0.0.1:{port}"),
+                "--mem",
+                "16M",
+                "--postcopy",
+                "never",
+                "--json",
+            ])
+            .arg(&sj),
+        Duration::from_secs(120),
+    )?;
+    let took = t.elapsed();
+    fake.join().map_err(|_| "fake destination panicked")??;
+    check(
+        !out.status.success(),
+        format!("migrate should fail\n{}", out.describe()),
+    )?;
+    check(
+        took < Duration::from_secs(90),
+        format!("the source took {took:?} to give up"),
+    )?;
+    let r = report(&sj)?;
+    check(
+        text(&r, "status") == "failed",
+        format!("status {}", r["status"]),
+    )?;
+    let err = text(&r, "error");
+    check(
+        err.contains("waiting for the destination to have every page"),
+        format!("error {err:?}"),
     )
 }
 
