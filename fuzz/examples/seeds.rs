@@ -66,11 +66,21 @@ fn main() {
     write("frame", "zero-1tib", &big);
 
     // Hellos: a hello then a reply, so both decoders see a valid start.
-    for (i, kind) in [ConnKind::Control, ConnKind::Main, ConnKind::ReturnPath, ConnKind::Urgent]
-        .into_iter()
-        .enumerate()
+    for (i, kind) in [
+        ConnKind::Control,
+        ConnKind::Main,
+        ConnKind::ReturnPath,
+        ConnKind::Urgent,
+    ]
+    .into_iter()
+    .enumerate()
     {
-        let mut b = Hello { kind, migration: id }.encode().to_vec();
+        let mut b = Hello {
+            kind,
+            migration: id,
+        }
+        .encode()
+        .to_vec();
         b.extend_from_slice(
             &HelloReply {
                 version: PROTOCOL_VERSION,
