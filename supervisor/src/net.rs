@@ -393,3 +393,64 @@ impl Control {
         let _ = self.out.shutdown(std::net::Shutdown::Both);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(kind: ConnKind) -> [u8; HELLO_LEN] {
+        Hello {
+            kind,
+            migration: MigrationId([9; 16]),
+        }
+        .encode()
+    }
+
+    #[test]
+    fn silent_and_slow_clients_do_not_hold_up_a_hello() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut acc = Acceptor::new(listener).unwrap();
+        // Two that say nothing, one that stops half-way through its hello.
+        let _idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let mut slow = TcpStream::connect(addr).unwrap();
+        slow.write_all(&hello(ConnKind::Main)[..20]).unwrap();
+        // Then two real ones, back to back.
+        let mut main = TcpStream::connect(addr).unwrap();
+        main.write_all(&hello(ConnKind::Main)).unwrap();
+        let mut urgent = TcpStream::connect(addr).unwrap();
+        urgent.write_all(&hello(ConnKind::Urgent)).unwrap();
+        let t = Instant::now();
+        let deadline = Some(t + Duration::from_secs(5));
+        let link = Duration::from_secs(20);
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let (h, _s) = acc
+                .accept::<NetError>(deadline, link, "test", |_| HelloStatus::Ok, || Ok(()))
+                .unwrap();
+            kinds.push(h.kind);
+        }
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        kinds.sort_by_key(|k| *k as u8);
+        assert_eq!(kinds, vec![ConnKind::Main, ConnKind::Urgent]);
+        // Each got its reply: accepted.
+        let mut reply = [0u8; 16];
+        main.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[6], 0);
+        // Nothing else is coming: the deadline ends the wait, by name.
+        let err = acc
+            .accept::<NetError>(
+                Some(Instant::now() + Duration::from_millis(200)),
+                link,
+                "data connection within the test's limit",
+                |_| HelloStatus::Ok,
+                || Ok(()),
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("no data connection within the test's limit arrived in time"),
+            "{err}"
+        );
+    }
+}
