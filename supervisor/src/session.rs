@@ -26,6 +26,11 @@ pub struct Proc {
     pub restarts: u32,
 }
 
+/// Most control messages from the peer kept for a later `wait` at once. An
+/// honest peer has at most a handful outstanding; a peer that sends more
+/// that nothing waits for would otherwise grow the stash without bound.
+pub const MAX_STASHED_PEER_MESSAGES: usize = 1024;
+
 pub struct Session {
     pub tx: Sender<Event>,
     rx: Receiver<Event>,
@@ -43,6 +48,9 @@ pub struct Session {
     data_heard: Instant,
     /// Whether the peer must be sending data now (see `check_data`).
     expect_data: bool,
+    /// Set when the peer overflowed the stash: the name of the message
+    /// that did not fit.
+    stash_overflow: Option<&'static str>,
     /// What the peer's Abort said about its guest having run.
     pub peer_guest_ran: Option<bool>,
     last_tick: Instant,
@@ -65,6 +73,7 @@ impl Session {
             sender_heard: now,
             data_heard: now,
             expect_data: false,
+            stash_overflow: None,
             peer_guest_ran: None,
             last_tick: now,
         })
@@ -230,13 +239,37 @@ impl Session {
                     }
                 }
             }
+            self.check_stash()?;
         }
         Ok(())
     }
 
-    /// Keeps an event for a later `wait`.
+    /// Keeps an event for a later `wait`. Control messages from the peer
+    /// are kept up to [`MAX_STASHED_PEER_MESSAGES`]; the next wait fails
+    /// after that.
     pub fn stash(&mut self, ev: Event) {
+        if let Event::Peer(m) = &ev {
+            let kept = self
+                .stash
+                .iter()
+                .filter(|e| matches!(e, Event::Peer(_)))
+                .count();
+            if kept >= MAX_STASHED_PEER_MESSAGES {
+                self.stash_overflow.get_or_insert(m.name());
+                return;
+            }
+        }
         self.stash.push_back(ev);
+    }
+
+    /// Fails once the peer has sent more messages than may wait unread.
+    fn check_stash(&self) -> Result<(), MigError> {
+        match self.stash_overflow {
+            Some(name) => Err(MigError::Protocol(format!(
+                "the peer sent more than {MAX_STASHED_PEER_MESSAGES} control messages that nothing waits for (the first one dropped: {name})"
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn take_stashed<T>(&mut self, pick: &mut impl FnMut(Event) -> Result<T, Event>) -> Option<T> {
@@ -404,7 +437,10 @@ pub trait EventLoop {
             match self.session().recv(slice) {
                 Some(ev) => match pick(ev) {
                     Ok(t) => return Ok(t),
-                    Err(ev) => self.on_event(ev)?,
+                    Err(ev) => {
+                        self.on_event(ev)?;
+                        self.session().check_stash()?;
+                    }
                 },
                 None => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {

@@ -49,6 +49,10 @@ fn main() {
             "destination_that_only_heartbeats_releases_the_source",
             destination_that_only_heartbeats_releases_the_source,
         ),
+        t(
+            "a_flood_of_unawaited_messages_is_refused",
+            a_flood_of_unawaited_messages_is_refused,
+        ),
         t("hostile_setups_are_refused", hostile_setups_are_refused),
         t(
             "peer_text_is_escaped_on_both_ends",
@@ -415,6 +419,31 @@ fn destination_that_only_heartbeats_releases_the_source() -> TestResult {
 }
 
 // ---------------------------------------------------------------- fault 5
+
+/// Messages that nothing waits for are kept for later, but not without
+/// bound: 5000 `Finish` (16 bytes each) right after setup end the migration
+/// instead of growing the destination's memory.
+fn a_flood_of_unawaited_messages_is_refused() -> TestResult {
+    let port = free_port();
+    let dir = TempDir::new("flood");
+    let dj = dir.path("dst.json");
+    let dest = incoming(port, &dj)?;
+    let id = MigrationId([0x55; 16]);
+    let mut p = fake_source_after_setup(port, id)?;
+    let t = Instant::now();
+    for _ in 0..5000 {
+        if p.send(&ControlMsg::Finish).is_err() {
+            break;
+        }
+    }
+    failed_with(
+        dest,
+        &dj,
+        t,
+        Duration::from_secs(10),
+        "more than 1024 control messages that nothing waits for",
+    )
+}
 
 /// Setups built to cost the destination memory, and setup fields that do
 /// not fit the guest kind: each refused at once with an error naming it,
