@@ -10,6 +10,7 @@ pub mod guest;
 pub mod logging;
 pub mod mem;
 pub mod msg;
+pub mod peer_text;
 pub mod role;
 pub mod sandbox;
 pub mod state;

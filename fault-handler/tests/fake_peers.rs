@@ -849,3 +849,57 @@ fn urgent_page_before_listening_is_refused() {
     );
     assert_only_placed(&d, &[0]);
 }
+
+// ---------------------------------------------------------------- amplification
+
+#[test]
+fn overlapping_discards_cost_what_the_guest_holds() {
+    // A 64 MiB guest and one 1 MiB DISCARD frame naming the whole guest
+    // 65536 times: unmerged, that is a billion page operations (seconds of
+    // CPU); merged, one pass over 16384 pages.
+    const PAGES: u64 = 16384;
+    let mut d = Dest::start(PAGES, false);
+    let mut sent = pages_frame(d.range(0, 4), 1);
+    let whole = d.range(0, PAGES as u32);
+    sent.extend(discard_frames(&vec![
+        whole;
+        common::wire::MAX_DISCARD_RANGES
+    ]));
+    sent.extend(common::wire::mark_frame(1));
+    let t = Instant::now();
+    d.send_main(&sent);
+    let progress = match d.recv() {
+        FromFaultHandler::Mark(1, p) => p,
+        other => panic!("expected Mark 1, got {other:?}"),
+    };
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "one DISCARD frame took {took:?}"
+    );
+    assert_eq!(progress.discarded, PAGES, "counted once per page");
+    assert_eq!(progress.pages_received, 0);
+    for p in 0..4 {
+        assert!(
+            d.memfd_page(p) == zero_page(),
+            "page {p} survived the discard"
+        );
+        assert_eq!(d.digest(p), 0);
+    }
+    d.quit();
+}
+
+#[test]
+fn zero_frame_over_the_cap_is_refused() {
+    let mut bytes = pages_frame(hostile_range(0, 1), 1);
+    let mut zero = zero_frame(hostile_range(1, 1)).to_vec();
+    let count = FRAME_HEADER_LEN + 8;
+    zero[count..count + 4].copy_from_slice(&(common::wire::MAX_PAGES_PER_ZERO + 1).to_le_bytes());
+    bytes.extend(zero);
+    let (text, d) = hostile_main(&bytes, false);
+    assert!(
+        text.contains("ZERO") && text.contains("1025") && text.contains("limit of 1024"),
+        "{text}"
+    );
+    assert_only_placed(&d, &[0]);
+}

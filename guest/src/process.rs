@@ -144,8 +144,10 @@ impl ProcessGuest {
     }
 
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), ProcessError> {
-        let saved: SavedState =
-            rmp_serde::from_slice(bytes).map_err(|e| ProcessError::BadState(e.to_string()))?;
+        let saved: SavedState = rmp_serde::from_slice(bytes).map_err(|e| {
+            // The decoder may quote the peer's bytes.
+            ProcessError::BadState(common::peer_text::escape(&e.to_string()).into_owned())
+        })?;
         if saved.workers.len() != self.states.len() {
             return Err(ProcessError::WorkerCount {
                 got: saved.workers.len(),

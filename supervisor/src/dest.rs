@@ -60,7 +60,7 @@ struct Dest {
     /// The data connections the fault-handler holds.
     conns: Vec<(ConnKind, OwnedFd)>,
     /// Where the sources' connections arrive (kept for resyncs).
-    listener: Option<TcpListener>,
+    listener: Option<net::Acceptor>,
     id: MigrationId,
     guest_base: RemoteAddr,
     /// What stops the fault-handler's events when it is replaced.
@@ -162,6 +162,16 @@ impl EventLoop for Dest {
         if let Err(e) = self.s.keep_alive(self.control.as_mut(), link, "source") {
             return self.on_link_lost(e);
         }
+        // The main stream must move while pages are due (heartbeats alone
+        // do not hold a migration).
+        let due = matches!(
+            self.m.state(),
+            DestState::Precopy { .. } | DestState::Running { postcopy: true }
+        );
+        if due != self.s.expects_data() {
+            self.s.expect_data(due);
+        }
+        self.s.check_data(link, "source")?;
         let (name, since) = self.state_since;
         if let Some(what) = self.m.state().step() {
             let limit = if self.m.state() == &DestState::AwaitFinish {
@@ -279,13 +289,12 @@ impl Dest {
     /// waiting (only this migration's), then sends what the guest did
     /// meanwhile. The source's Resync follows.
     fn accept_control(&mut self) -> Result<(), MigError> {
-        let Some(listener) = self.listener.take() else {
+        let Some(mut listener) = self.listener.take() else {
             return Ok(());
         };
         let id = self.id;
-        let got = net::accept::<MigError>(
-            &listener,
-            Some(Duration::ZERO),
+        let got = listener.accept::<MigError>(
+            Some(Instant::now()),
             self.link_timeout(),
             "the source to reconnect",
             |h| {
@@ -510,17 +519,15 @@ impl Dest {
     }
 
     fn run(&mut self) -> Result<(), MigError> {
-        let listener = self.listener()?;
+        let mut listener = net::Acceptor::new(self.listener()?)?;
         if let Ok(a) = listener.local_addr() {
             log::info!("waiting for a migration on {a}");
         }
-        let timeout =
-            (self.args.accept_timeout > 0).then(|| Duration::from_secs(self.args.accept_timeout));
-        let (hello, ctrl) = net::accept(
-            &listener,
-            timeout,
+        let secs = self.args.accept_timeout;
+        let (hello, ctrl) = listener.accept(
+            (secs > 0).then(|| Instant::now() + Duration::from_secs(secs)),
             self.link_timeout(),
-            "migration",
+            &format!("migration within the --accept-timeout of {secs} s"),
             |h| {
                 if h.kind == ConnKind::Control {
                     HelloStatus::Ok
@@ -555,7 +562,7 @@ impl Dest {
                 return Err(e);
             }
         }
-        self.accept_data(&listener, id)?;
+        self.accept_data(&mut listener, id)?;
         self.start_handler(HandlerStart::Fresh)?;
         // Kept for the connections of a resync (only this migration's
         // hellos are accepted on it).
@@ -580,6 +587,7 @@ impl Dest {
                 req.migration
             )));
         }
+        req.check().map_err(|e| MigError::Setup(e.to_string()))?;
         if req.page_size as usize != PAGE_SIZE {
             return Err(MigError::Setup(format!(
                 "page size {} is not supported (only {PAGE_SIZE})",
@@ -693,16 +701,26 @@ impl Dest {
     }
 
     /// The three data connections, then hand them to the fault-handler.
-    fn accept_data(&mut self, listener: &TcpListener, id: MigrationId) -> Result<(), MigError> {
+    fn accept_data(
+        &mut self,
+        listener: &mut net::Acceptor,
+        id: MigrationId,
+    ) -> Result<(), MigError> {
         let mut got: Vec<(ConnKind, OwnedFd)> = Vec::new();
+        // The source opens all three right after SetupAccepted: one link
+        // timeout for all of them, however the peer keeps talking meanwhile.
+        let link_timeout = self.link_timeout();
+        let deadline = Instant::now() + link_timeout;
+        let what = format!(
+            "data connection (all three are due within the {} s link timeout after setup)",
+            link_timeout.as_secs()
+        );
         while got.len() < 3 {
-            let link_timeout = self.link_timeout();
             let s = &mut self.s;
-            let (h, stream) = net::accept(
-                listener,
-                Some(STEP_TIMEOUT),
+            let (h, stream) = listener.accept(
+                Some(deadline),
                 link_timeout,
-                "data connection",
+                &what,
                 |h| {
                     if h.migration != id {
                         HelloStatus::UnknownMigration
@@ -835,9 +853,9 @@ impl Dest {
         if full {
             return Ok(());
         }
-        let listener = self.listener.take().expect("kept for resyncs");
+        let mut listener = self.listener.take().expect("kept for resyncs");
         let id = self.id;
-        let accepted = self.accept_data(&listener, id);
+        let accepted = self.accept_data(&mut listener, id);
         self.listener = Some(listener);
         accepted?;
         self.start_handler(if package {

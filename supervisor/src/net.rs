@@ -2,17 +2,17 @@
 //! (destination) every connection, does the hello, sets the socket options,
 //! and only then hands a data connection to a role.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use common::control::ControlMsg;
+use common::control::{recv_control, ControlMsg};
 use common::types::{MemLayout, MigrationId};
 use common::wire::{
-    client_hello, recv_control, send_control, server_read_hello, server_reply, ConnKind,
-    FrameReader, Hello, HelloStatus, WireError,
+    client_hello, send_control, server_check_hello, server_reply, ConnKind, FrameReader, Hello,
+    HelloStatus, WireError, HELLO_LEN,
 };
 
 use crate::events::{Event, Gate};
@@ -35,8 +35,8 @@ pub enum NetError {
         addr: String,
         source: WireError,
     },
-    #[error("no {what} arrived within {secs} s")]
-    AcceptTimeout { what: String, secs: u64 },
+    #[error("no {what} arrived in time")]
+    AcceptTimeout { what: String },
     #[error("accept failed: {0}")]
     Accept(std::io::Error),
     #[error("control connection: {0}")]
@@ -168,57 +168,220 @@ pub fn connect_within(
     })
 }
 
-/// Accepts connections until one says a good hello. Bad ones are refused
-/// (the refusal names our version) and logged; `check` decides on the rest.
-///
-/// `keep_waiting` runs between polls: an error from it (a signal, the peer
-/// gone) ends the wait with that error.
-pub fn accept<E: From<NetError>>(
-    listener: &TcpListener,
-    timeout: Option<Duration>,
-    link_timeout: Duration,
-    what: &str,
-    mut check: impl FnMut(&Hello) -> HelloStatus,
-    mut keep_waiting: impl FnMut() -> Result<(), E>,
-) -> Result<(Hello, TcpStream), E> {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    listener.set_nonblocking(true).map_err(NetError::Accept)?;
-    loop {
-        match listener.accept() {
-            Ok((mut s, peer)) => {
-                s.set_nonblocking(false).map_err(NetError::Accept)?;
-                // A peer that connects and says nothing holds this loop for
-                // at most this long.
-                tune(&s, link_timeout);
-                s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-                match server_read_hello(&mut s) {
-                    Ok(h) => {
-                        let status = check(&h);
-                        let _ = server_reply(&mut s, status);
-                        if status == HelloStatus::Ok {
-                            s.set_read_timeout(None).ok();
-                            return Ok((h, s));
+/// How long one accepted connection may take to say its hello. Each has its
+/// own deadline and they are read side by side, so a client that connects
+/// and says nothing delays no one else.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections waiting for their hello at once; beyond this the oldest
+/// is dropped (an honest peer says its hello within a round trip).
+pub const MAX_PENDING_HELLOS: usize = 64;
+
+/// An accepted connection whose hello is not complete yet.
+struct PendingHello {
+    stream: TcpStream,
+    peer: SocketAddr,
+    buf: [u8; HELLO_LEN],
+    got: usize,
+    deadline: Instant,
+}
+
+/// What reading a pending hello came to.
+enum HelloRead {
+    /// Not all of it yet.
+    Waiting,
+    /// Whole: decide on it.
+    Complete,
+    /// Dropped, with the reason to log.
+    Failed(String),
+}
+
+impl PendingHello {
+    fn read(&mut self) -> HelloRead {
+        loop {
+            match self.stream.read(&mut self.buf[self.got..]) {
+                Ok(0) => {
+                    return HelloRead::Failed(
+                        WireError::ClosedInHello {
+                            got: self.got,
+                            want: HELLO_LEN,
                         }
-                        log::warn!("refused {} connection from {peer}: {status}", h.kind);
-                    }
-                    Err(e) => log::error!("refused connection from {peer}: {e}"),
+                        .to_string(),
+                    )
                 }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Err(NetError::AcceptTimeout {
-                        what: what.to_string(),
-                        secs: timeout.map(|t| t.as_secs()).unwrap_or(0),
+                Ok(n) => {
+                    self.got += n;
+                    if self.got == HELLO_LEN {
+                        return HelloRead::Complete;
                     }
-                    .into());
                 }
-                keep_waiting()?;
-                std::thread::sleep(Duration::from_millis(5));
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return if Instant::now() >= self.deadline {
+                        HelloRead::Failed(format!(
+                            "{} ({} of {HELLO_LEN} bytes in {} s)",
+                            WireError::Silent(ConnKind::Control),
+                            self.got,
+                            HELLO_TIMEOUT.as_secs()
+                        ))
+                    } else {
+                        HelloRead::Waiting
+                    };
+                }
+                Err(e) => return HelloRead::Failed(WireError::Io(e).to_string()),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(NetError::Accept(e).into()),
         }
     }
+}
+
+/// The listening socket of `incoming`, and the connections it accepted whose
+/// hellos are still coming in. Kept between calls to [`Acceptor::accept`],
+/// so the data connections that arrive together are all served.
+pub struct Acceptor {
+    listener: TcpListener,
+    pending: Vec<PendingHello>,
+}
+
+impl Acceptor {
+    pub fn new(listener: TcpListener) -> Result<Self, NetError> {
+        listener.set_nonblocking(true).map_err(NetError::Accept)?;
+        Ok(Acceptor {
+            listener,
+            pending: Vec::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections until one says a good hello. Hellos are read
+    /// from every pending connection at once, each within
+    /// [`HELLO_TIMEOUT`]. Bad ones are refused (the refusal names our
+    /// version) and logged; `check` decides on the rest.
+    ///
+    /// `keep_waiting` runs between polls: an error from it (a signal, the
+    /// peer gone) ends the wait with that error; so does `deadline` passing
+    /// (`what` names what was awaited and within which limit).
+    pub fn accept<E: From<NetError>>(
+        &mut self,
+        deadline: Option<Instant>,
+        link_timeout: Duration,
+        what: &str,
+        mut check: impl FnMut(&Hello) -> HelloStatus,
+        mut keep_waiting: impl FnMut() -> Result<(), E>,
+    ) -> Result<(Hello, TcpStream), E> {
+        loop {
+            self.accept_ready(link_timeout)?;
+            let mut i = 0;
+            while i < self.pending.len() {
+                match self.pending[i].read() {
+                    HelloRead::Waiting => i += 1,
+                    HelloRead::Failed(why) => {
+                        let p = self.pending.remove(i);
+                        log::error!("refused connection from {}: {why}", p.peer);
+                    }
+                    HelloRead::Complete => {
+                        let mut p = self.pending.remove(i);
+                        if let Some(h) = decide(&mut p, &mut check) {
+                            p.stream.set_nonblocking(false).map_err(NetError::Accept)?;
+                            return Ok((h, p.stream));
+                        }
+                    }
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(NetError::AcceptTimeout {
+                    what: what.to_string(),
+                }
+                .into());
+            }
+            keep_waiting()?;
+            self.poll(deadline);
+        }
+    }
+
+    /// Takes every connection waiting in the backlog.
+    fn accept_ready(&mut self, link_timeout: Duration) -> Result<(), NetError> {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    stream.set_nonblocking(true).map_err(NetError::Accept)?;
+                    tune(&stream, link_timeout);
+                    if self.pending.len() >= MAX_PENDING_HELLOS {
+                        let old = self.pending.remove(0);
+                        log::warn!(
+                            "{MAX_PENDING_HELLOS} connections are waiting to say hello; dropping the oldest, from {}",
+                            old.peer
+                        );
+                    }
+                    self.pending.push(PendingHello {
+                        stream,
+                        peer,
+                        buf: [0; HELLO_LEN],
+                        got: 0,
+                        deadline: Instant::now() + HELLO_TIMEOUT,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // The peer gave up before we took it (ECONNABORTED): not ours
+                // to fail on.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
+                Err(e) => return Err(NetError::Accept(e)),
+            }
+        }
+    }
+
+    /// Sleeps until the listener or a pending connection has something, a
+    /// hello deadline passes, or 50 ms go by (`keep_waiting` runs that often).
+    fn poll(&self, deadline: Option<Instant>) {
+        let now = Instant::now();
+        let wake = self
+            .pending
+            .iter()
+            .map(|p| p.deadline)
+            .chain(deadline)
+            .min()
+            .map_or(Duration::from_millis(50), |d| {
+                d.saturating_duration_since(now)
+                    .min(Duration::from_millis(50))
+            });
+        let mut fds: Vec<libc::pollfd> = std::iter::once(self.listener.as_raw_fd())
+            .chain(self.pending.iter().map(|p| p.stream.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: poll on a live array of pollfds for fds we own, with a
+        // bounded timeout; the kernel writes only `revents`.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                wake.as_millis().max(1) as i32,
+            )
+        };
+    }
+}
+
+/// A whole hello: refuse it (logged) or accept it (returned).
+fn decide(p: &mut PendingHello, check: &mut impl FnMut(&Hello) -> HelloStatus) -> Option<Hello> {
+    // The reply is 16 bytes on a fresh connection: it fits the socket
+    // buffer, so a nonblocking write does not come up short.
+    match server_check_hello(&mut p.stream, &p.buf) {
+        Ok(h) => {
+            let status = check(&h);
+            let _ = server_reply(&mut p.stream, status);
+            if status == HelloStatus::Ok {
+                return Some(h);
+            }
+            log::warn!("refused {} connection from {}: {status}", h.kind, p.peer);
+        }
+        Err(e) => log::error!("refused connection from {}: {e}", p.peer),
+    }
+    None
 }
 
 /// Control frames carry no page ranges; any layout will do for the reader.
@@ -246,7 +409,7 @@ impl Control {
             .spawn(move || {
                 let mut r = FrameReader::new(reader, ConnKind::Control, layout);
                 loop {
-                    let ev = match recv_control::<_, ControlMsg>(&mut r) {
+                    let ev = match recv_control(&mut r) {
                         Ok(m) => Event::Peer(m),
                         Err(e) => Event::PeerLost(e.to_string()),
                     };
@@ -267,5 +430,66 @@ impl Control {
     pub fn shutdown(&mut self) {
         let _ = self.out.flush();
         let _ = self.out.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(kind: ConnKind) -> [u8; HELLO_LEN] {
+        Hello {
+            kind,
+            migration: MigrationId([9; 16]),
+        }
+        .encode()
+    }
+
+    #[test]
+    fn silent_and_slow_clients_do_not_hold_up_a_hello() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut acc = Acceptor::new(listener).unwrap();
+        // Two that say nothing, one that stops half-way through its hello.
+        let _idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let mut slow = TcpStream::connect(addr).unwrap();
+        slow.write_all(&hello(ConnKind::Main)[..20]).unwrap();
+        // Then two real ones, back to back.
+        let mut main = TcpStream::connect(addr).unwrap();
+        main.write_all(&hello(ConnKind::Main)).unwrap();
+        let mut urgent = TcpStream::connect(addr).unwrap();
+        urgent.write_all(&hello(ConnKind::Urgent)).unwrap();
+        let t = Instant::now();
+        let deadline = Some(t + Duration::from_secs(5));
+        let link = Duration::from_secs(20);
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let (h, _s) = acc
+                .accept::<NetError>(deadline, link, "test", |_| HelloStatus::Ok, || Ok(()))
+                .unwrap();
+            kinds.push(h.kind);
+        }
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        kinds.sort_by_key(|k| *k as u8);
+        assert_eq!(kinds, vec![ConnKind::Main, ConnKind::Urgent]);
+        // Each got its reply: accepted.
+        let mut reply = [0u8; 16];
+        main.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[6], 0);
+        // Nothing else is coming: the deadline ends the wait, by name.
+        let err = acc
+            .accept::<NetError>(
+                Some(Instant::now() + Duration::from_millis(200)),
+                link,
+                "data connection within the test's limit",
+                |_| HelloStatus::Ok,
+                || Ok(()),
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("no data connection within the test's limit arrived in time"),
+            "{err}"
+        );
     }
 }

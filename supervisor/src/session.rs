@@ -26,6 +26,11 @@ pub struct Proc {
     pub restarts: u32,
 }
 
+/// Most control messages from the peer kept for a later `wait` at once. An
+/// honest peer has at most a handful outstanding; a peer that sends more
+/// that nothing waits for would otherwise grow the stash without bound.
+pub const MAX_STASHED_PEER_MESSAGES: usize = 1024;
+
 pub struct Session {
     pub tx: Sender<Event>,
     rx: Receiver<Event>,
@@ -38,6 +43,14 @@ pub struct Session {
     last_heartbeat: Instant,
     /// When a ram-sender message last arrived.
     pub sender_heard: Instant,
+    /// When the fault-handler last reported frames from the main stream
+    /// (progress, a mark, the package, the end).
+    data_heard: Instant,
+    /// Whether the peer must be sending data now (see `check_data`).
+    expect_data: bool,
+    /// Set when the peer overflowed the stash: the name of the message
+    /// that did not fit.
+    stash_overflow: Option<&'static str>,
     /// What the peer's Abort said about its guest having run.
     pub peer_guest_ran: Option<bool>,
     last_tick: Instant,
@@ -79,6 +92,9 @@ impl Session {
             peer_heard: now,
             last_heartbeat: now,
             sender_heard: now,
+            data_heard: now,
+            expect_data: false,
+            stash_overflow: None,
             peer_guest_ran: None,
             last_tick: now,
             retiring: Vec::new(),
@@ -311,13 +327,37 @@ impl Session {
                     }
                 }
             }
+            self.check_stash()?;
         }
         Ok(())
     }
 
-    /// Keeps an event for a later `wait`.
+    /// Keeps an event for a later `wait`. Control messages from the peer
+    /// are kept up to [`MAX_STASHED_PEER_MESSAGES`]; the next wait fails
+    /// after that.
     pub fn stash(&mut self, ev: Event) {
+        if let Event::Peer(m) = &ev {
+            let kept = self
+                .stash
+                .iter()
+                .filter(|e| matches!(e, Event::Peer(_)))
+                .count();
+            if kept >= MAX_STASHED_PEER_MESSAGES {
+                self.stash_overflow.get_or_insert(m.name());
+                return;
+            }
+        }
         self.stash.push_back(ev);
+    }
+
+    /// Fails once the peer has sent more messages than may wait unread.
+    fn check_stash(&self) -> Result<(), MigError> {
+        match self.stash_overflow {
+            Some(name) => Err(MigError::Protocol(format!(
+                "the peer sent more than {MAX_STASHED_PEER_MESSAGES} control messages that nothing waits for (the first one dropped: {name})"
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn recv(&mut self, timeout: Duration) -> Option<Event> {
@@ -345,6 +385,7 @@ impl Session {
                 match ev {
                     Event::Peer(_) => self.peer_heard = Instant::now(),
                     Event::Sender(_) => self.sender_heard = Instant::now(),
+                    Event::Handler(_) => self.data_heard = Instant::now(),
                     _ => {}
                 }
                 Some(ev)
@@ -372,6 +413,35 @@ impl Session {
             return Err(MigError::PeerLost(format!(
                 "no word from the {peer} for {:.0} s",
                 silent.as_secs_f64()
+            )));
+        }
+        Ok(())
+    }
+
+    /// From now on (or no longer), the peer must keep data moving on the
+    /// main stream; the clock starts now.
+    /// Whether data on the main stream is due now.
+    pub fn expects_data(&self) -> bool {
+        self.expect_data
+    }
+
+    pub fn expect_data(&mut self, on: bool) {
+        self.expect_data = on;
+        self.data_heard = Instant::now();
+    }
+
+    /// Fails when data is expected and none has come for `limit`, whatever
+    /// else the peer says: heartbeats keep a link alive, not a migration, so
+    /// a peer that only sends them cannot hold this end forever. An honest
+    /// source sends a ROUND frame every dirty sync (at least every few
+    /// hundred ms) and pages after the switch.
+    pub fn check_data(&self, limit: Duration, peer: &str) -> Result<(), MigError> {
+        let silent = self.data_heard.elapsed();
+        if self.expect_data && silent > limit {
+            return Err(MigError::Protocol(format!(
+                "the {peer} sent nothing on the main stream for {:.0} s (limit {} s); heartbeats alone do not hold a migration",
+                silent.as_secs_f64(),
+                limit.as_secs()
             )));
         }
         Ok(())
@@ -469,7 +539,10 @@ pub trait EventLoop {
             if let Some(ev) = self.session().recv(slice) {
                 match pick(ev) {
                     Ok(t) => return Ok(t),
-                    Err(ev) => self.on_event(ev)?,
+                    Err(ev) => {
+                        self.on_event(ev)?;
+                        self.session().check_stash()?;
+                    }
                 }
             }
             // Ticks run whether or not anything arrived, also when the

@@ -10,8 +10,8 @@
 //! PC BIOS would hand over (no BIOS services, interrupts off), plus
 //! ESI = RAM size in bytes.
 
-mod devices;
-mod state;
+pub mod devices;
+pub mod state;
 mod vcpu;
 
 use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};

@@ -79,8 +79,11 @@ impl VmState {
 
     /// Decodes and checks the envelope; the caller checks it fits its VM.
     pub fn decode(bytes: &[u8]) -> Result<Self, KvmError> {
-        let state: VmState = rmp_serde::from_slice(bytes)
-            .map_err(|e| KvmError::State(format!("cannot decode {} bytes: {e}", bytes.len())))?;
+        let state: VmState = rmp_serde::from_slice(bytes).map_err(|e| {
+            // The decoder may quote the peer's bytes.
+            let e = common::peer_text::escape(&e.to_string()).into_owned();
+            KvmError::State(format!("cannot decode {} bytes: {e}", bytes.len()))
+        })?;
         if state.magic != STATE_MAGIC {
             return Err(KvmError::State(format!(
                 "not a KVM guest state (magic {:?})",

@@ -254,6 +254,14 @@ impl SourceState {
                 dest_running: false,
                 ..
             } => Some("the destination guest to run"),
+            // Once every page is on the wire the destination has one step
+            // to confirm, however it keeps talking meanwhile (before that,
+            // the ram-sender's progress bounds the wait).
+            SourceState::PackageOut { tail, .. }
+                if tail.sent && (!tail.postcopy || tail.push_done) =>
+            {
+                Some("the destination to have every page")
+            }
             SourceState::Finishing { .. } => Some("the destination's process list"),
             SourceState::Resync { .. } => Some("the destination to be ready for new connections"),
             _ => None,

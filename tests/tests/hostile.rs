@@ -1,0 +1,630 @@
+//! The real `postcopy` against hostile peers of the test suite's own: fake
+//! sources and destinations that speak the wire protocol by hand over raw
+//! TCP and do what an honest peer never would (connect and say nothing,
+//! keep only heartbeats coming, send setups and frames built to cost the
+//! other end time and memory, put escape sequences in their text). Each
+//! trial is one fault of issue 8; each asserts a clear error or a bounded
+//! delay, and that the other end comes through unharmed.
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::control::{recv_control, ControlMsg, PostcopyMode, SetupRequest, VerifyMethod};
+use common::guest::{GuestConfig, GuestKind, Workload};
+use common::types::{MemLayout, MigrationId, PAGE_SIZE};
+use common::wire::{
+    client_hello, frame_header, send_control, ConnKind, FrameReader, FrameType, HELLO_LEN,
+};
+use tests::{check, free_port, postcopy, report, run, start, text, Running, TempDir};
+
+type TestResult = Result<(), String>;
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // Migrations keep both CPUs busy, and the timing bounds below assume
+    // nothing else runs.
+    args.test_threads.get_or_insert(1);
+    let t = |name: &'static str, f: fn() -> TestResult| {
+        Trial::test(name, move || f().map_err(Failed::from))
+    };
+    let trials = vec![
+        t(
+            "idle_clients_do_not_delay_a_real_source",
+            idle_clients_do_not_delay_a_real_source,
+        ),
+        t(
+            "heartbeats_without_data_connections_release_the_destination",
+            heartbeats_without_data_connections_release_the_destination,
+        ),
+        t(
+            "heartbeats_without_pages_release_the_destination",
+            heartbeats_without_pages_release_the_destination,
+        ),
+        t(
+            "destination_that_only_heartbeats_releases_the_source",
+            destination_that_only_heartbeats_releases_the_source,
+        ),
+        t(
+            "a_flood_of_unawaited_messages_is_refused",
+            a_flood_of_unawaited_messages_is_refused,
+        ),
+        t("hostile_setups_are_refused", hostile_setups_are_refused),
+        t(
+            "peer_text_is_escaped_on_both_ends",
+            peer_text_is_escaped_on_both_ends,
+        ),
+    ];
+    libtest_mimic::run(&args, trials).exit();
+}
+
+// ---------------------------------------------------------------- fixtures
+
+/// `postcopy incoming` on 127.0.0.1:`port`, with a 3 s link timeout, its
+/// report in `json`; returns once it listens.
+fn incoming(port: u16, json: &Path) -> Result<Running, String> {
+    let dest = start(
+        postcopy()
+            .args([
+                "incoming",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--link-timeout",
+                "3",
+                "--accept-timeout",
+                "60",
+                "--json",
+            ])
+            .arg(json),
+    );
+    let t = Instant::now();
+    // A probe that connects and closes: one more idle client, harmless.
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if t.elapsed() > Duration::from_secs(5) {
+            return Err("incoming never listened".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(dest)
+}
+
+/// A fake source's (or destination's) control connection.
+struct Peer {
+    out: TcpStream,
+    reader: FrameReader<TcpStream>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Peer {
+    fn new(stream: TcpStream) -> Result<Peer, String> {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        let layout = MemLayout::new(PAGE_SIZE as u64).map_err(|e| e.to_string())?;
+        let reader = FrameReader::new(
+            stream.try_clone().map_err(|e| e.to_string())?,
+            ConnKind::Control,
+            layout,
+        );
+        Ok(Peer {
+            out: stream,
+            reader,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn send(&mut self, msg: &ControlMsg) -> TestResult {
+        send_control(&mut self.out, msg).map_err(|e| format!("send {}: {e}", msg.name()))
+    }
+
+    /// The next message that is not a heartbeat.
+    fn recv(&mut self) -> Result<ControlMsg, String> {
+        loop {
+            match recv_control(&mut self.reader) {
+                Ok(ControlMsg::Heartbeat) => {}
+                Ok(m) => return Ok(m),
+                Err(e) => return Err(format!("control connection: {e}")),
+            }
+        }
+    }
+
+    /// A heartbeat every 300 ms until the peer goes away: a peer that is
+    /// alive and says nothing else.
+    fn keep_beating(&self) -> Result<(), String> {
+        let mut out = self.out.try_clone().map_err(|e| e.to_string())?;
+        let stop = self.stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if send_control(&mut out, &ControlMsg::Heartbeat).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        Ok(())
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn connect(port: u16, kind: ConnKind, id: MigrationId) -> Result<TcpStream, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    client_hello(&mut s, kind, id).map_err(|e| format!("{kind} hello: {e}"))?;
+    Ok(s)
+}
+
+/// A small, valid setup: 16 MiB idle process guest, precopy only.
+fn setup(id: MigrationId) -> SetupRequest {
+    SetupRequest {
+        migration: id,
+        guest: GuestConfig {
+            kind: GuestKind::Process,
+            mem_bytes: 16 << 20,
+            vcpus: 1,
+            workload: Workload::Idle,
+            boot_sector: None,
+        },
+        page_size: PAGE_SIZE as u32,
+        postcopy: PostcopyMode::Never,
+        verify: VerifyMethod::None,
+        verify_ranges: vec![],
+    }
+}
+
+/// A fake source that got through setup: its control connection, heartbeats
+/// running.
+fn fake_source_after_setup(port: u16, id: MigrationId) -> Result<Peer, String> {
+    let mut p = Peer::new(connect(port, ConnKind::Control, id)?)?;
+    p.send(&ControlMsg::Setup(setup(id)))?;
+    match p.recv()? {
+        ControlMsg::SetupAccepted(_) => {}
+        other => return Err(format!("expected SetupAccepted, got {other:?}")),
+    }
+    p.keep_beating()?;
+    Ok(p)
+}
+
+/// The destination ended on its own, failed, in time, naming `needle`;
+/// it started `roles` processes, and each of them exited cleanly.
+fn failed_with(
+    dest: Running,
+    json: &Path,
+    since: Instant,
+    limit: Duration,
+    needle: &str,
+    roles: usize,
+) -> TestResult {
+    let out = dest.finish(Duration::from_secs(60))?;
+    let took = since.elapsed();
+    check(
+        !out.status.success(),
+        format!("the destination should fail\n{}", out.describe()),
+    )?;
+    check(
+        took < limit,
+        format!(
+            "the destination took {took:?} (limit {limit:?}) to let go\n{}",
+            out.describe()
+        ),
+    )?;
+    let r = report(json)?;
+    check(
+        text(&r, "status") == "failed",
+        format!("status {}", r["status"]),
+    )?;
+    let err = text(&r, "error");
+    check(
+        err.contains(needle),
+        format!("error {err:?} lacks {needle:?}"),
+    )?;
+    // Every role it started was asked to quit and did: no crash, no kill.
+    let list = r["roles"].as_array().cloned().unwrap_or_default();
+    check(
+        list.len() == roles,
+        format!("{} processes, expected {roles}: {list:?}", list.len()),
+    )?;
+    for role in &list {
+        check(
+            role["exit"].is_u64(),
+            format!("a role did not exit cleanly: {role}"),
+        )?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- fault 3
+
+/// Two clients connect and say nothing; a real source must still get
+/// through at once (hellos used to be read one at a time, 10 s each).
+fn idle_clients_do_not_delay_a_real_source() -> TestResult {
+    let port = free_port();
+    let dir = TempDir::new("idle-clients");
+    let (sj, dj) = (dir.path("src.json"), dir.path("dst.json"));
+    let dest = incoming(port, &dj)?;
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let out = run(
+        postcopy()
+            .args([
+                "migrate",
+                "--to",
+                &format!("127.0.0.1:{port}"),
+                "--mem",
+                "16M",
+                "--postcopy",
+                "never",
+                "--json",
+            ])
+            .arg(&sj),
+        Duration::from_secs(60),
+    )?;
+    let r = report(&sj).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    check(
+        out.status.success() && text(&r, "status") == "completed",
+        format!("migrate failed\n{}\nreport: {r:#}", out.describe()),
+    )?;
+    let setup_ms = r["setup_time_ms"].as_f64().unwrap_or(f64::MAX);
+    check(
+        setup_ms < 3000.0,
+        format!("setup took {setup_ms:.0} ms with two idle clients connected"),
+    )?;
+    let dout = dest.finish(Duration::from_secs(30))?;
+    check(
+        dout.status.success(),
+        format!("destination failed\n{}", dout.describe()),
+    )?;
+    drop(idle);
+    Ok(())
+}
+
+// ---------------------------------------------------------------- fault 4
+
+/// A source that sets up and then only sends heartbeats, never opening the
+/// data connections, holds the destination's one migration no longer than
+/// the link timeout (3 s here).
+fn heartbeats_without_data_connections_release_the_destination() -> TestResult {
+    let port = free_port();
+    let dir = TempDir::new("beats-no-data");
+    let dj = dir.path("dst.json");
+    let dest = incoming(port, &dj)?;
+    let id = MigrationId([0x51; 16]);
+    let _p = fake_source_after_setup(port, id)?;
+    let t = Instant::now();
+    failed_with(dest, &dj, t, Duration::from_secs(10), "data connection", 2)
+}
+
+/// A source that sets up, opens all three data connections, and then only
+/// sends heartbeats: no pages, no rounds. Dropped after the link timeout.
+fn heartbeats_without_pages_release_the_destination() -> TestResult {
+    let port = free_port();
+    let dir = TempDir::new("beats-no-pages");
+    let dj = dir.path("dst.json");
+    let dest = incoming(port, &dj)?;
+    let id = MigrationId([0x52; 16]);
+    let _p = fake_source_after_setup(port, id)?;
+    let _data: Vec<TcpStream> = [ConnKind::Main, ConnKind::ReturnPath, ConnKind::Urgent]
+        .into_iter()
+        .map(|k| connect(port, k, id))
+        .collect::<Result<_, _>>()?;
+    let t = Instant::now();
+    failed_with(
+        dest,
+        &dj,
+        t,
+        Duration::from_secs(10),
+        "sent nothing on the main stream",
+        2,
+    )
+}
+
+/// The other way round: a fake destination takes every page and the
+/// package, says its guest runs, and then only sends heartbeats, never
+/// `DestCompleted`. The source (its guest stopped, the destination's
+/// claimed to run) gives up after one step timeout (60 s) instead of
+/// waiting forever.
+fn destination_that_only_heartbeats_releases_the_source() -> TestResult {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let fake = std::thread::spawn(move || -> TestResult {
+        let accept = || -> Result<(TcpStream, u8), String> {
+            let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+            let mut h = [0u8; HELLO_LEN];
+            s.read_exact(&mut h).map_err(|e| e.to_string())?;
+            common::wire::server_reply(&mut s, common::wire::HelloStatus::Ok)
+                .map_err(|e| e.to_string())?;
+            Ok((s, h[6]))
+        };
+        let (c, _) = accept()?;
+        let mut p = Peer::new(c)?;
+        let mem = match p.recv()? {
+            ControlMsg::Setup(s) => s.guest.mem_bytes,
+            other => return Err(format!("expected Setup, got {other:?}")),
+        };
+        p.send(&ControlMsg::SetupAccepted(common::control::SetupAccepted {
+            postcopy_ready: false,
+            uffd_features: 0,
+        }))?;
+        p.keep_beating()?;
+        let mut data = Vec::new();
+        for _ in 0..3 {
+            data.push(accept()?);
+        }
+        let main = data
+            .iter()
+            .find(|(_, kind)| *kind == 2)
+            .ok_or("no main stream")?
+            .0
+            .try_clone()
+            .map_err(|e| e.to_string())?;
+        let layout = MemLayout::new(mem).map_err(|e| e.to_string())?;
+        let mut r = FrameReader::new(main, ConnKind::Main, layout);
+        loop {
+            match r.next_frame().map_err(|e| format!("main stream: {e}"))? {
+                common::wire::Frame::Package(_) => p.send(&ControlMsg::DestRunning {
+                    listen_us: 0,
+                    start_us: 0,
+                    discard_us: 0,
+                })?,
+                common::wire::Frame::Eos => break,
+                _ => {}
+            }
+        }
+        // Every page is here; say so never. Heartbeats go on until the
+        // source hangs up.
+        while p.recv().is_ok() {}
+        Ok(())
+    });
+    let dir = TempDir::new("dest-beats");
+    let sj = dir.path("src.json");
+    let t = Instant::now();
+    let out = run(
+        postcopy()
+            .args([
+                "migrate",
+                "--to",
+                &format!("127.0.0.1:{port}"),
+                "--mem",
+                "16M",
+                "--postcopy",
+                "never",
+                "--json",
+            ])
+            .arg(&sj),
+        Duration::from_secs(120),
+    )?;
+    let took = t.elapsed();
+    fake.join().map_err(|_| "fake destination panicked")??;
+    check(
+        !out.status.success(),
+        format!("migrate should fail\n{}", out.describe()),
+    )?;
+    check(
+        took < Duration::from_secs(90),
+        format!("the source took {took:?} to give up"),
+    )?;
+    let r = report(&sj)?;
+    check(
+        text(&r, "status") == "failed",
+        format!("status {}", r["status"]),
+    )?;
+    let err = text(&r, "error");
+    check(
+        err.contains("waiting for the destination to have every page"),
+        format!("error {err:?}"),
+    )
+}
+
+// ---------------------------------------------------------------- fault 5
+
+/// Messages that nothing waits for are kept for later, but not without
+/// bound: 5000 `Finish` (16 bytes each) right after setup end the migration
+/// instead of growing the destination's memory.
+fn a_flood_of_unawaited_messages_is_refused() -> TestResult {
+    let port = free_port();
+    let dir = TempDir::new("flood");
+    let dj = dir.path("dst.json");
+    let dest = incoming(port, &dj)?;
+    let id = MigrationId([0x55; 16]);
+    let mut p = fake_source_after_setup(port, id)?;
+    let t = Instant::now();
+    for _ in 0..5000 {
+        if p.send(&ControlMsg::Finish).is_err() {
+            break;
+        }
+    }
+    failed_with(
+        dest,
+        &dj,
+        t,
+        Duration::from_secs(10),
+        "more than 1024 control messages that nothing waits for",
+        2,
+    )
+}
+
+/// Setups built to cost the destination memory, and setup fields that do
+/// not fit the guest kind: each refused at once with an error naming it,
+/// before any guest or role starts.
+fn hostile_setups_are_refused() -> TestResult {
+    let id = MigrationId([0x53; 16]);
+    // A boot sector for a process guest.
+    {
+        let port = free_port();
+        let dir = TempDir::new("setup-boot-sector");
+        let dj = dir.path("dst.json");
+        let dest = incoming(port, &dj)?;
+        let mut p = Peer::new(connect(port, ConnKind::Control, id)?)?;
+        let mut s = setup(id);
+        s.guest.boot_sector = Some(vec![0x90; 512]);
+        p.send(&ControlMsg::Setup(s))?;
+        let t = Instant::now();
+        match p.recv()? {
+            ControlMsg::SetupRefused { reason } => check(
+                reason.contains("boot sector") && reason.contains("process"),
+                format!("refusal {reason:?}"),
+            )?,
+            other => return Err(format!("expected SetupRefused, got {other:?}")),
+        }
+        failed_with(dest, &dj, t, Duration::from_secs(10), "boot sector", 0)?;
+    }
+    // 60 MiB of boot sector: refused by the frame header, not read.
+    {
+        let port = free_port();
+        let dir = TempDir::new("setup-60m");
+        let dj = dir.path("dst.json");
+        let dest = incoming(port, &dj)?;
+        let mut c = connect(port, ConnKind::Control, id)?;
+        let mut s = setup(id);
+        s.guest.boot_sector = Some(vec![0x90; 60 << 20]);
+        let frame = common::wire::message_frame(FrameType::Control, &ControlMsg::Setup(s), "x");
+        // Too large for the encoder now: write what an old encoder would.
+        let len = 60u32 << 20;
+        let t = Instant::now();
+        let _ = c.write_all(&frame_header(FrameType::Control, len));
+        let _ = c.write_all(&vec![0u8; 1 << 20]);
+        check(
+            frame.is_err(),
+            "the encoder refuses a 60 MiB control message",
+        )?;
+        failed_with(
+            dest,
+            &dj,
+            t,
+            Duration::from_secs(10),
+            "CONTROL frame has length",
+            0,
+        )?;
+    }
+    // 100 000 verify ranges: over the Setup size limit, refused before
+    // decoding.
+    {
+        let port = free_port();
+        let dir = TempDir::new("setup-ranges");
+        let dj = dir.path("dst.json");
+        let dest = incoming(port, &dj)?;
+        let mut p = Peer::new(connect(port, ConnKind::Control, id)?)?;
+        let mut s = setup(id);
+        s.verify_ranges = vec![(0, 4096); 100_000];
+        let t = Instant::now();
+        p.send(&ControlMsg::Setup(s))?;
+        failed_with(
+            dest,
+            &dj,
+            t,
+            Duration::from_secs(10),
+            "larger than its limit of 65536 bytes",
+            0,
+        )?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- fault 6
+
+/// What a hostile peer puts in its abort reason: clear the screen, colour,
+/// set the window title, and a line break followed by a forged log line.
+const NASTY: &str =
+    "\x1b[2J\x1b[31mred\x1b]0;owned\x07\u{9b}1m\n[    0.001 source 1 INFO] migration completed";
+
+fn assert_clean(what: &str, s: &str) -> TestResult {
+    check(
+        !s.contains('\x1b') && !s.contains('\x07') && !s.contains('\u{9b}'),
+        format!("{what} carries a raw escape sequence: {s:?}"),
+    )?;
+    check(
+        !s.lines()
+            .any(|l| l.starts_with("[    0.001 source 1 INFO]")),
+        format!("{what} carries the forged log line: {s}"),
+    )
+}
+
+/// A destination's abort reason reaches the source's terminal, log and
+/// report escaped; and a source's reaches the destination's the same way.
+fn peer_text_is_escaped_on_both_ends() -> TestResult {
+    // A fake destination: accepts the hello and the Setup, then aborts.
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let fake = std::thread::spawn(move || -> TestResult {
+        let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+        let mut h = [0u8; HELLO_LEN];
+        s.read_exact(&mut h).map_err(|e| e.to_string())?;
+        common::wire::server_reply(&mut s, common::wire::HelloStatus::Ok)
+            .map_err(|e| e.to_string())?;
+        let mut p = Peer::new(s)?;
+        match p.recv()? {
+            ControlMsg::Setup(_) => {}
+            other => return Err(format!("expected Setup, got {other:?}")),
+        }
+        p.send(&ControlMsg::Abort {
+            reason: NASTY.into(),
+            cancelled: false,
+            guest_ran: false,
+        })?;
+        // Until the source hangs up.
+        while p.recv().is_ok() {}
+        Ok(())
+    });
+    let dir = TempDir::new("escape");
+    let (sj, dj) = (dir.path("src.json"), dir.path("dst.json"));
+    let out = run(
+        postcopy()
+            .args([
+                "migrate",
+                "--to",
+                &format!("127.0.0.1:{port}"),
+                "--mem",
+                "16M",
+                "--json",
+            ])
+            .arg(&sj),
+        Duration::from_secs(60),
+    )?;
+    fake.join().map_err(|_| "fake destination panicked")??;
+    check(!out.status.success(), "migrate should fail")?;
+    assert_clean("source stdout", &out.stdout)?;
+    assert_clean("source stderr", &out.stderr)?;
+    let r = report(&sj)?;
+    let err = text(&r, "error");
+    assert_clean("source report error", err)?;
+    check(
+        err.contains("\\u{1b}[2J") && err.contains("\\n[    0.001 source 1 INFO]"),
+        format!("the reason is not shown escaped: {err:?}"),
+    )?;
+    check(
+        text(&r, "source_guest") == "running",
+        format!("source guest: {}", r["source_guest"]),
+    )?;
+
+    // A fake source aborting on a real destination.
+    let port = free_port();
+    let dest = incoming(port, &dj)?;
+    let id = MigrationId([0x54; 16]);
+    let mut p = Peer::new(connect(port, ConnKind::Control, id)?)?;
+    p.send(&ControlMsg::Abort {
+        reason: NASTY.into(),
+        cancelled: false,
+        guest_ran: false,
+    })?;
+    let out = dest.finish(Duration::from_secs(30))?;
+    check(!out.status.success(), "incoming should fail")?;
+    assert_clean("destination stdout", &out.stdout)?;
+    assert_clean("destination stderr", &out.stderr)?;
+    let d = report(&dj)?;
+    assert_clean("destination report error", text(&d, "error"))?;
+    check(
+        text(&d, "error").contains("\\u{1b}"),
+        format!("destination error {:?}", d["error"]),
+    )?;
+    Ok(())
+}
