@@ -35,7 +35,9 @@ impl MigrationState {
                 // pauses first.
                 | (PostcopyActive, Completed | PostcopyPaused | PostcopyRecover | Failed)
                 | (PostcopyPaused, PostcopyRecover | Failed)
-                | (PostcopyRecover, PostcopyActive | PostcopyPaused | Completed | Failed)
+                // A resync that finds the package never arrived whole: the
+                // destination guest never ran, so precopy starts over.
+                | (PostcopyRecover, PostcopyActive | PostcopyPaused | Active | Completed | Failed)
         )
     }
 

@@ -267,6 +267,8 @@ impl Dest {
         if !self.m.pause() {
             return Err(e);
         }
+        // No pages can come while paused; the clock starts again after.
+        self.s.expect_data(false);
         self.report.note(
             self.s.started,
             "pause",
@@ -562,7 +564,7 @@ impl Dest {
                 return Err(e);
             }
         }
-        self.accept_data(&mut listener, id)?;
+        self.accept_data(&mut listener, id, true)?;
         self.start_handler(HandlerStart::Fresh)?;
         // Kept for the connections of a resync (only this migration's
         // hellos are accepted on it).
@@ -705,6 +707,7 @@ impl Dest {
         &mut self,
         listener: &mut net::Acceptor,
         id: MigrationId,
+        cancellable: bool,
     ) -> Result<(), MigError> {
         let mut got: Vec<(ConnKind, OwnedFd)> = Vec::new();
         // The source opens all three right after SetupAccepted: one link
@@ -730,7 +733,13 @@ impl Dest {
                         HelloStatus::Ok
                     }
                 },
-                || s.poll_stop("source"),
+                || {
+                    if cancellable {
+                        s.poll_stop("source")
+                    } else {
+                        Ok(())
+                    }
+                },
             )?;
             got.push((h.kind, stream.into()));
         }
@@ -835,6 +844,8 @@ impl Dest {
         self.s.retire("fault-handler", &gate);
         self.handler = None;
         self.conns.clear();
+        // The main stream is replaced: its clock starts again with it.
+        self.s.expect_data(false);
         let package = self.m.resynced();
         let received = self.received.as_ref().expect("prepared");
         if !package {
@@ -855,7 +866,9 @@ impl Dest {
         }
         let mut listener = self.listener.take().expect("kept for resyncs");
         let id = self.id;
-        let accepted = self.accept_data(&mut listener, id);
+        // Once the guest ran here a signal must not cancel (this may be the
+        // only copy): the accept is not cut short by one.
+        let accepted = self.accept_data(&mut listener, id, !self.m.state().guest_ran());
         self.listener = Some(listener);
         accepted?;
         self.start_handler(if package {

@@ -518,17 +518,37 @@ pub trait EventLoop {
         &mut self,
         what: &str,
         timeout: Option<Duration>,
-        mut pick: impl FnMut(Event) -> Result<T, Event>,
+        pick: impl FnMut(Event) -> Result<T, Event>,
     ) -> Result<T, MigError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        self.pump(deadline, pick)?.ok_or_else(|| MigError::Timeout {
+            what: what.to_string(),
+            secs: timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0),
+        })
+    }
+
+    /// Lets time pass while handling events. A timeout raised while
+    /// handling them (a step deadline) is a failure like any other.
+    fn idle(&mut self, d: Duration) -> Result<(), MigError> {
+        self.pump(Some(Instant::now() + d), Err::<(), _>)?;
+        Ok(())
+    }
+
+    /// The loop behind `wait` and `idle`: `pick` claims an event (`Some`);
+    /// everything else goes to `on_event`; `None` once `deadline` passed.
+    fn pump<T>(
+        &mut self,
+        deadline: Option<Instant>,
+        mut pick: impl FnMut(Event) -> Result<T, Event>,
+    ) -> Result<Option<T>, MigError> {
         // Events kept while something else was awaited come first, in
         // their order: the one awaited, or each to on_event.
         while let Some(ev) = self.session().stash.pop_front() {
             match pick(ev) {
-                Ok(t) => return Ok(t),
+                Ok(t) => return Ok(Some(t)),
                 Err(ev) => self.on_event(ev)?,
             }
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             let slice = match deadline {
                 Some(d) => d
@@ -538,7 +558,7 @@ pub trait EventLoop {
             };
             if let Some(ev) = self.session().recv(slice) {
                 match pick(ev) {
-                    Ok(t) => return Ok(t),
+                    Ok(t) => return Ok(Some(t)),
                     Err(ev) => {
                         self.on_event(ev)?;
                         self.session().check_stash()?;
@@ -551,19 +571,8 @@ pub trait EventLoop {
                 self.on_tick()?;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(MigError::Timeout {
-                    what: what.to_string(),
-                    secs: timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0),
-                });
+                return Ok(None);
             }
-        }
-    }
-
-    /// Lets time pass while handling events.
-    fn idle(&mut self, d: Duration) -> Result<(), MigError> {
-        match self.wait("nothing", Some(d), Err::<(), _>) {
-            Err(MigError::Timeout { .. }) => Ok(()),
-            other => other,
         }
     }
 }

@@ -293,6 +293,11 @@ impl TwoHosts {
     pub fn cut(&self) -> Result<(), String> {
         ip(&["-n", &self.src, "link", "set", &self.src_if, "down"])
     }
+
+    /// Brings the source's end of the link back up.
+    pub fn restore(&self) -> Result<(), String> {
+        ip(&["-n", &self.src, "link", "set", &self.src_if, "up"])
+    }
 }
 
 impl Drop for TwoHosts {

@@ -25,7 +25,7 @@ pub enum SourceState {
     /// Precopy rounds: the ram-sender sends a round and owes a `Synced`
     /// (our answer to it is given at once). `requested`: start-postcopy
     /// arrived and waits for the policy to allow it.
-    Precopy { requested: bool, owed: Owed },
+    Precopy { requested: bool },
     /// The switch is decided and the guest still runs: the early discard
     /// set is on its way. `mark` is the MARK the ram-sender put after it
     /// (once it said so), `acked` the highest MARK the destination has
@@ -68,6 +68,9 @@ pub enum SourceState {
 /// nothing now.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Owed {
+    /// A MARK was sent: the destination's ack may still come (before its
+    /// `ResyncReady`, on the same connection).
+    pub mark: bool,
     pub stopped: bool,
     pub state: bool,
     /// `Resume` was (or will be) sent: its `Running` comes.
@@ -78,9 +81,8 @@ pub struct Owed {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resume {
     /// Before the package: precopy starts over (every page again).
-    /// `owed`: what the guest still answers to commands from before (it
-    /// was asked to stop: it is resumed).
-    Precopy { requested: bool, owed: Owed },
+    /// `resume_guest`: the guest was asked to stop, so it is resumed.
+    Precopy { requested: bool, resume_guest: bool },
     /// After the package: what the destination has decides (postcopy
     /// resumes from its `received` bitmap; if the package never arrived,
     /// the destination guest never ran and precopy starts over).
@@ -145,6 +147,13 @@ impl SourceState {
             SourceState::Stopping { .. } => "stopping the guest",
             SourceState::FinalSync { .. } => "final dirty sync",
             SourceState::Saving { .. } => "saving the guest state",
+            // Named apart once every page is on the wire: the last wait
+            // for the destination counts from there.
+            SourceState::PackageOut { tail, .. }
+                if tail.sent && (!tail.postcopy || tail.push_done) =>
+            {
+                "every page sent"
+            }
             SourceState::PackageOut { .. } => "package sent",
             SourceState::Verifying { .. } => "verifying",
             SourceState::Finishing { .. } => "finishing",
@@ -223,14 +232,14 @@ impl SourceState {
             | SourceState::FinalSync { .. }
             | SourceState::Saving { .. } => GuestFate::Resume,
             SourceState::Resync {
-                from: Resume::Precopy { owed, .. },
+                from: Resume::Precopy { resume_guest, .. },
                 ..
             }
             | SourceState::Paused {
-                from: Resume::Precopy { owed, .. },
+                from: Resume::Precopy { resume_guest, .. },
                 ..
             } => {
-                if owed.running {
+                if *resume_guest {
                     GuestFate::Resume
                 } else {
                     GuestFate::Running
@@ -311,6 +320,9 @@ pub enum SrcAction {
 #[derive(Clone, Debug)]
 pub struct SourceMachine {
     state: SourceState,
+    /// Answers in flight from before a resync (see [`Owed`]): they cross
+    /// states, so they are kept beside the state, not in it.
+    owed: Owed,
     policy: Policy,
     /// Pages of guest memory (to read the destination's bitmaps).
     pages: u64,
@@ -320,6 +332,7 @@ impl SourceMachine {
     pub fn new(policy: Policy, pages: u64) -> Self {
         SourceMachine {
             state: SourceState::Booting { requested: false },
+            owed: Owed::default(),
             policy,
             pages,
         }
@@ -361,10 +374,7 @@ impl SourceMachine {
     pub fn roles_started(&mut self) -> Result<Judged<SrcAction>, ProtocolError> {
         match self.state {
             SourceState::Setup { requested } => {
-                self.go(SourceState::Precopy {
-                    requested: false,
-                    owed: Owed::default(),
-                })?;
+                self.go(SourceState::Precopy { requested: false })?;
                 if requested {
                     self.on(&Event::StartPostcopy)
                 } else {
@@ -392,12 +402,11 @@ impl SourceMachine {
         matches!(self.state, SourceState::Over(_))
     }
 
-    /// Takes one answer the guest owed from before a resync (in order:
-    /// Stopped, State, Running). True if `m` was one.
+    /// Takes one answer the guest owed from before a resync: its channel
+    /// is FIFO, so they come first, in the order of the commands (Stopped,
+    /// State, then Running for the Resume). True if `m` was one.
     fn owes(&mut self, m: &FromGuest) -> bool {
-        let SourceState::Precopy { owed, .. } = &mut self.state else {
-            return false;
-        };
+        let owed = &mut self.owed;
         let slot = match m {
             FromGuest::Stopped if owed.stopped => &mut owed.stopped,
             FromGuest::State(_) if owed.state && !owed.stopped => &mut owed.state,
@@ -448,6 +457,12 @@ impl SourceMachine {
                     S::PreDiscard { acked, .. } if *acked == 0 && *id > 0 => {
                         *acked = *id;
                         self.after_discard()
+                    }
+                    // The ack of a MARK whose early discard a resync undid
+                    // (it comes before the ResyncReady, on one connection).
+                    S::Resync { .. } if self.owed.mark => {
+                        self.owed.mark = false;
+                        Ok(Judged::Act(vec![]))
                     }
                     st => refuse(st, "no MARK is awaiting its ack"),
                 },
@@ -554,7 +569,7 @@ impl SourceMachine {
                 FromRamSender::Progress(_) => Ok(Judged::Ignored),
                 FromRamSender::Error(_) => Ok(Judged::Ignored),
                 FromRamSender::Synced(stats) => match &mut self.state {
-                    S::Precopy { requested, .. } => {
+                    S::Precopy { requested } => {
                         let requested = *requested;
                         let d = self.policy.decide(stats, requested);
                         self.decided(d, true)
@@ -653,6 +668,13 @@ impl SourceMachine {
                 {
                     Ok(Judged::Act(vec![]))
                 }
+                // The guest answers in order: nothing new before what an
+                // earlier command still owes.
+                FromGuest::Stopped | FromGuest::State(_) | FromGuest::Running
+                    if self.owed.stopped || self.owed.state || self.owed.running =>
+                {
+                    refuse(&self.state, "the guest owes an answer to an earlier command first")
+                }
                 FromGuest::Ready { .. } | FromGuest::Running => match self.state {
                     S::Booting { .. } => Ok(Judged::Ignored),
                     _ => refuse(&self.state, "the guest started already"),
@@ -693,7 +715,7 @@ impl SourceMachine {
                         *requested = true;
                         Ok(Judged::Act(vec![]))
                     }
-                    S::Precopy { requested, .. } => {
+                    S::Precopy { requested } => {
                         *requested = true;
                         // Switch now if allowed: PreDiscard interrupts the
                         // running round (the ram-sender takes it mid-round).
@@ -772,39 +794,21 @@ impl SourceMachine {
     fn resume_point(&self) -> Option<Resume> {
         let manual = self.policy.mode() == PostcopyMode::Manual;
         Some(match &self.state {
-            SourceState::Precopy { requested, owed } => Resume::Precopy {
+            SourceState::Precopy { requested } => Resume::Precopy {
                 requested: *requested,
-                owed: *owed,
+                resume_guest: false,
             },
             // The switch is undone; in manual mode it was asked for, so it
             // is asked for again.
             SourceState::PreDiscard { .. } => Resume::Precopy {
                 requested: manual,
-                owed: Owed::default(),
+                resume_guest: false,
             },
-            SourceState::Stopping { postcopy } => Resume::Precopy {
+            SourceState::Stopping { postcopy }
+            | SourceState::FinalSync { postcopy }
+            | SourceState::Saving { postcopy } => Resume::Precopy {
                 requested: *postcopy && manual,
-                owed: Owed {
-                    stopped: true,
-                    state: false,
-                    running: true,
-                },
-            },
-            SourceState::FinalSync { postcopy } => Resume::Precopy {
-                requested: *postcopy && manual,
-                owed: Owed {
-                    stopped: false,
-                    state: false,
-                    running: true,
-                },
-            },
-            SourceState::Saving { postcopy } => Resume::Precopy {
-                requested: *postcopy && manual,
-                owed: Owed {
-                    stopped: false,
-                    state: true,
-                    running: true,
-                },
+                resume_guest: true,
             },
             SourceState::PackageOut { dest_running, tail } => Resume::Package {
                 dest_running: *dest_running,
@@ -829,6 +833,13 @@ impl SourceMachine {
         let from = self
             .resume_point()
             .ok_or_else(|| self.out_of_step("a resync"))?;
+        // Answers already on their way to commands given in this state.
+        match self.state {
+            SourceState::PreDiscard { acked: 0, .. } => self.owed.mark = true,
+            SourceState::Stopping { .. } => self.owed.stopped = true,
+            SourceState::Saving { .. } => self.owed.state = true,
+            _ => {}
+        }
         self.go(SourceState::Resync { epoch, from })?;
         Ok(true)
     }
@@ -889,11 +900,14 @@ impl SourceMachine {
                 &format!("it is for epoch {epoch}, not {ours}"),
             ));
         }
-        let restart_precopy = |m: &mut Self, requested: bool, owed: Owed| {
+        // After the ResyncReady no ack of an old MARK can come.
+        self.owed.mark = false;
+        let restart_precopy = |m: &mut Self, requested: bool, resume_guest: bool| {
             m.policy.restart();
-            m.go(SourceState::Precopy { requested, owed })?;
+            m.go(SourceState::Precopy { requested })?;
             let mut next = vec![];
-            if owed.running {
+            if resume_guest {
+                m.owed.running = true;
                 next.push(SrcAction::ResumeGuest);
             }
             next.push(SrcAction::StartRoles {
@@ -909,7 +923,10 @@ impl SourceMachine {
                 self.state.name(),
                 "the destination claims a package that was never sent",
             )),
-            Resume::Precopy { requested, owed } => restart_precopy(self, requested, owed),
+            Resume::Precopy {
+                requested,
+                resume_guest,
+            } => restart_precopy(self, requested, resume_guest),
             Resume::Package { dest_running, .. } if !package => {
                 if dest_running {
                     return Err(ProtocolError::new(
@@ -921,14 +938,7 @@ impl SourceMachine {
                 // The package never arrived whole: the destination guest
                 // never ran, so the source guest may run on (the seed's
                 // rule holds: no second copy exists).
-                restart_precopy(
-                    self,
-                    false,
-                    Owed {
-                        running: true,
-                        ..Owed::default()
-                    },
-                )
+                restart_precopy(self, false, true)
             }
             Resume::Package {
                 dest_running,

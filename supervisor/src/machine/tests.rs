@@ -16,7 +16,7 @@ use common::control::{ControlMsg, DestSummary, PostcopyMode, SetupAccepted, Veri
 use common::guest::{GuestConfig, GuestKind, Workload};
 use common::msg::{
     FinalSync, FromFaultHandler, FromGuest, FromPageServer, FromRamSender, PostcopyStats,
-    PushStats, RecvProgress, RoundStats, SendProgress, ServerStats, ToRamSender,
+    PushStats, RecvProgress, RoundStats, SendProgress, SenderStart, ServerStats, ToRamSender,
 };
 use common::state::MigrationState;
 use common::types::RemoteAddr;
@@ -115,6 +115,15 @@ fn source_catalogue() -> Vec<Event> {
         Event::Guest(FromGuest::Listening),
         Event::Guest(FromGuest::Loaded),
         Event::Handler(FromFaultHandler::Mark(1, RecvProgress::default())),
+        Event::Peer(ControlMsg::Resync {
+            epoch: 1,
+            reason: "a role died".into(),
+        }),
+        Event::Peer(ControlMsg::ResyncReady {
+            epoch: 1,
+            package: true,
+            received: vec![0xff; 32],
+        }),
     ]
 }
 
@@ -202,6 +211,8 @@ struct SourceWorld {
     postcopy: bool,
     /// A start-postcopy in mid-round cuts the round short (no Synced).
     interrupt_drops: bool,
+    /// A page-server runs (none after a resync that needed no roles).
+    server_alive: bool,
 }
 
 impl SourceWorld {
@@ -213,6 +224,7 @@ impl SourceWorld {
             package_handed: false,
             postcopy: false,
             interrupt_drops: false,
+            server_alive: true,
         }
     }
 
@@ -226,6 +238,9 @@ impl SourceWorld {
     }
 
     fn act(&mut self, a: &SrcAction) {
+        if let SrcAction::StartRoles { .. } = a {
+            self.server_alive = true;
+        }
         match a {
             SrcAction::Sender(ToRamSender::Continue) => {
                 let s = self.next_sync();
@@ -304,16 +319,39 @@ impl SourceWorld {
                     }),
                 );
                 // The destination closes the return path as it ends.
-                if !self.postcopy {
+                if !self.postcopy && self.server_alive {
                     self.q.push(
                         SERVER,
                         Event::Server(FromPageServer::Closed(ServerStats::default())),
                     );
                 }
             }
-            SrcAction::ResumeGuest | SrcAction::StartRoles { .. } => {
-                panic!("a resync step without a resync: {a:?}")
+            SrcAction::ResumeGuest => {
+                self.guest_stopped = false;
+                self.q.push(GUEST, Event::Guest(FromGuest::Running));
             }
+            SrcAction::StartRoles { start, .. } => match start {
+                // Precopy starts over: a new ram-sender's first round.
+                SenderStart::Precopy => {
+                    let s = self.next_sync();
+                    self.q.push(SENDER, s);
+                }
+                // The push of what the destination lacks, on new roles.
+                SenderStart::Push => {
+                    self.q.push(
+                        SENDER,
+                        Event::Sender(FromRamSender::PushDone(PushStats::default())),
+                    );
+                    self.q.push(
+                        SERVER,
+                        Event::Server(FromPageServer::PostcopyDone(ServerStats::default())),
+                    );
+                    self.q.push(
+                        SERVER,
+                        Event::Server(FromPageServer::Closed(ServerStats::default())),
+                    );
+                }
+            },
             SrcAction::SwitchDecided(_)
             | SrcAction::Converged(_)
             | SrcAction::DestRunning
@@ -327,6 +365,37 @@ impl SourceWorld {
                 self.act(a);
             }
         }
+    }
+
+    /// The data roles died and the source asked for resync `epoch`: what
+    /// they had queued is never heard (their gates closed); the
+    /// destination answers, unless it finished already (it then ignores
+    /// the request and its DestCompleted is on the way).
+    fn resync(&mut self, epoch: u32) {
+        self.q.0[SENDER].clear();
+        self.q.0[SERVER].clear();
+        self.server_alive = false;
+        let completed = self.q.0[PEER]
+            .iter()
+            .any(|e| matches!(e, Event::Peer(ControlMsg::DestCompleted(_))));
+        if completed {
+            return;
+        }
+        // The destination got a package handed over (this model loses
+        // none); after a postcopy one half the pages are there.
+        let received = match (self.package_handed, self.postcopy) {
+            (false, _) => vec![0u8; 32],
+            (true, false) => vec![0xff; 32],
+            (true, true) => [vec![0xff; 16], vec![0u8; 16]].concat(),
+        };
+        self.q.push(
+            PEER,
+            Event::Peer(ControlMsg::ResyncReady {
+                epoch,
+                package: self.package_handed,
+                received,
+            }),
+        );
     }
 }
 
@@ -352,6 +421,7 @@ fn run_source(
     picks: &[u8],
     start_at: Option<usize>,
     fail_at: Option<usize>,
+    resync_at: Option<usize>,
     probe: bool,
 ) -> Result<(SourceMachine, SourceWorld), TestCaseError> {
     let after = (mode == PostcopyMode::Manual).then_some(rounds.max(1));
@@ -370,6 +440,14 @@ fn run_source(
     while !m.is_over() {
         if fail_at == Some(step) {
             return Ok((m, w));
+        }
+        if resync_at == Some(step) {
+            // A data role dies here: the driver asks for resync 1.
+            if m.begin_resync(1)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?
+            {
+                w.resync(1);
+            }
         }
         if start_at == Some(step) {
             w.interrupt_drops = picks.clone().next().unwrap_or(0) % 2 == 0;
@@ -402,7 +480,11 @@ fn run_source(
                             ..
                         }
                     );
-                if unused_closed || interrupted {
+                // Only the destination knows whether it finished before
+                // our resync request reached it.
+                let resync_answer =
+                    name == "ResyncReady" && matches!(m.state(), SourceState::Resync { .. });
+                if unused_closed || interrupted || resync_answer {
                     continue;
                 }
                 let mut copy = m.clone();
@@ -463,7 +545,7 @@ proptest! {
         picks in proptest::collection::vec(any::<u8>(), 1..64),
         start_at in proptest::option::of(0usize..12),
     ) {
-        let (m, w) = run_source(mode, rounds, &picks, start_at, None, true)?;
+        let (m, w) = run_source(mode, rounds, &picks, start_at, None, None, true)?;
         prop_assert_eq!(m.state(), &SourceState::Over(MigrationState::Completed));
         prop_assert!(w.package_handed);
     }
@@ -478,7 +560,7 @@ proptest! {
         start_at in proptest::option::of(0usize..12),
         fail_at in 0usize..40,
     ) {
-        let (m, mut w) = run_source(mode, rounds, &picks, start_at, Some(fail_at), false)?;
+        let (m, mut w) = run_source(mode, rounds, &picks, start_at, Some(fail_at), None, false)?;
         let fate = m.state().guest_fate();
         match fate {
             GuestFate::Resume => w.guest_stopped = false,
@@ -499,6 +581,44 @@ proptest! {
         if w.package_handed && m.state().coarse() != MigrationState::Active {
             prop_assert_ne!(ended.state().coarse(), MigrationState::Cancelled);
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// A data role dies at any point: the resync (a fresh precopy before
+    /// the package, the push of what is missing after it) completes in
+    /// every order, and a failure during it still never leaves the guest
+    /// stopped.
+    #[test]
+    fn source_resync_at_any_point_completes(
+        mode in modes(),
+        rounds in 0u32..3,
+        picks in proptest::collection::vec(any::<u8>(), 1..64),
+        start_at in proptest::option::of(0usize..12),
+        resync_at in 0usize..30,
+    ) {
+        let (m, w) = run_source(mode, rounds, &picks, start_at, None, Some(resync_at), true)?;
+        prop_assert_eq!(m.state(), &SourceState::Over(MigrationState::Completed));
+        prop_assert!(w.package_handed);
+        prop_assert!(!w.guest_stopped || w.package_handed);
+    }
+
+    #[test]
+    fn source_failure_after_resync_never_leaves_the_guest_stopped(
+        mode in modes(),
+        picks in proptest::collection::vec(any::<u8>(), 1..64),
+        resync_at in 0usize..20,
+        fail_at in 0usize..40,
+    ) {
+        let (m, mut w) = run_source(mode, 1, &picks, None, Some(fail_at), Some(resync_at), false)?;
+        match m.state().guest_fate() {
+            GuestFate::Resume => w.guest_stopped = false,
+            GuestFate::Running => prop_assert!(!w.guest_stopped, "stopped guest left as running in {:?}", m.state()),
+            GuestFate::Frozen => prop_assert!(w.package_handed, "frozen before the package"),
+        }
+        prop_assert!(!w.guest_stopped || w.package_handed, "guest left stopped in {:?}", m.state());
     }
 }
 
@@ -738,7 +858,19 @@ fn run_dest(postcopy: bool, digests: bool, picks: &[u8]) -> Result<DestMachine, 
                     }
                 )
                 && digests;
-            if mark_possible || end_possible {
+            // The source may ask for a resync whenever a data plane runs.
+            let resync_possible = name == "Resync"
+                && matches!(
+                    m.state(),
+                    DestState::Precopy { .. }
+                        | DestState::Listening
+                        | DestState::Loading { .. }
+                        | DestState::Starting { .. }
+                        | DestState::Running { .. }
+                        | DestState::Verifying { .. }
+                        | DestState::AwaitFinish
+                );
+            if mark_possible || end_possible || resync_possible {
                 continue;
             }
             let mut copy = m.clone();

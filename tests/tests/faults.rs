@@ -1,0 +1,659 @@
+//! Nothing lost (issue 7): the faults found in the state handling, a cancel
+//! while the guest stops, a destination with a dead return path, every data
+//! role killed in every phase (process and KVM guests), a lost link in
+//! postcopy (recovered by itself, and by `postcopy recover`), and a
+//! randomized run of kills. Every migration must complete with its memory
+//! check at 0 mismatches, or end with the source guest running.
+
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use serde_json::Value;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::control::{recv_control, ControlMsg, SetupAccepted};
+use common::types::{MemLayout, PAGE_SIZE};
+use common::wire::{send_control, ConnKind, Frame, FrameReader, HelloStatus, HELLO_LEN};
+
+/// Connection kinds as the hello's byte 6 names them (docs/protocol.md).
+const MAIN: u8 = 2;
+const RETURN_PATH: u8 = 3;
+use tests::{
+    check, free_port, kvm_skip_reason, num, postcopy, report, run, start, text, TempDir, TwoHosts,
+};
+
+type TestResult = Result<(), String>;
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // Every migration keeps both CPUs busy: one at a time.
+    args.test_threads.get_or_insert(1);
+    let skip = kvm_skip_reason();
+    let plain = |name: &'static str, f: fn() -> TestResult| {
+        Trial::test(name, move || f().map_err(Failed::from))
+    };
+    let kvm = |name: &'static str, f: fn() -> TestResult| {
+        let skip = skip.clone();
+        Trial::ignorable_test(name, move || match &skip {
+            Some(reason) => {
+                eprintln!("skipped: {name}: {reason}");
+                Ok(Completion::ignored_with(format!("skipped: {reason}")))
+            }
+            None => f().map(|()| Completion::Completed).map_err(Failed::from),
+        })
+    };
+    let trials = vec![
+        plain(
+            "completed_migration_is_kept_pinned_40_times",
+            completed_migration_is_kept_pinned_40_times,
+        ),
+        plain(
+            "cancel_while_the_guest_stops_resumes_it",
+            cancel_while_the_guest_stops_resumes_it,
+        ),
+        plain(
+            "cancel_right_after_start_postcopy_resumes_the_guest",
+            cancel_right_after_start_postcopy_resumes_the_guest,
+        ),
+        plain(
+            "cancel_in_precopy_keeps_the_guest",
+            cancel_in_precopy_keeps_the_guest,
+        ),
+        plain(
+            "dead_return_path_prevents_the_switch",
+            dead_return_path_prevents_the_switch,
+        ),
+        plain(
+            "kill_each_role_in_each_phase_process",
+            kill_each_role_in_each_phase_process,
+        ),
+        kvm(
+            "kill_each_role_in_each_phase_kvm",
+            kill_each_role_in_each_phase_kvm,
+        ),
+        plain(
+            "link_down_5s_in_postcopy_recovers",
+            link_down_5s_in_postcopy_recovers,
+        ),
+        plain(
+            "link_down_30s_recovered_by_command",
+            link_down_30s_recovered_by_command,
+        ),
+        plain("fifty_random_kills", fifty_random_kills),
+    ];
+    libtest_mimic::run(&args, trials).exit();
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// Runs `postcopy demo ARGS --json FILE`; returns its report and whether
+/// it exited 0.
+fn demo(args: &[&str], limit_s: u64) -> Result<(Value, bool, String), String> {
+    demo_with(postcopy().arg("demo"), args, limit_s)
+}
+
+fn demo_with(
+    cmd: &mut Command,
+    args: &[&str],
+    limit_s: u64,
+) -> Result<(Value, bool, String), String> {
+    let dir = TempDir::new("faults");
+    let json = dir.path("r.json");
+    let out = run(
+        cmd.args(args).arg("--json").arg(&json),
+        Duration::from_secs(limit_s),
+    )?;
+    let r = report(&json).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    Ok((r, out.status.success(), out.describe()))
+}
+
+/// A completed migration whose memory check found nothing wrong.
+fn completed_ok(r: &Value, ok: bool, out: &str) -> TestResult {
+    check(
+        ok && text(r, "status") == "completed",
+        format!("not completed: {}\n{out}", r["error"]),
+    )?;
+    check(
+        r["verify"]["mismatches"].as_u64() == Some(0) && num(r, "verify.pages_checked")? > 0,
+        format!("verify: {}", r["verify"]),
+    )
+}
+
+/// Restarts of `role` in the report (both hosts are listed by the demo).
+fn restarts(r: &Value, role: &str) -> u64 {
+    r["roles"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| x["name"] == role)
+        .filter_map(|x| x["restarts"].as_u64())
+        .sum()
+}
+
+fn events(r: &Value, kind: &str) -> Vec<String> {
+    r["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == kind)
+        .map(|e| e["detail"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Direct children of `pid` called `comm`.
+fn children(pid: u32, comm: &str) -> Vec<u32> {
+    let list =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    list.split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p: &u32| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .map(|c| c.trim() == comm)
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: a signal to a process this test started.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+// ---------------------------------------------------------------- fault 1
+
+/// Fault 1: the destination's DestRunning and DestCompleted both arrive
+/// while the source still waits for its ram-sender's PackageSent; judged
+/// by the protocol, that order is legal and the migration completes. A
+/// tiny idle guest on one CPU makes that order common.
+fn completed_migration_is_kept_pinned_40_times() -> TestResult {
+    for i in 0..40 {
+        let (r, ok, out) = demo_with(
+            Command::new("taskset")
+                .args(["-c", "1"])
+                .arg(tests::bin_dir().join("postcopy"))
+                .arg("demo"),
+            &[
+                "--guest",
+                "process",
+                "--mem",
+                "12K",
+                "--workload",
+                "idle",
+                "--warmup-ms",
+                "0",
+            ],
+            60,
+        )?;
+        completed_ok(&r, ok, &out).map_err(|e| format!("run {i}: {e}"))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- fault 2
+
+/// Starts a demo whose source guest is an `ab` process guest with `--verify
+/// ab`, in manual mode; returns it once precopy runs.
+fn manual_demo(dir: &TempDir) -> Result<(tests::Running, std::path::PathBuf, u32), String> {
+    let json = dir.path("r.json");
+    let m = start(
+        postcopy()
+            .args([
+                "demo",
+                "--mem",
+                "64M",
+                "--workload",
+                "ab",
+                "--postcopy",
+                "manual",
+                "--verify",
+                "ab",
+                "--max-bandwidth",
+                "32M",
+                "--json",
+            ])
+            .arg(&json),
+    );
+    let root = m.pid();
+    let t = Instant::now();
+    let guest = loop {
+        if let Some(&g) = children(root, "postcopy-guest").first() {
+            break g;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            return Err("the source guest never started".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Warm-up (500 ms) and setup: precopy runs after this.
+    std::thread::sleep(Duration::from_millis(1500));
+    Ok((m, json, guest))
+}
+
+/// The source guest after a cancel: running, and its memory follows the
+/// `ab` rule.
+fn guest_kept(r: &Value, out: &str) -> TestResult {
+    check(
+        text(r, "status") == "cancelled",
+        format!("status {} ({})\n{out}", r["status"], r["error"]),
+    )?;
+    check(
+        text(r, "source_guest").starts_with("running"),
+        format!("source_guest {}\n{out}", r["source_guest"]),
+    )?;
+    check(
+        r["source_verify"]["mismatches"].as_u64() == Some(0),
+        format!("source memory: {}", r["source_verify"]),
+    )
+}
+
+/// Fault 2: the guest is stopped (SIGSTOP) so it cannot answer `Stop`;
+/// start-postcopy, then SIGINT 0.5 s later: the cancel must resume the
+/// guest, whose `Stop` was already on its way.
+fn cancel_while_the_guest_stops_resumes_it() -> TestResult {
+    let dir = TempDir::new("cancel-stop");
+    let (m, json, guest) = manual_demo(&dir)?;
+    signal(guest, libc::SIGSTOP);
+    signal(m.pid(), libc::SIGUSR1);
+    std::thread::sleep(Duration::from_millis(500));
+    signal(m.pid(), libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(200));
+    signal(guest, libc::SIGCONT);
+    let out = m.finish(Duration::from_secs(90))?;
+    guest_kept(&report(&json)?, &out.describe())
+}
+
+/// The same without SIGSTOP: SIGINT 6 ms after start-postcopy.
+fn cancel_right_after_start_postcopy_resumes_the_guest() -> TestResult {
+    let dir = TempDir::new("cancel-6ms");
+    let (m, json, _) = manual_demo(&dir)?;
+    signal(m.pid(), libc::SIGUSR1);
+    std::thread::sleep(Duration::from_millis(6));
+    signal(m.pid(), libc::SIGINT);
+    let out = m.finish(Duration::from_secs(90))?;
+    let r = report(&json)?;
+    if text(&r, "status") == "completed" {
+        // The switch beat the signal: nothing to cancel any more.
+        return completed_ok(&r, out.status.success(), &out.describe());
+    }
+    guest_kept(&r, &out.describe())
+}
+
+/// A cancel in precopy: the source guest runs on, memory intact.
+fn cancel_in_precopy_keeps_the_guest() -> TestResult {
+    let dir = TempDir::new("cancel-pre");
+    let (m, json, _) = manual_demo(&dir)?;
+    signal(m.pid(), libc::SIGINT);
+    let out = m.finish(Duration::from_secs(90))?;
+    guest_kept(&report(&json)?, &out.describe())
+}
+
+// ---------------------------------------------------------------- fault 3
+
+/// Fault 3: a destination that accepts the migration, then closes its
+/// return path during precopy (and answers nothing else). The source must
+/// not switch: no package, the source guest still running.
+fn dead_return_path_prevents_the_switch() -> TestResult {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let fake = std::thread::spawn(move || -> Result<bool, String> {
+        let accept = || -> Result<(TcpStream, u8), String> {
+            let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+            let mut h = [0u8; HELLO_LEN];
+            s.read_exact(&mut h).map_err(|e| e.to_string())?;
+            common::wire::server_reply(&mut s, HelloStatus::Ok).map_err(|e| e.to_string())?;
+            Ok((s, h[6]))
+        };
+        let (mut c, _) = accept()?;
+        let layout = MemLayout::new(PAGE_SIZE as u64).map_err(|e| e.to_string())?;
+        let mut cr = FrameReader::new(
+            c.try_clone().map_err(|e| e.to_string())?,
+            ConnKind::Control,
+            layout,
+        );
+        let mem = match recv_control(&mut cr).map_err(|e| e.to_string())? {
+            ControlMsg::Setup(s) => s.guest.mem_bytes,
+            other => return Err(format!("expected Setup, got {other:?}")),
+        };
+        send_control(
+            &mut c,
+            &ControlMsg::SetupAccepted(SetupAccepted {
+                postcopy_ready: true,
+                uffd_features: 0,
+            }),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut data = Vec::new();
+        for _ in 0..3 {
+            data.push(accept()?);
+        }
+        // The return path goes away; everything else stays.
+        for (s, kind) in &data {
+            if *kind == RETURN_PATH {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        let main = data
+            .iter()
+            .find(|(_, k)| *k == MAIN)
+            .ok_or("no main stream")?
+            .0
+            .try_clone()
+            .map_err(|e| e.to_string())?;
+        // Heartbeats from here, so the source does not give up on us for
+        // silence; and read the main stream to its end.
+        let mut beat = c.try_clone().map_err(|e| e.to_string())?;
+        std::thread::spawn(move || {
+            while send_control(&mut beat, &ControlMsg::Heartbeat).is_ok() {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        std::thread::spawn(move || while recv_control(&mut cr).is_ok() {});
+        let mut r = FrameReader::new(
+            main,
+            ConnKind::Main,
+            MemLayout::new(mem).map_err(|e| e.to_string())?,
+        );
+        let mut package = false;
+        while let Ok(f) = r.next_frame() {
+            package |= matches!(f, Frame::Package(_));
+        }
+        Ok(package)
+    });
+    let dir = TempDir::new("dead-return");
+    let sj = dir.path("src.json");
+    let out = run(
+        postcopy()
+            .args([
+                "migrate",
+                "--to",
+                &format!("127.0.0.1:{port}"),
+                "--mem",
+                "64M",
+                "--workload",
+                "ab",
+                "--postcopy",
+                "manual",
+                "--postcopy-after-syncs",
+                "1",
+                "--verify",
+                "ab",
+                "--link-timeout",
+                "3",
+                "--json",
+            ])
+            .arg(&sj),
+        Duration::from_secs(120),
+    )?;
+    let r = report(&sj)?;
+    let package = fake.join().map_err(|_| "the fake destination panicked")??;
+    check(!package, format!("a package was sent\n{}", out.describe()))?;
+    check(
+        !out.status.success() && text(&r, "status") == "failed",
+        format!("status {}\n{}", r["status"], out.describe()),
+    )?;
+    check(
+        r["downtime_ms"].is_null(),
+        format!("the source guest was stopped for good: {r:#}"),
+    )?;
+    check(
+        text(&r, "source_guest").starts_with("running"),
+        format!("source_guest {}", r["source_guest"]),
+    )?;
+    check(
+        r["source_verify"]["mismatches"].as_u64() == Some(0),
+        format!("source memory: {}", r["source_verify"]),
+    )
+}
+
+// ---------------------------------------------------------------- restarts
+
+const PHASES: [&str; 3] = ["precopy", "switchover", "postcopy"];
+const ROLES: [&str; 3] = ["ram-sender", "page-server", "fault-handler"];
+
+/// One demo per role and phase, each killing that role once (SIGKILL) at
+/// that point: every migration completes with 0 mismatches and the
+/// restart counted.
+fn kill_matrix(guest: &[&str]) -> TestResult {
+    for role in ROLES {
+        for phase in PHASES {
+            let delay = match phase {
+                "precopy" => "+300ms",
+                "switchover" => "",
+                _ => "+150ms",
+            };
+            let spec = format!("{role}@{phase}{delay}");
+            let mut args = guest.to_vec();
+            args.extend([
+                "--mem",
+                "128M",
+                "--postcopy",
+                "manual",
+                "--postcopy-after-syncs",
+                "1",
+                "--max-bandwidth",
+                "64M",
+                "--max-postcopy-bandwidth",
+                "32M",
+                "--chaos",
+                &spec,
+            ]);
+            let (r, ok, out) = demo(&args, 180)?;
+            completed_ok(&r, ok, &out).map_err(|e| format!("{spec}: {e}"))?;
+            check(
+                restarts(&r, role) >= 1,
+                format!("{spec}: no restart of {role} counted: {}", r["roles"]),
+            )?;
+            check(
+                r["switched_to_postcopy"] == true,
+                format!("{spec}: never switched"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn kill_each_role_in_each_phase_process() -> TestResult {
+    kill_matrix(&["--guest", "process", "--workload", "ab", "--vcpus", "2"])
+}
+
+fn kill_each_role_in_each_phase_kvm() -> TestResult {
+    kill_matrix(&["--guest", "kvm"])
+}
+
+/// Kills drawn at random (seeded), three per migration, until at least 50
+/// have fired: every migration completes with 0 mismatches. The source
+/// counts its own kills; the destination's are its fault-handler restarts
+/// beyond the resyncs the source asked for.
+fn fifty_random_kills() -> TestResult {
+    let mut fired = 0usize;
+    let mut runs = 0;
+    let mut seed = 1u64;
+    while fired < 50 {
+        check(
+            runs < 60,
+            format!("only {fired} kills fired in {runs} runs"),
+        )?;
+        let spec = format!("random:3:{seed}");
+        let dir = TempDir::new("random-kills");
+        let (sj, dj) = (dir.path("src.json"), dir.path("dst.json"));
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let dest = start(
+            postcopy()
+                .args(["incoming", "--listen", &addr, "--accept-timeout", "60"])
+                .args(["--chaos", &spec, "--max-restarts", "10", "--json"])
+                .arg(&dj),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let src = run(
+            postcopy()
+                .args([
+                    "migrate",
+                    "--to",
+                    &addr,
+                    "--mem",
+                    "64M",
+                    "--workload",
+                    "ab",
+                    "--vcpus",
+                    "2",
+                    "--postcopy",
+                    "manual",
+                    "--postcopy-after-syncs",
+                    "1",
+                    "--max-bandwidth",
+                    "32M",
+                    "--max-postcopy-bandwidth",
+                    "16M",
+                    "--max-restarts",
+                    "10",
+                    "--chaos",
+                    &spec,
+                    "--json",
+                ])
+                .arg(&sj),
+            Duration::from_secs(180),
+        )?;
+        let dst = dest.finish(Duration::from_secs(30))?;
+        let (s, d) = (report(&sj)?, report(&dj)?);
+        completed_ok(&s, src.status.success(), &src.describe())
+            .map_err(|e| format!("{spec}: {e}\ndestination: {}", dst.describe()))?;
+        fired += events(&s, "chaos").len() + events(&d, "chaos").len();
+        runs += 1;
+        seed += 1;
+    }
+    eprintln!(
+        "random kills: {fired} fired in {runs} migrations (seeds 1..={})",
+        seed - 1
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- recovery
+
+/// A postcopy migration between two hosts whose push is slow enough (an
+/// idle guest, paced push) to cut the link in the middle of it. Returns
+/// the hosts, the running source and destination, the report paths and
+/// the source's command socket.
+struct Cut {
+    hosts: TwoHosts,
+    dir: TempDir,
+    src: tests::Running,
+    dst: tests::Running,
+    sock: std::path::PathBuf,
+}
+
+fn postcopy_between_hosts(tag: &str) -> Result<Cut, String> {
+    let hosts = TwoHosts::new(tag)?;
+    let dir = TempDir::new(tag);
+    let sock = dir.path("cmd.sock");
+    let port = free_port();
+    let (dst, addr) = hosts.incoming(port, &["--link-timeout", "2"], &dir.path("dst.json"));
+    let src = start(
+        hosts
+            .migrate(
+                &addr,
+                &[
+                    "--mem",
+                    "256M",
+                    "--workload",
+                    "idle",
+                    "--postcopy",
+                    "manual",
+                    "--max-postcopy-bandwidth",
+                    "16M",
+                    "--link-timeout",
+                    "2",
+                    "--command-socket",
+                    sock.to_str().expect("utf-8 path"),
+                ],
+                &dir.path("src.json"),
+            )
+            .stdin(std::process::Stdio::null()),
+    );
+    // Switch as soon as precopy runs; the push then takes ~16 s.
+    let t = Instant::now();
+    loop {
+        let out = Command::new(tests::bin_dir().join("postcopy"))
+            .args(["start-postcopy", "--socket"])
+            .arg(&sock)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(format!(
+                "start-postcopy never went through: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The guest stops, the package goes, the push starts.
+    std::thread::sleep(Duration::from_millis(1500));
+    Ok(Cut {
+        hosts,
+        dir,
+        src,
+        dst,
+        sock,
+    })
+}
+
+fn recovered(c: Cut) -> TestResult {
+    let src = c.src.finish(Duration::from_secs(180))?;
+    let dst = c.dst.finish(Duration::from_secs(30))?;
+    let r = report(&c.dir.path("src.json"))?;
+    let both = format!(
+        "source:\n{}\ndestination:\n{}",
+        src.describe(),
+        dst.describe()
+    );
+    completed_ok(&r, src.status.success(), &both)?;
+    check(
+        !events(&r, "pause").is_empty() && !events(&r, "recover").is_empty(),
+        format!(
+            "no pause and recovery in the events: {}\n{both}",
+            r["events"]
+        ),
+    )?;
+    let d = report(&c.dir.path("dst.json"))?;
+    check(
+        !events(&d, "pause").is_empty(),
+        format!("the destination did not pause: {}", d["events"]),
+    )
+}
+
+/// The link goes down for 5 s in postcopy: both sides pause, the source
+/// reconnects by itself, the migration completes.
+fn link_down_5s_in_postcopy_recovers() -> TestResult {
+    let c = postcopy_between_hosts("cut5")?;
+    c.hosts.cut()?;
+    std::thread::sleep(Duration::from_secs(5));
+    c.hosts.restore()?;
+    recovered(c)
+}
+
+/// A 30 s cut, far beyond the 2 s link timeout: the paused migration does
+/// not fail while its tries to reconnect fail; `postcopy recover` makes it
+/// try at once when the link is back.
+fn link_down_30s_recovered_by_command() -> TestResult {
+    let c = postcopy_between_hosts("cut30")?;
+    c.hosts.cut()?;
+    std::thread::sleep(Duration::from_secs(30));
+    let mut c = c;
+    check(c.src.running(), "the source gave up during the cut")?;
+    c.hosts.restore()?;
+    let out = Command::new(tests::bin_dir().join("postcopy"))
+        .args(["recover", "--socket"])
+        .arg(&c.sock)
+        .output()
+        .map_err(|e| e.to_string())?;
+    check(
+        out.status.success(),
+        format!("postcopy recover: {}", String::from_utf8_lossy(&out.stderr)),
+    )?;
+    recovered(c)
+}
