@@ -52,6 +52,8 @@ pub struct Chaos {
     /// The SPEC as given (handed on to the demo's destination).
     pub spec: String,
     pub kills: Vec<Kill>,
+    /// The phase the migration is in, and since when (see [`Chaos::tick`]).
+    since: Option<(Option<Phase>, Instant)>,
 }
 
 fn parse_delay(s: &str) -> Result<Duration, String> {
@@ -107,6 +109,7 @@ impl Chaos {
             return Ok(Chaos {
                 spec: spec.to_string(),
                 kills,
+                since: None,
             });
         }
         let mut kills = Vec::new();
@@ -134,6 +137,7 @@ impl Chaos {
         Ok(Chaos {
             spec: spec.to_string(),
             kills,
+            since: None,
         })
     }
 
@@ -152,6 +156,22 @@ impl Chaos {
         })?;
         k.fired = true;
         Some(k.role)
+    }
+
+    /// Called on every state change and tick with the phase the migration
+    /// is in now: the role among `mine` to kill now, if one is due, and the
+    /// phase it dies in.
+    pub fn tick(&mut self, mine: &[&str], phase: Option<Phase>) -> Option<(&'static str, Phase)> {
+        let since = match self.since {
+            Some((p, t)) if p == phase => t,
+            _ => {
+                let now = Instant::now();
+                self.since = Some((phase, now));
+                now
+            }
+        };
+        let role = self.due(mine, phase, since)?;
+        Some((role, phase.expect("a kill is due only in a phase")))
     }
 
     /// How many kills of `mine` fired, of how many planned.

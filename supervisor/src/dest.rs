@@ -80,10 +80,8 @@ struct Dest {
     mark_discard_us: u64,
     /// Messages for the source kept while the link is down.
     outbox: Vec<ControlMsg>,
-    /// `--chaos`: planned kills of the fault-handler, and when the current
-    /// chaos phase began.
+    /// `--chaos`: planned kills of the fault-handler.
     chaos: Option<Chaos>,
-    chaos_since: (Option<chaos::Phase>, Instant),
     /// What the fault-handler said when it had every page.
     done: Option<(Option<PostcopyStats>, RecvProgress)>,
 }
@@ -135,7 +133,6 @@ pub fn incoming(args: IncomingArgs) -> Report {
         mark_discard_us: 0,
         outbox: Vec::new(),
         chaos: None,
-        chaos_since: (None, Instant::now()),
         done: None,
     };
     d.chaos = d.args.chaos.clone();
@@ -388,17 +385,15 @@ impl Dest {
     /// Kills the fault-handler if `--chaos` says it is time.
     fn chaos_tick(&mut self) {
         let phase = self.chaos_phase();
-        if phase != self.chaos_since.0 {
-            self.chaos_since = (phase, Instant::now());
-        }
-        let Some(c) = self.chaos.as_mut() else {
-            return;
-        };
-        if let Some(role) = c.due(&["fault-handler"], phase, self.chaos_since.1) {
+        if let Some((role, phase)) = self
+            .chaos
+            .as_mut()
+            .and_then(|c| c.tick(&["fault-handler"], phase))
+        {
             self.report.note(
                 self.s.started,
                 "chaos",
-                format!("killing {role} in {phase:?}", phase = phase.expect("due")),
+                format!("killing {role} in {phase:?}"),
             );
             self.s.kill(role);
         }

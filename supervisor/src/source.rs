@@ -106,10 +106,8 @@ struct Source {
     epoch: u32,
     /// While paused: when to try the destination again.
     reconnect: Reconnect,
-    /// `--chaos`: planned kills of our data roles, and when the current
-    /// chaos phase began.
+    /// `--chaos`: planned kills of our data roles.
     chaos: Option<Chaos>,
-    chaos_since: (Option<chaos::Phase>, Instant),
     t0: Option<Instant>,
     times: Times,
     /// The guest's saved state, between its arrival and the package.
@@ -206,7 +204,6 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
             backoff: RECONNECT_FIRST,
         },
         chaos: None,
-        chaos_since: (None, Instant::now()),
         t0: None,
         times: Times::default(),
         saved_state: None,
@@ -418,17 +415,15 @@ impl Source {
     /// Kills a data role of ours if `--chaos` says it is time.
     fn chaos_tick(&mut self) {
         let phase = self.chaos_phase();
-        if phase != self.chaos_since.0 {
-            self.chaos_since = (phase, Instant::now());
-        }
-        let Some(c) = self.chaos.as_mut() else {
-            return;
-        };
-        if let Some(role) = c.due(&["ram-sender", "page-server"], phase, self.chaos_since.1) {
+        if let Some((role, phase)) = self
+            .chaos
+            .as_mut()
+            .and_then(|c| c.tick(&["ram-sender", "page-server"], phase))
+        {
             self.report.note(
                 self.s.started,
                 "chaos",
-                format!("killing {role} in {phase:?}", phase = phase.expect("due")),
+                format!("killing {role} in {phase:?}"),
             );
             self.s.kill(role);
         }
