@@ -240,20 +240,23 @@ impl Dest {
     /// Sends to the source, or (while the link is down) keeps the message
     /// for when it is back: the guest goes on meanwhile, and what it did
     /// (started, finished) must still reach the source, in order.
+    /// A send that fails keeps the message too: the broken link is seen by
+    /// the control reader (or the heartbeat) and pauses the migration, and
+    /// the steps after this one are not lost meanwhile.
     fn send_peer(&mut self, msg: ControlMsg) -> Result<(), MigError> {
         match self.control.as_mut() {
-            Some(c) if self.outbox.is_empty() => match c.send(&msg) {
-                Ok(()) => Ok(()),
-                Err(e) => {
+            Some(c) if self.outbox.is_empty() => {
+                if let Err(e) = c.send(&msg) {
+                    log::warn!(
+                        "cannot reach the source ({e}); keeping {} for later",
+                        msg.name()
+                    );
                     self.outbox.push(msg);
-                    Err(e.into())
                 }
-            },
-            _ => {
-                self.outbox.push(msg);
-                Ok(())
             }
+            _ => self.outbox.push(msg),
         }
+        Ok(())
     }
 
     /// The link to the source is lost. Once the package is here the
@@ -463,9 +466,13 @@ impl Dest {
                 self.guest().send(ToGuest::Listen)?;
             }
             DestAction::HandlerListening => {
+                // A handler that just died hears nothing; its successor is
+                // told at its start (the guest is registered by then), and
+                // the steps after this one (Load) must not be lost.
                 if let Some(h) = &self.handler {
-                    h.send(ToFaultHandler::Listening)
-                        .map_err(|_| MigError::ChannelClosed("fault-handler"))?;
+                    if h.send(ToFaultHandler::Listening).is_err() {
+                        log::warn!("the fault-handler did not take Listening; its successor will");
+                    }
                 }
             }
             DestAction::Load => {

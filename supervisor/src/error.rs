@@ -1,7 +1,6 @@
 //! Why a migration did not complete.
 
 use common::control::ExitStatus;
-use common::state::StateError;
 
 use crate::machine::ProtocolError;
 use crate::net::NetError;
@@ -49,8 +48,6 @@ pub enum MigError {
     Cancelled(String),
     #[error("timed out after {secs:.0} s waiting for {what}")]
     Timeout { what: String, secs: f64 },
-    #[error(transparent)]
-    State(#[from] StateError),
     #[error("{what}: {source}")]
     Io {
         what: String,
