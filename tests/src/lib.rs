@@ -317,3 +317,25 @@ pub fn free_port() -> u16 {
 pub fn kvm_skip_reason() -> Option<String> {
     guest::kvm::kvm_usable().err()
 }
+
+/// A whole-system test: passes or fails with its message.
+pub fn plain_trial(name: &'static str, f: fn() -> Result<(), String>) -> libtest_mimic::Trial {
+    libtest_mimic::Trial::test(name, move || f().map_err(libtest_mimic::Failed::from))
+}
+
+/// A test that needs KVM: with `skip` (why KVM is not usable) it says
+/// "skipped: <reason>" and counts as ignored, never as passed.
+pub fn kvm_trial(
+    name: &'static str,
+    f: fn() -> Result<(), String>,
+    skip: Option<String>,
+) -> libtest_mimic::Trial {
+    use libtest_mimic::{Completion, Failed};
+    libtest_mimic::Trial::ignorable_test(name, move || match &skip {
+        Some(reason) => {
+            eprintln!("skipped: {name}: {reason}");
+            Ok(Completion::ignored_with(format!("skipped: {reason}")))
+        }
+        None => f().map(|()| Completion::Completed).map_err(Failed::from),
+    })
+}

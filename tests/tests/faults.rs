@@ -5,7 +5,7 @@
 //! randomized run of kills. Every migration must complete with its memory
 //! check at 0 mismatches, or end with the source guest running.
 
-use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use libtest_mimic::Arguments;
 use serde_json::Value;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -30,19 +30,8 @@ fn main() {
     // Every migration keeps both CPUs busy: one at a time.
     args.test_threads.get_or_insert(1);
     let skip = kvm_skip_reason();
-    let plain = |name: &'static str, f: fn() -> TestResult| {
-        Trial::test(name, move || f().map_err(Failed::from))
-    };
-    let kvm = |name: &'static str, f: fn() -> TestResult| {
-        let skip = skip.clone();
-        Trial::ignorable_test(name, move || match &skip {
-            Some(reason) => {
-                eprintln!("skipped: {name}: {reason}");
-                Ok(Completion::ignored_with(format!("skipped: {reason}")))
-            }
-            None => f().map(|()| Completion::Completed).map_err(Failed::from),
-        })
-    };
+    let plain = tests::plain_trial;
+    let kvm = |name: &'static str, f: fn() -> TestResult| tests::kvm_trial(name, f, skip.clone());
     let trials = vec![
         plain(
             "completed_migration_is_kept_pinned_40_times",

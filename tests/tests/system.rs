@@ -4,7 +4,7 @@
 //! tests do (the `ab` rule) or page by page (digests). KVM trials report
 //! "skipped: <reason>" as ignored where KVM is not usable, never as passed.
 
-use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use libtest_mimic::Arguments;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -27,19 +27,8 @@ fn main() {
     if let Some(reason) = &skip {
         eprintln!("skipped: KVM tests: {reason}");
     }
-    let plain = |name: &'static str, f: fn() -> TestResult| {
-        Trial::test(name, move || f().map_err(Failed::from))
-    };
-    let kvm = |name: &'static str, f: fn() -> TestResult| {
-        let skip = skip.clone();
-        Trial::ignorable_test(name, move || match &skip {
-            Some(reason) => {
-                eprintln!("skipped: {name}: {reason}");
-                Ok(Completion::ignored_with(format!("skipped: {reason}")))
-            }
-            None => f().map(|()| Completion::Completed).map_err(Failed::from),
-        })
-    };
+    let plain = tests::plain_trial;
+    let kvm = |name: &'static str, f: fn() -> TestResult| tests::kvm_trial(name, f, skip.clone());
     let trials = vec![
         plain("cli_rejects_unknown_values", cli_rejects_unknown_values),
         plain(
