@@ -87,6 +87,9 @@ struct Dest {
     done: Option<(Option<PostcopyStats>, RecvProgress)>,
     /// The control socket (docs/control.md).
     ctl: Option<ControlSocket>,
+    /// Restarts of the fault-handler after failures of its own (not
+    /// caused by the link), against `--max-restarts`.
+    crashes: u32,
     /// When the control socket's figures were last published.
     published: Instant,
 }
@@ -141,6 +144,7 @@ pub fn incoming(args: IncomingArgs) -> Report {
         done: None,
         ctl: None,
         published: Instant::now(),
+        crashes: 0,
     };
     d.chaos = d.args.chaos.clone();
     match ControlSocket::bind(
@@ -217,7 +221,12 @@ impl EventLoop for Dest {
             return Ok(());
         }
         match self.handle(ev) {
-            Err(e) if e.child() == Some("fault-handler") => self.on_handler_failure(e),
+            // A resync whose connections do not come (the link went again)
+            // pauses like any lost link.
+            Err(e) if e.child() == Some("fault-handler") => match self.on_handler_failure(e) {
+                Err(e @ (MigError::PeerLost(_) | MigError::Net(_))) => self.on_link_lost(e),
+                r => r,
+            },
             Err(e @ (MigError::PeerLost(_) | MigError::Net(_))) => self.on_link_lost(e),
             r => r,
         }
@@ -916,12 +925,14 @@ impl Dest {
         if e.child() != Some("fault-handler") {
             return Err(e);
         }
-        let restarts = self.s.restarts("fault-handler");
-        if restarts >= self.args.max_restarts {
-            return Err(MigError::Setup(format!(
-                "{e}; the fault-handler was restarted {restarts} times already (--max-restarts {})",
-                self.args.max_restarts
-            )));
+        if !e.is_link_trouble() {
+            if self.crashes >= self.args.max_restarts {
+                return Err(MigError::Setup(format!(
+                    "{e}; the fault-handler failed and was restarted {} times already (--max-restarts {})",
+                    self.crashes, self.args.max_restarts
+                )));
+            }
+            self.crashes += 1;
         }
         match self.m.begin_resync() {
             Some(epoch) => {

@@ -136,6 +136,9 @@ struct Source {
     state_bytes: u64,
     /// Earlier attempts of this guest's migration (`--keep-guest`).
     attempts: Vec<crate::report::Attempt>,
+    /// Restarts of each data role after failures of its own (not caused
+    /// by the link), against `--max-restarts`.
+    crashes: std::collections::HashMap<&'static str, u32>,
 }
 
 /// Runs a migration of a new guest to `to` and returns its report.
@@ -218,6 +221,7 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         last_report: None,
         state_bytes: 0,
         attempts: Vec::new(),
+        crashes: Default::default(),
     };
     match ControlSocket::bind(
         src.opts.control.clone(),
@@ -324,7 +328,10 @@ impl EventLoop for Source {
             return Ok(());
         }
         match self.handle(ev) {
-            Err(e) if e.child().is_some() => self.on_role_failure(e),
+            Err(e) if e.child().is_some() => match self.on_role_failure(e) {
+                Err(e @ (MigError::PeerLost(_) | MigError::Net(_))) => self.on_link_lost(e),
+                r => r,
+            },
             Err(e @ (MigError::PeerLost(_) | MigError::Net(_))) => self.on_link_lost(e),
             r => r,
         }
@@ -1146,12 +1153,15 @@ impl Source {
         let Some(name @ ("ram-sender" | "page-server")) = e.child() else {
             return Err(e);
         };
-        if self.s.restarts(name) >= self.opts.max_restarts {
-            return Err(MigError::Setup(format!(
-                "{e}; {name} was restarted {} times already (--max-restarts {})",
-                self.s.restarts(name),
-                self.opts.max_restarts
-            )));
+        if !e.is_link_trouble() {
+            let crashes = self.crashes.entry(name).or_default();
+            if *crashes >= self.opts.max_restarts {
+                return Err(MigError::Setup(format!(
+                    "{e}; {name} failed and was restarted {crashes} times already (--max-restarts {})",
+                    self.opts.max_restarts
+                )));
+            }
+            *crashes += 1;
         }
         log::warn!("{e}: restarting the data roles");
         self.resync(&e.to_string())
@@ -1642,6 +1652,7 @@ impl Source {
         self.sent = None;
         self.gates = Gates::default();
         self.epoch = 0;
+        self.crashes.clear();
         self.on_hold = false;
         self.keep = false;
         self.t0 = None;

@@ -69,6 +69,10 @@ fn main() {
             "link_down_30s_recovered_by_command",
             link_down_30s_recovered_by_command,
         ),
+        plain(
+            "cut_again_during_recovery_pauses_again",
+            cut_again_during_recovery_pauses_again,
+        ),
         plain("fifty_random_kills", fifty_random_kills),
     ];
     libtest_mimic::run(&args, trials).exit();
@@ -689,7 +693,8 @@ fn postcopy_between_hosts(tag: &str) -> Result<Cut, String> {
     })
 }
 
-fn recovered(c: Cut) -> TestResult {
+/// Waits for both ends; the source's report once it completed, recovered.
+fn recovered(c: Cut) -> Result<Value, String> {
     let src = c.src.finish(Duration::from_secs(180))?;
     let dst = c.dst.finish(Duration::from_secs(30))?;
     let r = report(&c.dir.path("src.json"))?;
@@ -710,7 +715,8 @@ fn recovered(c: Cut) -> TestResult {
     check(
         !events(&d, "pause").is_empty(),
         format!("the destination did not pause: {}", d["events"]),
-    )
+    )?;
+    Ok(r)
 }
 
 /// The link goes down for 5 s in postcopy: both sides pause, the source
@@ -720,7 +726,7 @@ fn link_down_5s_in_postcopy_recovers() -> TestResult {
     c.hosts.cut()?;
     std::thread::sleep(Duration::from_secs(5));
     c.hosts.restore()?;
-    recovered(c)
+    recovered(c).map(drop)
 }
 
 /// A 30 s cut, far beyond the 2 s link timeout: the paused migration does
@@ -742,5 +748,42 @@ fn link_down_30s_recovered_by_command() -> TestResult {
         out.status.success(),
         format!("postcopy recover: {}", String::from_utf8_lossy(&out.stderr)),
     )?;
-    recovered(c)
+    recovered(c).map(drop)
+}
+
+/// Cut again right after the source reconnected (its `recover` event,
+/// followed on the control socket), for longer than the 2 s link timeout:
+/// the migration in recovery pauses again rather than failing, then
+/// recovers by itself and completes.
+fn cut_again_during_recovery_pauses_again() -> TestResult {
+    use std::io::{BufRead, BufReader, Write};
+    let mut c = postcopy_between_hosts("cut-again")?;
+    let conn = std::os::unix::net::UnixStream::connect(&c.sock).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    (&conn)
+        .write_all(b"{\"cmd\":\"subscribe\"}\n")
+        .map_err(|e| e.to_string())?;
+    let mut lines = BufReader::new(&conn);
+    c.hosts.cut()?;
+    std::thread::sleep(Duration::from_secs(3));
+    c.hosts.restore()?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("the control socket closed before the source reconnected".into());
+        }
+        if line.contains("\"event\":\"recover\"") {
+            break;
+        }
+    }
+    c.hosts.cut()?;
+    std::thread::sleep(Duration::from_secs(5));
+    check(c.src.running(), "the source gave up during the second cut")?;
+    c.hosts.restore()?;
+    let r = recovered(c)?;
+    check(
+        events(&r, "pause").len() >= 2,
+        format!("expected two pauses: {}", r["events"]),
+    )
 }
