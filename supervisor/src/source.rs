@@ -32,9 +32,10 @@ use crate::machine::source::{SourceMachine, SourceState, SrcAction};
 use crate::machine::{GuestFate, Judged};
 use crate::net::{self, Control};
 use crate::policy::Policy;
-use crate::progress::ProgressLine;
-use crate::report::{Report, RoleReport, RoundReport, VerifyReport};
+use crate::progress::Progress;
+use crate::report::{Report, RoleReport, RoundReport, VcpuBlocktime, VerifyReport};
 use crate::session::{EventLoop, Session, CONTROL};
+use crate::snapshot::{Reading, Snapshot, Telemetry};
 use crate::spawn::{self, Child};
 use crate::verify;
 
@@ -83,7 +84,11 @@ struct Source {
     /// When the machine entered its current state (step deadlines).
     state_since: (&'static str, Instant),
     report: Report,
-    progress: ProgressLine,
+    progress: Progress,
+    /// The live figures: timeline samples, rates (snapshot.rs).
+    telemetry: Telemetry,
+    /// Pages left in the current precopy round, as the ram-sender last said.
+    round_left: Option<u64>,
     memfd: OwnedFd,
     serial_path: Option<String>,
     guest: Option<Child<ToGuest, FromGuest>>,
@@ -117,13 +122,26 @@ struct Source {
     /// What the roles put on the wire, counted as they write.
     counters: Option<SharedCounters>,
     dest: Option<DestSummary>,
-    /// The last progress report: when, and bytes sent by then.
-    last_progress: Option<(Instant, u64)>,
     /// Digests of the frozen source memory, being computed off the main
     /// thread (verify by digest).
     digests: Option<std::sync::mpsc::Receiver<Vec<u64>>>,
     /// Where `postcopy start-postcopy` reaches this migration.
     cmd_socket: Option<CommandSocket>,
+}
+
+/// What the live figures are made of now (snapshot.rs), borrowing only the
+/// fields it reads (the telemetry stays free to update).
+macro_rules! source_reading {
+    ($src:expr) => {
+        Reading {
+            status: $src.m.state().coarse(),
+            phase: $src.m.state().name(),
+            counters: $src.counters.as_ref(),
+            pages_done: $src.sent.as_ref().map(|s| s.count()),
+            round_left: $src.round_left.filter(|_| !$src.m.state().package_out()),
+            dirty_pages_per_s: $src.last_round.as_ref().map(|r| r.dirty_rate),
+        }
+    };
 }
 
 /// Runs a migration of a new guest to `to` and returns its report.
@@ -176,6 +194,9 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         opts.max_bandwidth,
     );
     let m = SourceMachine::new(policy, layout.pages());
+    report.started_at_unix_ms = crate::report::unix_ms_now() - ms(s.started.elapsed());
+    let progress = Progress::new(opts.quiet);
+    let telemetry = Telemetry::new("source", s.started, opts.guest.mem_bytes);
     let mut src = Source {
         opts,
         to,
@@ -185,7 +206,9 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         state_since: (m.state().name(), Instant::now()),
         m,
         report,
-        progress: ProgressLine::new(),
+        progress,
+        telemetry,
+        round_left: None,
         memfd,
         serial_path: None,
         guest: None,
@@ -211,7 +234,6 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         final_sync: None,
         counters: None,
         dest: None,
-        last_progress: None,
         digests: None,
         cmd_socket: None,
     };
@@ -237,6 +259,7 @@ impl EventLoop for Source {
     }
 
     fn on_tick(&mut self) -> Result<(), MigError> {
+        self.sample();
         if self.m.is_over() {
             return Ok(());
         }
@@ -450,7 +473,7 @@ impl Source {
                     detail: e,
                 })
             }
-            Event::Sender(FromRamSender::Progress(p)) => self.draw_progress(&p),
+            Event::Sender(FromRamSender::Progress(p)) => self.round_left = Some(p.round_left),
             Event::Sender(FromRamSender::Synced(stats)) => self.record_round(stats),
             Event::Sender(FromRamSender::PreDiscarded { pages, .. }) => {
                 self.report.prediscard_pages = pages;
@@ -630,33 +653,18 @@ impl Source {
         Ok(())
     }
 
-    fn draw_progress(&mut self, p: &common::msg::SendProgress) {
-        let phase = if self.m.state().package_out() {
-            "postcopy"
-        } else {
-            "precopy"
-        };
-        let now = Instant::now();
-        let rate = match self.last_progress.replace((now, p.total_bytes)) {
-            Some((t, b)) if now > t => {
-                (p.total_bytes.saturating_sub(b)) as f64 * 8.0
-                    / now.duration_since(t).as_secs_f64()
-                    / 1e6
-            }
-            _ => 0.0,
-        };
-        let dirty = self
-            .last_round
-            .as_ref()
-            .map(|r| r.dirty_rate)
-            .unwrap_or(0.0);
-        self.progress.draw(&format!(
-            "[{phase}] sync {}  sent {} pages ({} MiB)  pending {} pages  dirty {dirty:.0} pages/s  {rate:.0} Mbit/s",
-            self.last_round.as_ref().map(|r| r.sync_count).unwrap_or(1),
-            p.total_pages,
-            p.total_bytes >> 20,
-            p.round_left
-        ));
+    /// The migration's figures now (the control socket's `query`).
+    #[allow(dead_code)] // the control socket's `query` calls it
+    fn snapshot(&self) -> Snapshot {
+        self.telemetry.snapshot(&source_reading!(self))
+    }
+
+    /// A timeline sample and a progress redraw, when due (every 50 ms).
+    fn sample(&mut self) {
+        let reading = source_reading!(self);
+        if self.telemetry.sample(&reading) && self.progress.enabled() {
+            self.progress.tick(&self.telemetry.snapshot(&reading));
+        }
     }
 
     fn record_round(&mut self, stats: RoundStats) {
@@ -670,14 +678,7 @@ impl Source {
             bandwidth_mbps: stats.bandwidth * 8.0 / 1e6,
             dirty_pages_per_s: stats.dirty_rate,
         });
-        self.progress.draw(&format!(
-            "[precopy] sync {}  sent {} pages  pending {} pages  dirty {:.0} pages/s  {:.0} Mbit/s",
-            stats.sync_count,
-            stats.total_pages,
-            stats.pending_pages,
-            stats.dirty_rate,
-            stats.bandwidth * 8.0 / 1e6
-        ));
+        self.round_left = Some(stats.pending_pages);
         log::info!(
             "sync {}: {} pending pages, round {:.0} Mbit/s (estimate {:.0}), {:.0} dirty pages/s",
             stats.sync_count,
@@ -1177,6 +1178,8 @@ impl Source {
 
     fn finish(mut self, result: Result<(), MigError>) -> Report {
         self.progress.clear();
+        self.telemetry.last_sample(&source_reading!(self));
+        self.report.timeline = self.telemetry.timeline().to_vec();
         // What the source guest needs is decided by where the migration
         // stood when it ended; from here events no longer fail it.
         let fate = self.m.state().guest_fate();
@@ -1302,6 +1305,7 @@ impl Source {
                 r.pages_urgent = pc.pages_urgent;
                 r.pages_background = pc.pages_background;
                 r.postcopy_blocktime_ms = Some(pc.blocktime_us as f64 / 1e3);
+                r.postcopy_vcpu_blocktime = VcpuBlocktime::from_stats(pc);
                 r.fault_latency_us = Some(pc.latency.clone());
             }
             r.serial_log_destination = d.serial_log.clone();
