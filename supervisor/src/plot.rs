@@ -60,6 +60,8 @@ struct Mark {
     x: f64,
     label: String,
     color: RGBColor,
+    /// Which host's label rows it goes in (0: the bottom ones).
+    band: usize,
 }
 
 const SRC: RGBColor = RGBColor(31, 119, 180);
@@ -215,34 +217,46 @@ fn draw<DB: DrawingBackend>(
         (_, false) => DST,
         (_, true) => DST_LIGHT,
     };
-    let mut marks = Vec::new();
-    for r in reports {
-        // Changes within 1.5 % of the axis share one label (a switchover
-        // passes several states in milliseconds).
-        let mut last: Option<f64> = None;
+    let mut marks: Vec<Mark> = Vec::new();
+    for (host_index, r) in reports.iter().enumerate() {
+        // Changes within 3 % of the axis share one label (a switchover
+        // passes several states in milliseconds): "first › … › last".
+        let prefix = if r.side == "source" { "src" } else { "dst" };
+        let mut group: Vec<(f64, String, RGBColor)> = Vec::new();
+        let flush = |group: &mut Vec<(f64, String, RGBColor)>, marks: &mut Vec<Mark>| {
+            let Some((x, first, color)) = group.first().cloned() else {
+                return;
+            };
+            let last = &group[group.len() - 1].1;
+            let label = match group.len() {
+                1 => first,
+                2 => format!("{first} › {last}"),
+                _ => format!("{first} › … › {last}"),
+            };
+            marks.push(Mark {
+                x,
+                label: format!("{prefix}: {label}"),
+                color,
+                band: reports.len() - 1 - host_index,
+            });
+            group.clear();
+        };
         for e in &r.events {
             let x = axis(r, t0, e.t_ms);
             let (label, color) = if e.kind == "state" {
                 (state_to(&e.detail).to_string(), line_color(r, false))
             } else {
-                (e.kind.clone(), ALERT)
+                (format!("{} ({})", e.kind, e.detail), ALERT)
             };
-            let close = last.is_some_and(|l| x - l < x_max * 0.015);
-            last = Some(x);
-            let prefix = if r.side == "source" { "src" } else { "dst" };
-            match marks.last_mut() {
-                Some(Mark {
-                    label: l, color: c, ..
-                }) if close && *c == color => {
-                    *l = format!("{l} › {label}");
-                }
-                _ => marks.push(Mark {
-                    x,
-                    label: format!("{prefix}: {label}"),
-                    color,
-                }),
+            let joins = group
+                .first()
+                .is_some_and(|(gx, _, gc)| x - gx < x_max * 0.03 && *gc == color);
+            if !joins {
+                flush(&mut group, &mut marks);
             }
+            group.push((x, label, color));
         }
+        flush(&mut group, &mut marks);
     }
 
     labels(&strip, x_max, &marks)?;
@@ -386,16 +400,20 @@ fn draw<DB: DrawingBackend>(
     Ok(())
 }
 
+/// About how wide a character of the labels is, pixels.
+const CHAR_PX: f64 = 7.8;
 /// Height of the strip above the charts that names the marks, pixels.
-const LABEL_STRIP: u32 = 96;
+const LABEL_STRIP: u32 = 132;
+/// Label rows per host.
+const ROWS: usize = 3;
 /// Left and right margins of the charts (the strip lines up with them).
 const Y_LABELS: u32 = 90;
 const MARGIN_LEFT: u32 = 12;
 const MARGIN_RIGHT: u32 = 28;
 
 /// The names of the marks, above the charts, on the charts' time axis:
-/// staggered over four rows, each ending at its mark when it would run
-/// past the right edge.
+/// [`ROWS`] rows per host, each label starting at its mark, or ending
+/// there when it would collide or run past the right edge.
 fn labels<DB: DrawingBackend>(
     strip: &DrawingArea<DB, Shift>,
     x_max: f64,
@@ -404,10 +422,39 @@ fn labels<DB: DrawingBackend>(
     let mut chart = ChartBuilder::on(strip)
         .margin_left(MARGIN_LEFT + Y_LABELS)
         .margin_right(MARGIN_RIGHT)
-        .build_cartesian_2d(0.0..x_max, 0.0..4.0)?;
-    for (i, m) in marks.iter().enumerate() {
-        let row = 3.0 - (i % 4) as f64;
-        let right = m.x > x_max * 0.6;
+        .build_cartesian_2d(0.0..x_max, 0.0..(2 * ROWS) as f64)?;
+    // Where each row is taken already, in axis units; a label goes in the
+    // first of its host's rows where it fits, starting at its mark, or
+    // else ending there.
+    let per_px = x_max / f64::from(SIZE.0 - MARGIN_LEFT - MARGIN_RIGHT - Y_LABELS);
+    let mut taken: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 2 * ROWS];
+    for m in marks {
+        let width = m.label.chars().count() as f64 * CHAR_PX * per_px;
+        let free = |row: &Vec<(f64, f64)>, a: f64, b: f64| {
+            row.iter().all(|&(x0, x1)| b + 4.0 * per_px < x0 || a > x1 + 4.0 * per_px)
+        };
+        let rows: Vec<usize> = (0..ROWS).rev().map(|r| ROWS * m.band + r).collect();
+        let mut choice = None;
+        'rows: for right in [false, true] {
+            let (a, b) = if right {
+                (m.x - width, m.x)
+            } else {
+                (m.x, m.x + width)
+            };
+            if a < 0.0 || b > x_max {
+                continue;
+            }
+            for &r in &rows {
+                if free(&taken[r], a, b) {
+                    choice = Some((r, right, a, b));
+                    break 'rows;
+                }
+            }
+        }
+        let (r, right, a, b) =
+            choice.unwrap_or((rows[0], m.x + width > x_max, m.x - width, m.x + width));
+        taken[r].push((a, b));
+        let row = r as f64;
         let style = ("sans-serif", 15).into_font().color(&m.color).pos(Pos::new(
             if right { HPos::Right } else { HPos::Left },
             VPos::Bottom,
