@@ -431,7 +431,8 @@ fn labels<DB: DrawingBackend>(
     for m in marks {
         let width = m.label.chars().count() as f64 * CHAR_PX * per_px;
         let free = |row: &Vec<(f64, f64)>, a: f64, b: f64| {
-            row.iter().all(|&(x0, x1)| b + 4.0 * per_px < x0 || a > x1 + 4.0 * per_px)
+            row.iter()
+                .all(|&(x0, x1)| b + 4.0 * per_px < x0 || a > x1 + 4.0 * per_px)
         };
         let rows: Vec<usize> = (0..ROWS).rev().map(|r| ROWS * m.band + r).collect();
         let mut choice = None;
