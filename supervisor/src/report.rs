@@ -352,20 +352,35 @@ impl Report {
             if self.vcpus == 1 { "" } else { "s" },
             self.postcopy_mode
         ));
-        s.push_str(&format!(
-            "  precopy {} in {} dirty syncs; downtime {}; postcopy {}; {} pages sent, {} zero pages; {:.0} Mbit/s\n",
-            size(self.precopy_bytes),
-            self.dirty_sync_count,
-            size(self.downtime_bytes),
-            size(self.postcopy_bytes),
-            self.pages_sent,
-            self.zero_pages,
-            self.throughput_mbps
-        ));
+        if self.side == "destination" {
+            // The byte totals are the source's; the destination's are in
+            // its timeline.
+            if let Some(last) = self.timeline.last() {
+                s.push_str(&format!(
+                    "  received {} in {} dirty syncs\n",
+                    size(last.bytes),
+                    self.dirty_sync_count
+                ));
+            }
+        } else {
+            s.push_str(&format!(
+                "  precopy {} in {} dirty syncs; downtime {}; postcopy {}; {} pages sent, {} zero pages; {:.0} Mbit/s\n",
+                size(self.precopy_bytes),
+                self.dirty_sync_count,
+                size(self.downtime_bytes),
+                size(self.postcopy_bytes),
+                self.pages_sent,
+                self.zero_pages,
+                self.throughput_mbps
+            ));
+        }
         if self.switched_to_postcopy {
             s.push_str(&format!(
-                "  switched to postcopy: {}\n",
-                self.switchover_reason.as_deref().unwrap_or("-")
+                "  switched to postcopy{}\n",
+                self.switchover_reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
             ));
             if let Some(l) = &self.fault_latency_us {
                 s.push_str(&format!(
