@@ -397,7 +397,7 @@ impl Dest {
     }
 
     /// The migration's figures now (the control socket's `query`).
-    #[allow(dead_code)] // the control socket's `query` calls it
+    #[allow(dead_code)] // for the control socket's `query`, not called here yet
     fn snapshot(&self) -> Snapshot {
         self.telemetry.snapshot(&dest_reading!(self))
     }
