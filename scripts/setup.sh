@@ -6,6 +6,8 @@ command -v setpriv >/dev/null || need_pkgs+=(util-linux)
 command -v unshare >/dev/null || need_pkgs+=(util-linux)
 command -v as >/dev/null || need_pkgs+=(binutils)
 command -v cc >/dev/null || need_pkgs+=(gcc)
+# The font `postcopy report --plot` draws its text with.
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_pkgs+=(fonts-dejavu-core)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: missing ${need_pkgs[*]}; run as root to install them" >&2

@@ -7,6 +7,7 @@ pub mod control;
 pub mod counters;
 pub mod digest;
 pub mod guest;
+pub mod latency;
 pub mod logging;
 pub mod mem;
 pub mod msg;

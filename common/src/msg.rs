@@ -292,6 +292,9 @@ pub struct HandlerSetup {
     /// Where to start: a fresh stream, or (a fault-handler started again
     /// after the guest registered its memory) postcopy at once.
     pub resume: HandlerStart,
+    /// The guest's vCPUs (worker threads of a process guest): blocktime
+    /// counts the time during which this many threads were blocked at once.
+    pub vcpus: u32,
 }
 
 /// Where a fault-handler starts.
@@ -320,7 +323,9 @@ pub enum ToFaultHandler {
     Quit,
 }
 
-/// Fault latency, µs, from reading the fault to placing the page.
+/// Fault latency, µs, from reading the fault to placing the page, over
+/// every fault of the migration (all fault-handlers, if one was restarted):
+/// percentiles of its HdrHistogram ([`crate::latency`]).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {
     pub count: u64,
@@ -344,8 +349,12 @@ pub struct PostcopyStats {
     pub faults_local: u64,
     pub pages_urgent: u64,
     pub pages_background: u64,
-    /// Sum over faults of (placed − read), µs.
+    /// QEMU's postcopy blocktime, µs: time during which every vCPU (every
+    /// worker thread) was blocked on a fault at once.
     pub blocktime_us: u64,
+    /// Per guest thread that faulted (QEMU's per-vCPU blocktime), in
+    /// thread-id order.
+    pub vcpu_blocktime: Vec<crate::counters::ThreadBlocktime>,
     pub latency: LatencySummary,
 }
 

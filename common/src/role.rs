@@ -261,7 +261,7 @@ where
     E: std::fmt::Display,
     F: FnOnce(RoleLink<In, Out>) -> Result<(), E>,
 {
-    crate::logging::init(name);
+    crate::logging::init_role(name);
     close_inherited_fds();
     let link = match RoleLink::<In, Out>::connect_from_args() {
         Ok(l) => l,

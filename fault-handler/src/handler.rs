@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
+use common::counters::{Counter, CountersError, SharedCounters};
 use common::digest::{page_digest, zero_page_digest};
 use common::mem::{punch_hole, write_at, Access, Mapping, MemError};
 use common::msg::{
@@ -26,7 +27,7 @@ use common::wire::{
 };
 use ipc_channel::ipc::IpcSender;
 
-use crate::latency::Latencies;
+use crate::latency::FaultClock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
@@ -36,6 +37,8 @@ pub enum HandlerError {
     Mem(#[from] MemError),
     #[error("received bitmap: {0}")]
     Bitmap(#[from] BitmapError),
+    #[error("counter block: {0}")]
+    Counters(#[from] CountersError),
     #[error("{conn} connection: {source}")]
     Wire {
         conn: ConnKind,
@@ -69,17 +72,14 @@ enum Mode {
 struct Pending {
     /// Pages a request was sent for.
     requested: Option<Bitmap>,
-    /// Faults waiting per page: when each was read.
-    waiters: HashMap<u64, Vec<Instant>>,
+    /// Faults waiting per page: when each was read, and by which thread.
+    waiters: HashMap<u64, Vec<(Instant, u32)>>,
 }
 
+/// This process's own counts (those of the whole migration are in the
+/// shared block).
 #[derive(Default)]
 struct Counters {
-    requests: AtomicU64,
-    faults: AtomicU64,
-    faults_local: AtomicU64,
-    pages_urgent: AtomicU64,
-    pages_background: AtomicU64,
     discarded: AtomicU64,
     discard_us: AtomicU64,
     rounds: AtomicU32,
@@ -101,7 +101,10 @@ struct Handler {
     /// these must punch a hole; others already read as zero.
     written: Mutex<Bitmap>,
     pending: Mutex<Pending>,
-    latencies: Mutex<Latencies>,
+    /// Blocked guest threads (latency and blocktime).
+    clock: Mutex<FaultClock>,
+    /// The supervisor's counter block: faults, latency, blocktime.
+    shared: SharedCounters,
     ret: Mutex<TcpStream>,
     counters: Counters,
     done: AtomicBool,
@@ -135,11 +138,13 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
         postcopy,
         digests,
         resume,
+        vcpus,
     } = setup;
     // Never mapped here: pages go in with pwrite (precopy) or through the
     // userfaultfd (postcopy), so nothing can fault a page in by accident.
     let memfd = fds.take("memory")?;
     let received = SharedBitmap::open(fds.take("received")?.as_fd(), layout.pages())?;
+    let shared = SharedCounters::open(fds.take("counters")?.as_fd())?;
     let digests = if digests {
         let fd = fds.take("digests")?;
         Some(Mapping::new(
@@ -191,7 +196,8 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
             w
         }),
         pending: Mutex::new(Pending::default()),
-        latencies: Mutex::new(Latencies::default()),
+        clock: Mutex::new(FaultClock::new(vcpus)),
+        shared,
         ret: Mutex::new(ret),
         counters: Counters::default(),
         done: AtomicBool::new(false),
@@ -251,6 +257,15 @@ impl Handler {
             discarded: self.counters.discarded.load(Ordering::Relaxed),
             discard_us: self.counters.discard_us.load(Ordering::Relaxed),
         }
+    }
+
+    /// Adds what `reader_total` (a reader's byte count) gained since
+    /// `counted` to the shared total; returns the new count.
+    fn count_bytes(&self, reader_total: &AtomicU64, counted: u64) -> u64 {
+        let now = reader_total.load(Ordering::Relaxed);
+        self.shared
+            .add(Counter::RecvBytes, now.saturating_sub(counted));
+        now
     }
 
     fn send(&self, msg: FromFaultHandler) -> Result<(), HandlerError> {
@@ -330,8 +345,11 @@ impl Handler {
             }
         }
         let mut package_seen = package_seen;
+        let mut counted = 0;
         loop {
-            let frame = match reader.next_frame() {
+            let frame = reader.next_frame();
+            counted = self.count_bytes(&self.counters.main_bytes, counted);
+            let frame = match frame {
                 Ok(f) => f,
                 Err(e) if e.is_disconnect() && self.done.load(Ordering::Acquire) => return Ok(()),
                 // Every page is in: a bad tail cannot hurt guest memory.
@@ -442,8 +460,11 @@ impl Handler {
     fn read_urgent(self: &Arc<Self>, urgent: TcpStream) -> Result<(), HandlerError> {
         let mut reader = FrameReader::new(urgent, ConnKind::Urgent, self.layout)
             .counting_into(self.counters.urgent_bytes.clone());
+        let mut counted = 0;
         loop {
-            let frame = match reader.next_frame() {
+            let frame = reader.next_frame();
+            counted = self.count_bytes(&self.counters.urgent_bytes, counted);
+            let frame = match frame {
                 Ok(f) => f,
                 Err(e) if e.is_disconnect() => return Ok(()),
                 Err(source) => {
@@ -600,21 +621,23 @@ impl Handler {
                 newly += 1;
             }
         }
-        let counter = match via {
-            Via::Main => &self.counters.pages_background,
-            Via::Urgent => &self.counters.pages_urgent,
-        };
-        counter.fetch_add(newly, Ordering::Relaxed);
+        self.shared.add(
+            match via {
+                Via::Main => Counter::PlacedBackground,
+                Via::Urgent => Counter::PlacedUrgent,
+            },
+            newly,
+        );
         // Faults waiting on these pages are answered now.
         let now = Instant::now();
         {
             let mut pending = self.pending.lock().expect("pending");
             if !pending.waiters.is_empty() {
-                let mut lat = self.latencies.lock().expect("latencies");
+                let mut clock = self.clock.lock().expect("fault clock");
                 for p in range.pages() {
                     if let Some(ws) = pending.waiters.remove(&p.get()) {
-                        for t in ws {
-                            lat.record(now.duration_since(t));
+                        for (t, tid) in ws {
+                            clock.resolved(tid, t, now, &self.shared);
                         }
                     }
                 }
@@ -637,18 +660,19 @@ impl Handler {
                 .map_err(HandlerError::ReturnPath)?;
             ret.flush().map_err(HandlerError::ReturnPath)?;
         }
-        let lat = self.latencies.lock().expect("latencies");
-        let c = &self.counters;
+        // The whole migration's figures: every fault-handler's, if this one
+        // is a successor.
+        let c = &self.shared;
         let stats = PostcopyStats {
-            requests: c.requests.load(Ordering::Relaxed),
-            faults: c.faults.load(Ordering::Relaxed),
-            faults_local: c.faults_local.load(Ordering::Relaxed),
-            pages_urgent: c.pages_urgent.load(Ordering::Relaxed),
-            pages_background: c.pages_background.load(Ordering::Relaxed),
-            blocktime_us: lat.total_us(),
-            latency: lat.summary(),
+            requests: c.get(Counter::FaultRequests),
+            faults: c.get(Counter::Faults),
+            faults_local: c.get(Counter::FaultsLocal),
+            pages_urgent: c.get(Counter::PlacedUrgent),
+            pages_background: c.get(Counter::PlacedBackground),
+            blocktime_us: c.get(Counter::BlocktimeUs),
+            vcpu_blocktime: c.thread_blocktimes(),
+            latency: common::latency::summary(&common::latency::histogram(&c.latency_counts())),
         };
-        drop(lat);
         log::info!(
             "postcopy complete: {} faults, {} requests, p99 {} µs",
             stats.faults,
@@ -691,7 +715,7 @@ impl Handler {
             uffd.read_faults(&mut faults)?;
             for f in &faults {
                 let read_at = Instant::now();
-                self.counters.faults.fetch_add(1, Ordering::Relaxed);
+                self.shared.add(Counter::Faults, 1);
                 let Some(page) = f
                     .addr
                     .0
@@ -705,10 +729,14 @@ impl Handler {
                 let p = page.get();
                 let request = {
                     let mut pending = self.pending.lock().expect("pending");
+                    self.clock
+                        .lock()
+                        .expect("fault clock")
+                        .fault(f.tid, read_at);
                     if self.received.get(p) {
                         None
                     } else {
-                        pending.waiters.entry(p).or_default().push(read_at);
+                        pending.waiters.entry(p).or_default().push((read_at, f.tid));
                         Some(pending.requested.as_mut().expect("set above").set(p))
                     }
                 };
@@ -716,7 +744,7 @@ impl Handler {
                     None => {
                         // Here already: a zero page never materialised, or
                         // one placed since the fault was queued.
-                        self.counters.faults_local.fetch_add(1, Ordering::Relaxed);
+                        self.shared.add(Counter::FaultsLocal, 1);
                         if let Err(e) = self.resolve_locally(uffd, p) {
                             // Completion unregisters memory under us: every
                             // page is in then, and the faulting thread was
@@ -725,10 +753,12 @@ impl Handler {
                                 return Err(e.into());
                             }
                         }
-                        self.latencies
-                            .lock()
-                            .expect("latencies")
-                            .record(read_at.elapsed());
+                        self.clock.lock().expect("fault clock").resolved(
+                            f.tid,
+                            read_at,
+                            Instant::now(),
+                            &self.shared,
+                        );
                     }
                     // Every page is in: nothing left to ask for.
                     Some(true) if self.done.load(Ordering::Acquire) => {}
@@ -736,7 +766,7 @@ impl Handler {
                         let frame = request_frame(self.layout.range(p, 1).expect("in range"));
                         let mut ret = self.ret.lock().expect("return path");
                         ret.write_all(&frame).map_err(HandlerError::ReturnPath)?;
-                        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                        self.shared.add(Counter::FaultRequests, 1);
                     }
                     // A request for this page is in flight already.
                     Some(false) => {}

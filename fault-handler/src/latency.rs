@@ -1,85 +1,153 @@
-//! Fault latency: every fault's time from being read off the userfaultfd to
-//! its page being placed, kept exactly (a u32 of µs per fault) and summarised
-//! into percentiles and a log2 histogram at the end.
+//! Fault latency and blocktime. Every fault's latency (read off the
+//! userfaultfd → its page placed, or resolved locally) goes into the shared
+//! HdrHistogram (common::latency); the blocktime follows QEMU's postcopy
+//! blocktime: per guest thread, the time it waited for at least one page,
+//! and overall, the time during which every vCPU waited at once. Both are
+//! added to the shared counter block, so they survive this process.
 
-use common::msg::LatencySummary;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::Instant;
 
-#[derive(Default)]
-pub struct Latencies {
-    us: Vec<u32>,
-    total_us: u64,
+use common::counters::{Counter, SharedCounters};
+
+/// One guest thread with faults outstanding.
+struct Blocked {
+    /// Its faults read and not yet resolved.
+    outstanding: u32,
+    /// When the first of them was read.
+    since: Instant,
 }
 
-impl Latencies {
-    pub fn record(&mut self, d: Duration) {
-        let us = d.as_micros().min(u128::from(u32::MAX)) as u32;
-        self.us.push(us);
-        self.total_us += u64::from(us);
+/// The blocked guest threads (held under one lock by the fault-handler).
+pub struct FaultClock {
+    vcpus: usize,
+    blocked: HashMap<u32, Blocked>,
+    /// While every vCPU is blocked: since when.
+    all_since: Option<Instant>,
+}
+
+impl FaultClock {
+    /// `vcpus`: how many threads the guest runs (at least 1).
+    pub fn new(vcpus: u32) -> Self {
+        FaultClock {
+            vcpus: vcpus.max(1) as usize,
+            blocked: HashMap::new(),
+            all_since: None,
+        }
     }
 
-    /// Sum of all latencies: the time guest threads spent blocked.
-    pub fn total_us(&self) -> u64 {
-        self.total_us
+    /// A fault of thread `tid` was read at `at`.
+    pub fn fault(&mut self, tid: u32, at: Instant) {
+        let b = self.blocked.entry(tid).or_insert(Blocked {
+            outstanding: 0,
+            since: at,
+        });
+        b.outstanding += 1;
+        if self.all_since.is_none() && self.blocked.len() >= self.vcpus {
+            self.all_since = Some(at);
+        }
     }
 
-    pub fn summary(&self) -> LatencySummary {
-        let mut v = self.us.clone();
-        v.sort_unstable();
-        // Nearest rank, in whole per-mille so 99.9% of 1000 is exactly 999.
-        let pct = |permille: usize| -> u64 {
-            if v.is_empty() {
-                return 0;
-            }
-            let rank = (permille * v.len()).div_ceil(1000);
-            u64::from(v[rank.clamp(1, v.len()) - 1])
+    /// A fault of thread `tid` read at `read_at` is resolved at `now`: its
+    /// latency is counted, and the thread's blocked time (and the time all
+    /// were blocked) ends if this was its last outstanding fault.
+    pub fn resolved(&mut self, tid: u32, read_at: Instant, now: Instant, shared: &SharedCounters) {
+        shared.record_latency(micros(now.saturating_duration_since(read_at)));
+        let Some(b) = self.blocked.get_mut(&tid) else {
+            return;
         };
-        let mut hist = Vec::new();
-        for &us in &v {
-            let bucket = if us == 0 {
-                0
-            } else {
-                31 - us.leading_zeros() as usize
-            };
-            if hist.len() <= bucket {
-                hist.resize(bucket + 1, 0);
-            }
-            hist[bucket] += 1;
+        b.outstanding -= 1;
+        if b.outstanding > 0 {
+            shared.add_thread_blocktime(tid, 0, 1);
+            return;
         }
-        LatencySummary {
-            count: v.len() as u64,
-            p50: pct(500),
-            p90: pct(900),
-            p99: pct(990),
-            p999: pct(999),
-            max: v.last().copied().map(u64::from).unwrap_or(0),
-            hist_log2_us: hist,
+        let since = b.since;
+        self.blocked.remove(&tid);
+        if !shared.add_thread_blocktime(tid, micros(now.saturating_duration_since(since)), 1) {
+            log::debug!("no blocktime entry left for guest thread {tid}");
+        }
+        // With more blocked threads than vCPUs (a thread of the guest that
+        // is no vCPU faulted too) all may still be blocked.
+        if self.blocked.len() < self.vcpus {
+            if let Some(all) = self.all_since.take() {
+                shared.add(
+                    Counter::BlocktimeUs,
+                    micros(now.saturating_duration_since(all)),
+                );
+            }
         }
     }
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn at(base: Instant, ms: u64) -> Instant {
+        base + Duration::from_millis(ms)
+    }
 
     #[test]
-    fn percentiles_and_buckets() {
-        let mut l = Latencies::default();
-        for us in 1..=1000u64 {
-            l.record(Duration::from_micros(us));
-        }
-        let s = l.summary();
-        assert_eq!(s.count, 1000);
-        assert_eq!(s.p50, 500);
-        assert_eq!(s.p90, 900);
-        assert_eq!(s.p99, 990);
-        assert_eq!(s.p999, 999);
-        assert_eq!(s.max, 1000);
-        // [1,2) has 1, [2,4) has 2, [4,8) has 4 ... [512,1024) has 489.
-        assert_eq!(&s.hist_log2_us[..4], &[1, 2, 4, 8]);
-        assert_eq!(s.hist_log2_us[9], 489);
-        assert_eq!(s.hist_log2_us.iter().sum::<u64>(), 1000);
-        assert_eq!(l.total_us(), 500500);
-        assert_eq!(Latencies::default().summary().count, 0);
+    fn blocktime_counts_only_when_every_vcpu_waits() {
+        let (shared, _fd) = SharedCounters::create("clock").expect("counters");
+        let t = Instant::now();
+        let mut c = FaultClock::new(2);
+        // Thread 1 waits 0..100 ms; thread 2 waits 40..60 ms and 80..150 ms.
+        c.fault(1, at(t, 0));
+        c.fault(2, at(t, 40));
+        c.resolved(2, at(t, 40), at(t, 60), &shared);
+        c.fault(2, at(t, 80));
+        c.resolved(1, at(t, 0), at(t, 100), &shared);
+        c.resolved(2, at(t, 80), at(t, 150), &shared);
+        // All blocked: 40..60 and 80..100.
+        assert_eq!(shared.get(Counter::BlocktimeUs), 40_000);
+        let per: Vec<(u32, u64, u64)> = shared
+            .thread_blocktimes()
+            .iter()
+            .map(|b| (b.tid, b.blocked_us, b.faults))
+            .collect();
+        assert_eq!(per, vec![(1, 100_000, 1), (2, 90_000, 2)]);
+        assert_eq!(
+            crate_count(&shared),
+            3,
+            "every resolved fault is in the histogram"
+        );
+        assert_eq!(shared.get(Counter::FaultLatencyUs), 190_000);
+    }
+
+    #[test]
+    fn a_thread_with_two_faults_waits_until_the_last() {
+        let (shared, _fd) = SharedCounters::create("clock").expect("counters");
+        let t = Instant::now();
+        let mut c = FaultClock::new(1);
+        c.fault(7, at(t, 0));
+        c.fault(7, at(t, 5));
+        c.resolved(7, at(t, 0), at(t, 10), &shared);
+        c.resolved(7, at(t, 5), at(t, 30), &shared);
+        // One vCPU: blocked whenever thread 7 was.
+        assert_eq!(shared.get(Counter::BlocktimeUs), 30_000);
+        let b = shared.thread_blocktimes();
+        assert_eq!((b[0].blocked_us, b[0].faults), (30_000, 2));
+    }
+
+    #[test]
+    fn fewer_threads_than_vcpus_never_block_all() {
+        let (shared, _fd) = SharedCounters::create("clock").expect("counters");
+        let t = Instant::now();
+        let mut c = FaultClock::new(4);
+        c.fault(1, at(t, 0));
+        c.fault(2, at(t, 1));
+        c.resolved(1, at(t, 0), at(t, 50), &shared);
+        c.resolved(2, at(t, 1), at(t, 50), &shared);
+        assert_eq!(shared.get(Counter::BlocktimeUs), 0);
+    }
+
+    fn crate_count(shared: &SharedCounters) -> u64 {
+        shared.latency_counts().iter().sum()
     }
 }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::bitmap::SharedBitmap;
+use common::counters::{Counter, SharedCounters};
 use common::digest::page_digest;
 use common::mem::{create_memfd, Access, Mapping};
 use common::msg::{
@@ -114,6 +115,8 @@ struct Dest {
     uffd: Uffd,
     received: SharedBitmap,
     digests: Mapping,
+    /// The supervisor's counter block the role adds to.
+    counters: SharedCounters,
     /// Our end of the main stream: we are the ram-sender.
     main: TcpStream,
     /// Our end of the urgent connection: we are the page-server.
@@ -128,6 +131,11 @@ impl Dest {
     /// Starts a fault-handler for `pages` pages of guest memory, with a
     /// digest table and, when `postcopy`, the guest's userfaultfd.
     fn start(pages: u64, postcopy: bool) -> Dest {
+        Dest::start_vcpus(pages, postcopy, 1)
+    }
+
+    /// As `start`, for a guest of `vcpus` threads (blocktime).
+    fn start_vcpus(pages: u64, postcopy: bool, vcpus: u32) -> Dest {
         let layout = MemLayout::new(pages * PAGE_SIZE as u64).expect("layout");
         let len = layout.mem_bytes() as usize;
         let memfd = create_memfd("guest", layout.mem_bytes()).expect("memfd");
@@ -136,6 +144,7 @@ impl Dest {
         let (received, received_fd) =
             SharedBitmap::create("received", pages).expect("received bitmap");
         let digests_fd = create_memfd("digests", pages * 8).expect("digests memfd");
+        let (counters, counters_fd) = SharedCounters::create("counters").expect("counters");
         let digests =
             Mapping::new(digests_fd.as_fd(), pages as usize * 8, Access::ReadOnly).expect("map");
         let (main, main_theirs) = tcp_pair();
@@ -153,6 +162,7 @@ impl Dest {
                 postcopy,
                 digests: true,
                 resume: HandlerStart::Fresh,
+                vcpus,
             }))
             .expect("send Start");
         let mut fds = vec![
@@ -161,6 +171,7 @@ impl Dest {
             ("main", main_theirs.as_fd()),
             ("return", ret_theirs.as_fd()),
             ("urgent", urgent_theirs.as_fd()),
+            ("counters", counters_fd.as_fd()),
         ];
         if postcopy {
             fds.push(("uffd", uffd.as_fd()));
@@ -182,7 +193,8 @@ impl Dest {
             urgent,
             ret: FrameReader::new(ret, ConnKind::ReturnPath, layout),
             reaped: false,
-            _held: vec![received_fd, digests_fd],
+            counters,
+            _held: vec![received_fd, digests_fd, counters_fd],
         }
     }
 
@@ -530,7 +542,7 @@ fn discarded_page_is_fetched_fresh_never_stale() {
 #[test]
 fn two_threads_faulting_one_page_cause_one_request() {
     const P: u64 = 3;
-    let mut d = Dest::start(8, true);
+    let mut d = Dest::start_vcpus(8, true, 2);
     let mut sent = pages_frame(d.range(0, 3), 1);
     sent.extend(pages_frame(d.range(4, 4), 1));
     sent.extend(package_frame(true));
@@ -560,6 +572,18 @@ fn two_threads_faulting_one_page_cause_one_request() {
     assert_eq!(stats.requests, 1, "{stats:?}");
     assert_eq!(stats.faults, 2, "{stats:?}");
     assert_eq!(stats.latency.count, 2, "{stats:?}");
+    // Both guest threads (the two vCPUs) waited for the same page: each
+    // has its blocktime, and all were blocked at once for at most the
+    // shorter of the two.
+    assert_eq!(stats.vcpu_blocktime.len(), 2, "{stats:?}");
+    for b in &stats.vcpu_blocktime {
+        assert_eq!(b.faults, 1, "{stats:?}");
+        assert!(b.blocked_us >= stats.blocktime_us, "{stats:?}");
+    }
+    // The supervisor reads the same figures from its counter block.
+    assert_eq!(d.counters.get(Counter::Faults), 2);
+    assert_eq!(d.counters.get(Counter::BlocktimeUs), stats.blocktime_us);
+    assert_eq!(d.counters.thread_blocktimes(), stats.vcpu_blocktime);
     d.assert_memory(|p| page_bytes(p, 1));
     d.quit();
 }

@@ -61,6 +61,10 @@ pub enum Cmd {
     /// End a `migrate --keep-guest` waiting with its guest after a cancel
     /// or failure (the guest goes with it).
     Quit(ClientArgs),
+    /// Print the summary of a report saved with `--json`; with `--plot`,
+    /// draw its timeline (both hosts on one time axis when the other
+    /// host's report of the same migration is given too).
+    Report(ReportArgs),
 }
 
 /// Which migration a client talks to.
@@ -89,6 +93,18 @@ pub struct StatusArgs {
     /// Print the control socket's answer as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// A report written by `--json` (the source's or the destination's).
+    pub report: PathBuf,
+    /// The other host's report of the same migration.
+    pub other: Option<PathBuf>,
+    /// Draw bandwidth, pending pages, faults and fault latency over time,
+    /// with the state changes marked, to this file (`.svg` or `.png`).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -240,6 +256,10 @@ pub struct MigrationArgs {
     /// if it exists, else `nobody`; a uid-0 user keeps them as root).
     #[arg(long, value_name = "USER")]
     pub role_user: Option<String>,
+    /// No live progress and no summary on stdout (the --json report is
+    /// still written).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 fn chaos_arg(s: &str) -> Result<Chaos, String> {
@@ -304,8 +324,9 @@ pub struct IncomingArgs {
     /// Kill the fault-handler at chosen points (see `migrate --chaos`).
     #[arg(long, value_parser = chaos_arg)]
     pub chaos: Option<Chaos>,
-    /// Print no summary (the demo prints the source's).
-    #[arg(long, hide = true)]
+    /// No live progress and no summary on stdout (the --json report is
+    /// still written; the demo runs its destination so).
+    #[arg(long)]
     pub quiet: bool,
     /// User the roles drop to once they hold their fds (default: `postcopy`
     /// if it exists, else `nobody`; a uid-0 user keeps them as root).
@@ -334,6 +355,8 @@ pub struct SourceOpts {
     pub link_timeout: Duration,
     pub max_restarts: u32,
     pub chaos: Option<Chaos>,
+    /// No live progress, no summary.
+    pub quiet: bool,
 }
 
 fn parse_range(text: &str) -> Result<(u64, u64), String> {
@@ -509,6 +532,7 @@ impl SourceOpts {
             link_timeout: Duration::from_secs(m.link_timeout),
             max_restarts: m.max_restarts,
             chaos: m.chaos.clone(),
+            quiet: m.quiet,
         })
     }
 }

@@ -78,7 +78,7 @@ pub fn describe(v: &Value) -> String {
     let mib = |b: f64| b / (1u64 << 20) as f64;
     if let Some(live) = v.get("live") {
         let pending = f64_at(live, &["pending_pages"]).unwrap_or(0.0);
-        let total = f64_at(live, &["pages_total"]).unwrap_or(0.0);
+        let total = f64_at(live, &["total_pages"]).unwrap_or(0.0);
         out.push_str(&format!(
             "  {:.1}% of {} pages; {} pending; dirty {:.0} pages/s; {:.0} Mbit/s",
             f64_at(live, &["percent"]).unwrap_or(0.0),
@@ -87,8 +87,8 @@ pub fn describe(v: &Value) -> String {
             f64_at(live, &["dirty_pages_per_s"]).unwrap_or(0.0),
             f64_at(live, &["bandwidth_mbps"]).unwrap_or(0.0),
         ));
-        match f64_at(live, &["eta_s"]) {
-            Some(eta) => out.push_str(&format!("; ETA {eta:.1} s\n")),
+        match f64_at(live, &["eta_ms"]) {
+            Some(eta) => out.push_str(&format!("; ETA {:.1} s\n", eta / 1e3)),
             None => out.push('\n'),
         }
     }
@@ -104,8 +104,24 @@ pub fn describe(v: &Value) -> String {
     if let Some(d) = f64_at(v, &["downtime_ms"]) {
         out.push_str(&format!("  downtime {d:.1} ms\n"));
     }
-    if let Some(faults) = v.get("fault_handling") {
-        out.push_str(&format!("  postcopy: {faults}\n"));
+    if let Some(live) = v.get("live") {
+        let requests = f64_at(live, &["postcopy_requests"]).unwrap_or(0.0);
+        if requests > 0.0 {
+            out.push_str(&format!(
+                "  postcopy: {} page requests, {:.0}/s",
+                requests as u64,
+                f64_at(live, &["fault_rate"]).unwrap_or(0.0)
+            ));
+            match (
+                f64_at(live, &["fault_latency_us", "p50"]),
+                f64_at(live, &["fault_latency_us", "p99"]),
+            ) {
+                (Some(p50), Some(p99)) => out.push_str(&format!(
+                    "; fault latency p50 {p50:.0} µs p99 {p99:.0} µs\n"
+                )),
+                _ => out.push('\n'),
+            }
+        }
     }
     if let Some(e) = v.get("error").and_then(Value::as_str) {
         out.push_str(&format!("  error: {}\n", common::peer_text::escape(e)));

@@ -12,6 +12,7 @@ use common::bitmap::SharedBitmap;
 use common::control::{
     ControlMsg, DestSummary, PostcopyMode, SetupAccepted, SetupRequest, VerifyMethod,
 };
+use common::counters::SharedCounters;
 use common::guest::{GuestKind, KVM_MAX_MEM};
 use common::mem::{create_memfd, Access, Mapping};
 use common::msg::{
@@ -31,8 +32,10 @@ use crate::events::{self, Event, Gate, Reply};
 use crate::machine::dest::{DestAction, DestMachine, DestState};
 use crate::machine::Judged;
 use crate::net::{self, Control, NetError};
-use crate::report::{Report, RoleReport, VerifyReport};
+use crate::progress::Progress;
+use crate::report::{Report, RoleReport, VcpuBlocktime, VerifyReport};
 use crate::session::{EventLoop, Session, CONTROL};
+use crate::snapshot::{Reading, Snapshot, Telemetry};
 use crate::source::short;
 use crate::spawn::{self, Child};
 use crate::verify;
@@ -47,6 +50,9 @@ struct Dest {
     /// When the machine entered its current state (step deadlines).
     state_since: (&'static str, Instant),
     report: Report,
+    progress: Progress,
+    /// The live figures: timeline samples, rates (snapshot.rs).
+    telemetry: Telemetry,
     req: Option<SetupRequest>,
     layout: MemLayout,
     memfd: Option<OwnedFd>,
@@ -58,6 +64,9 @@ struct Dest {
     held: Vec<OwnedFd>,
     /// The received bitmap (read at a resync).
     received: Option<SharedBitmap>,
+    /// The fault-handler's running totals (faults, latency, blocktime,
+    /// bytes), and the memfd handed to each fault-handler.
+    counters: Option<(SharedCounters, OwnedFd)>,
     /// The data connections the fault-handler holds.
     conns: Vec<(ConnKind, OwnedFd)>,
     /// Where the sources' connections arrive (kept for resyncs).
@@ -94,6 +103,21 @@ struct Dest {
     published: Instant,
 }
 
+/// What the live figures are made of now (snapshot.rs), borrowing only the
+/// fields it reads (the telemetry stays free to update).
+macro_rules! dest_reading {
+    ($d:expr) => {
+        Reading {
+            status: $d.m.state().coarse(),
+            phase: $d.m.state().name(),
+            counters: $d.counters.as_ref().map(|(c, _)| c),
+            pages_done: $d.received.as_ref().map(|r| r.count()),
+            round_left: None,
+            dirty_pages_per_s: None,
+        }
+    };
+}
+
 /// Waits for one migration and returns the destination's report.
 pub fn incoming(args: IncomingArgs) -> Report {
     let mut report = Report {
@@ -111,9 +135,15 @@ pub fn incoming(args: IncomingArgs) -> Report {
         }
     };
     let m = DestMachine::new();
+    report.started_at_unix_ms =
+        crate::report::unix_ms_now() - s.started.elapsed().as_secs_f64() * 1e3;
+    let progress = Progress::new(args.quiet);
+    let telemetry = Telemetry::new("destination", s.started, 0);
     let mut d = Dest {
         args,
         s,
+        progress,
+        telemetry,
         state_since: (m.state().name(), Instant::now()),
         m,
         report,
@@ -126,6 +156,7 @@ pub fn incoming(args: IncomingArgs) -> Report {
         control: None,
         held: Vec::new(),
         received: None,
+        counters: None,
         conns: Vec::new(),
         listener: None,
         id: MigrationId([0; 16]),
@@ -175,6 +206,7 @@ impl EventLoop for Dest {
         if self.published.elapsed() >= Duration::from_millis(250) {
             self.publish();
         }
+        self.sample();
         if self.m.is_over() {
             return Ok(());
         }
@@ -387,7 +419,8 @@ impl Dest {
         TcpListener::bind(addr).map_err(|e| MigError::io(format!("listen on {addr}"), e))
     }
 
-    /// Notes when the machine entered a new state (step deadlines).
+    /// Notes when the machine entered a new state (step deadlines, the
+    /// report's events).
     fn note_state(&mut self) {
         let name = self.m.state().name();
         if name != self.state_since.0 {
@@ -456,14 +489,7 @@ impl Dest {
         r.status = self.m.state().coarse().name().into();
         r.events.clear();
         let mut figures = serde_json::to_value(&r).unwrap_or_default();
-        let pages = self.layout.pages();
-        let received = self.received.as_ref().map(|b| b.count()).unwrap_or(0);
-        figures["live"] = serde_json::json!({
-            "pages_total": pages,
-            "pages_received": received,
-            "pending_pages": pages.saturating_sub(received),
-            "percent": if pages > 0 { 100.0 * received as f64 / pages as f64 } else { 0.0 },
-        });
+        figures["live"] = serde_json::to_value(self.snapshot()).unwrap_or_default();
         let status = Status {
             state: self.m.state().name(),
             allowed: self.allowed(),
@@ -471,6 +497,19 @@ impl Dest {
         };
         ctl.update(status, &self.report.events);
         self.ctl = Some(ctl);
+    }
+
+    /// The migration's figures now (the control socket's `query`).
+    fn snapshot(&self) -> Snapshot {
+        self.telemetry.snapshot(&dest_reading!(self))
+    }
+
+    /// A timeline sample and a progress redraw, when due (every 50 ms).
+    fn sample(&mut self) {
+        let reading = dest_reading!(self);
+        if self.telemetry.sample(&reading) && self.progress.enabled() {
+            self.progress.tick(&self.telemetry.snapshot(&reading));
+        }
     }
 
     /// Notes a state change, then does the steps the machine asked for.
@@ -735,6 +774,7 @@ impl Dest {
         self.report.workload = g.workload.name().to_string();
         self.report.vcpus = g.vcpus;
         self.report.mem_bytes = g.mem_bytes;
+        self.telemetry.set_mem_bytes(g.mem_bytes);
         self.report.postcopy_mode = req.postcopy.to_string();
         self.report.verify.method = req.verify.to_string();
         self.req = Some(req.clone());
@@ -793,6 +833,10 @@ impl Dest {
             SharedBitmap::create("postcopy-received", self.layout.pages())
                 .map_err(|e| MigError::Setup(format!("received bitmap: {e}")))?;
         self.received = Some(received);
+        self.counters = Some(
+            SharedCounters::create("postcopy-counters")
+                .map_err(|e| MigError::Setup(format!("counters: {e}")))?,
+        );
         if req.verify == VerifyMethod::Digest {
             self.digests_fd = Some(
                 create_memfd("postcopy-digests", self.layout.pages() * 8)
@@ -891,6 +935,7 @@ impl Dest {
             postcopy,
             digests: self.digests_fd.is_some(),
             resume,
+            vcpus: self.report.vcpus,
         }))?;
         let fd = |k: ConnKind| {
             self.conns
@@ -906,6 +951,10 @@ impl Dest {
             ("main", fd(ConnKind::Main)),
             ("return", fd(ConnKind::ReturnPath)),
             ("urgent", fd(ConnKind::Urgent)),
+            (
+                "counters",
+                self.counters.as_ref().expect("prepared").1.as_fd(),
+            ),
         ];
         if postcopy {
             fds.push(("uffd", self.held[1].as_fd()));
@@ -1016,6 +1065,7 @@ impl Dest {
             self.report.pages_urgent = s.pages_urgent;
             self.report.pages_background = s.pages_background;
             self.report.postcopy_blocktime_ms = Some(s.blocktime_us as f64 / 1e3);
+            self.report.postcopy_vcpu_blocktime = VcpuBlocktime::from_stats(s);
             self.report.fault_latency_us = Some(s.latency.clone());
             self.report.switched_to_postcopy = true;
         }
@@ -1097,6 +1147,7 @@ impl Dest {
     }
 
     fn finish(mut self, result: Result<(), MigError>) -> Report {
+        self.progress.clear();
         let guest_ran = self.m.state().guest_ran();
         self.m.end(match &result {
             Ok(()) => MigrationState::Completed,
@@ -1142,6 +1193,8 @@ impl Dest {
             c.shutdown();
         }
         self.report.roles = roles.iter().map(RoleReport::from).collect();
+        self.telemetry.last_sample(&dest_reading!(self));
+        self.report.timeline = self.telemetry.timeline().to_vec();
         self.held.clear();
         let status = self.report.status.clone();
         self.report.note(

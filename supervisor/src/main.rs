@@ -17,7 +17,7 @@ fn main() -> ExitCode {
             _ => "src",
         },
     };
-    common::logging::init(tag);
+    common::logging::init_supervisor(tag);
     let role_user = match &cli.cmd {
         Cmd::Demo(a) => a.mig.role_user.as_deref(),
         Cmd::Migrate(a) => a.mig.role_user.as_deref(),
@@ -31,11 +31,12 @@ fn main() -> ExitCode {
         }
     }
     match cli.cmd {
+        Cmd::Report(args) => show_report(&args),
         Cmd::Demo(args) => match SourceOpts::from_args(&args.guest, &args.mig)
             .and_then(|opts| Ok((report_file(opts.json.as_deref())?, opts)))
             .and_then(|(json, opts)| Ok((demo::demo(&args, opts)?, json)))
         {
-            Ok((report, json)) => conclude(&report, json, true),
+            Ok((report, json)) => conclude(&report, json, !args.mig.quiet),
             Err(e) => usage_error(&e),
         },
         Cmd::Migrate(args) => match SourceOpts::from_args(&args.guest, &args.mig)
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
             Ok((json, mut opts)) => {
                 opts.keep_guest = args.keep_guest;
                 let report = source::migrate(opts, args.to.clone(), &[]);
-                conclude(&report, json, true)
+                conclude(&report, json, !args.mig.quiet)
             }
             Err(e) => usage_error(&e),
         },
@@ -89,6 +90,30 @@ fn main() -> ExitCode {
         ),
         Cmd::Quit(a) => client::command("quit", &a, json!({"cmd": "quit"}), "quitting"),
     }
+}
+
+/// `postcopy report`: the summary of each report, then the plot. A file
+/// that is not a report is a command-line error (2).
+fn show_report(args: &supervisor::cli::ReportArgs) -> ExitCode {
+    let mut reports = Vec::new();
+    for path in std::iter::once(&args.report).chain(args.other.as_ref()) {
+        match Report::load(path) {
+            Ok(r) => reports.push(r),
+            Err(e) => return usage_error(&e.to_string()),
+        }
+    }
+    for r in &reports {
+        print!("{}", r.summary());
+    }
+    if let Some(out) = &args.plot {
+        let refs: Vec<&Report> = reports.iter().collect();
+        if let Err(e) = supervisor::plot::plot(&refs, out) {
+            eprintln!("postcopy report: {e}");
+            return ExitCode::FAILURE;
+        }
+        println!("plotted to {}", out.display());
+    }
+    ExitCode::SUCCESS
 }
 
 /// A report path that cannot be written is a usage error now, not a lost

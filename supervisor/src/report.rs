@@ -1,16 +1,21 @@
-//! The migration report: a JSON object (`--json FILE`) and a human summary.
-//! Field names are part of the interface: later versions add, never rename.
+//! The migration report: a JSON object (`--json FILE`, fields in
+//! docs/report.md) and a human summary; `postcopy report FILE` reads one
+//! back. Field names are part of the interface: later versions add, never
+//! rename.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use common::control::{ExitStatus, RoleInfo, VerifyResult};
 use common::msg::LatencySummary;
 
-#[derive(Debug, Clone, Default, Serialize)]
+use crate::snapshot::TimelineSample;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct VerifyReport {
     /// "none", "ab" or "digest".
     pub method: String,
@@ -22,7 +27,8 @@ pub struct VerifyReport {
 }
 
 /// One earlier attempt, as it ended.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Attempt {
     pub migration_id: String,
     pub status: String,
@@ -69,7 +75,8 @@ impl VerifyReport {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RoleReport {
     pub name: String,
     pub host: String,
@@ -95,7 +102,8 @@ impl From<&RoleInfo> for RoleReport {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RoundReport {
     pub sync: u32,
     pub pages: u64,
@@ -107,7 +115,8 @@ pub struct RoundReport {
     pub dirty_pages_per_s: f64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SwitchoverReport {
     /// Stop the source guest.
     pub stop: f64,
@@ -127,7 +136,8 @@ pub struct SwitchoverReport {
     pub dest_load_run: f64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ReportEvent {
     /// Milliseconds since the supervisor started.
     pub t_ms: f64,
@@ -136,7 +146,8 @@ pub struct ReportEvent {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Report {
     pub status: String,
     pub error: Option<String>,
@@ -180,7 +191,11 @@ pub struct Report {
     pub postcopy_faults: u64,
     pub pages_urgent: u64,
     pub pages_background: u64,
+    /// QEMU's postcopy blocktime: time during which every vCPU (worker
+    /// thread) was blocked on a fault at once, ms.
     pub postcopy_blocktime_ms: Option<f64>,
+    /// QEMU's per-vCPU blocktime: each guest thread that faulted.
+    pub postcopy_vcpu_blocktime: Vec<VcpuBlocktime>,
     pub fault_latency_us: Option<LatencySummary>,
     pub rounds: Vec<RoundReport>,
     /// What became of the source guest: "released" after a completed
@@ -192,8 +207,104 @@ pub struct Report {
     pub serial_bytes_destination: Option<u64>,
     /// Earlier attempts to migrate this guest (`migrate --keep-guest`,
     /// then `postcopy retry`), oldest first.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub attempts: Vec<Attempt>,
+    /// Wall-clock time this supervisor started, ms since the Unix epoch:
+    /// `events` and `timeline` count from it, and it puts two hosts'
+    /// reports on one time axis.
+    pub started_at_unix_ms: f64,
+    /// The figures about every 50 ms (docs/report.md).
+    pub timeline: Vec<TimelineSample>,
+}
+
+/// One guest thread's blocktime (QEMU's per-vCPU blocktime).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VcpuBlocktime {
+    /// Its thread id in the destination guest process.
+    pub tid: u32,
+    /// Time it waited for at least one page, ms.
+    pub blocktime_ms: f64,
+    /// Its faults.
+    pub faults: u64,
+}
+
+impl VcpuBlocktime {
+    pub fn from_stats(s: &common::msg::PostcopyStats) -> Vec<VcpuBlocktime> {
+        s.vcpu_blocktime
+            .iter()
+            .map(|b| VcpuBlocktime {
+                tid: b.tid,
+                blocktime_ms: b.blocked_us as f64 / 1e3,
+                faults: b.faults,
+            })
+            .collect()
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .unwrap_or(0.0)
+}
+
+/// Why a saved report cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not JSON: {source}")]
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("{path} is not a postcopy report: {detail}")]
+    NotAReport { path: String, detail: String },
+    #[error("{path} holds no report yet: the migration was still running when it was read, or ended without writing it")]
+    Running { path: String },
+}
+
+impl Report {
+    /// Reads a report written by `--json`. Errors name the file and what
+    /// is wrong with it: unreadable, not JSON, JSON of another shape (a
+    /// field of the wrong type, no `side`), or the placeholder of a
+    /// migration that never finished.
+    pub fn load(path: &Path) -> Result<Report, LoadError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| LoadError::Json {
+                path: p.clone(),
+                source,
+            })?;
+        if value.get("status").and_then(|v| v.as_str()) == Some("running")
+            && value.get("side").is_none()
+        {
+            return Err(LoadError::Running { path: p });
+        }
+        let report: Report = serde_json::from_value(value).map_err(|e| LoadError::NotAReport {
+            path: p.clone(),
+            detail: e.to_string(),
+        })?;
+        if !matches!(report.side.as_str(), "source" | "destination") {
+            return Err(LoadError::NotAReport {
+                path: p,
+                detail: format!(
+                    "`side` is {:?}, expected \"source\" or \"destination\"",
+                    report.side
+                ),
+            });
+        }
+        Ok(report)
+    }
 }
 
 fn size(bytes: u64) -> String {
@@ -224,7 +335,7 @@ impl Report {
                 .unwrap_or_else(|| "-".into())
         };
         s.push_str(&format!(
-            "migration {} {} in {:.0} ms (setup {:.0} ms, downtime {})\n",
+            "migration {} {} in {:.0} ms (setup {:.0} ms, downtime {}){}\n",
             if self.migration_id.is_empty() {
                 "(none arrived)"
             } else {
@@ -233,7 +344,12 @@ impl Report {
             self.status,
             self.total_time_ms,
             self.setup_time_ms,
-            ms(self.downtime_ms)
+            ms(self.downtime_ms),
+            if self.side == "destination" {
+                ", destination's report"
+            } else {
+                ""
+            }
         ));
         if let Some(e) = &self.error {
             s.push_str(&format!("  error: {e}\n"));
@@ -251,24 +367,39 @@ impl Report {
             if self.vcpus == 1 { "" } else { "s" },
             self.postcopy_mode
         ));
-        s.push_str(&format!(
-            "  precopy {} in {} dirty syncs; downtime {}; postcopy {}; {} pages sent, {} zero pages; {:.0} Mbit/s\n",
-            size(self.precopy_bytes),
-            self.dirty_sync_count,
-            size(self.downtime_bytes),
-            size(self.postcopy_bytes),
-            self.pages_sent,
-            self.zero_pages,
-            self.throughput_mbps
-        ));
+        if self.side == "destination" {
+            // The byte totals are the source's; the destination's are in
+            // its timeline.
+            if let Some(last) = self.timeline.last() {
+                s.push_str(&format!(
+                    "  received {} in {} dirty syncs\n",
+                    size(last.bytes),
+                    self.dirty_sync_count
+                ));
+            }
+        } else {
+            s.push_str(&format!(
+                "  precopy {} in {} dirty syncs; downtime {}; postcopy {}; {} pages sent, {} zero pages; {:.0} Mbit/s\n",
+                size(self.precopy_bytes),
+                self.dirty_sync_count,
+                size(self.downtime_bytes),
+                size(self.postcopy_bytes),
+                self.pages_sent,
+                self.zero_pages,
+                self.throughput_mbps
+            ));
+        }
         if self.switched_to_postcopy {
             s.push_str(&format!(
-                "  switched to postcopy: {}\n",
-                self.switchover_reason.as_deref().unwrap_or("-")
+                "  switched to postcopy{}\n",
+                self.switchover_reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
             ));
             if let Some(l) = &self.fault_latency_us {
                 s.push_str(&format!(
-                    "  postcopy {}: {} requests, {} faults, {} urgent + {} background pages, {} discarded; fault latency p50 {} µs p99 {} µs max {} µs; blocktime {}\n",
+                    "  postcopy {}: {} requests, {} faults, {} urgent + {} background pages, {} discarded; fault latency p50 {} µs p99 {} µs p99.9 {} µs max {} µs\n",
                     ms(self.postcopy_phase_ms),
                     self.postcopy_requests,
                     self.postcopy_faults,
@@ -277,8 +408,22 @@ impl Report {
                     self.discarded_pages,
                     l.p50,
                     l.p99,
+                    l.p999,
                     l.max,
-                    ms(self.postcopy_blocktime_ms)
+                ));
+                let per: Vec<String> = self
+                    .postcopy_vcpu_blocktime
+                    .iter()
+                    .map(|b| format!("{:.1} ms", b.blocktime_ms))
+                    .collect();
+                s.push_str(&format!(
+                    "  blocktime {} (all vCPUs at once); per vCPU {}\n",
+                    ms(self.postcopy_blocktime_ms),
+                    if per.is_empty() {
+                        "-".to_string()
+                    } else {
+                        per.join(", ")
+                    }
                 ));
             }
         }
@@ -314,6 +459,29 @@ impl Report {
                     v.method, v.pages_checked, m
                 ));
             }
+        }
+        if let (Some(first), Some(last)) = (self.timeline.first(), self.timeline.last()) {
+            let peak = self
+                .timeline
+                .iter()
+                .map(|t| t.bandwidth_mbps)
+                .fold(0.0, f64::max);
+            s.push_str(&format!(
+                "  timeline: {} samples from {:.1} s to {:.1} s; peak {:.0} Mbit/s\n",
+                self.timeline.len(),
+                first.t_ms / 1e3,
+                last.t_ms / 1e3,
+                peak
+            ));
+        }
+        let marks: Vec<String> = self
+            .events
+            .iter()
+            .filter(|e| e.kind != "state")
+            .map(|e| format!("{:.1} s {} ({})", e.t_ms / 1e3, e.kind, e.detail))
+            .collect();
+        if !marks.is_empty() {
+            s.push_str(&format!("  events: {}\n", marks.join("; ")));
         }
         if let Some(p) = &self.serial_log_destination {
             s.push_str(&format!(

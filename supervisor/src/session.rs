@@ -61,6 +61,10 @@ pub struct Session {
     retiring: Vec<&'static str>,
 }
 
+/// How often `on_tick` runs while waiting: the report's timeline samples
+/// there every 50 ms (snapshot.rs), beside heartbeats and liveness checks.
+pub const TICK: Duration = Duration::from_millis(50);
+
 /// What the control connection's events are retired as.
 pub const CONTROL: &str = "control connection";
 
@@ -447,9 +451,14 @@ impl Session {
         Ok(())
     }
 
-    /// True at most every 100 ms: time for `on_tick`.
+    /// How long until `on_tick` is due.
+    fn until_tick(&self) -> Duration {
+        TICK.saturating_sub(self.last_tick.elapsed())
+    }
+
+    /// True at most every [`TICK`]: time for `on_tick`.
     fn tick_due(&mut self) -> bool {
-        if self.last_tick.elapsed() >= Duration::from_millis(100) {
+        if self.last_tick.elapsed() >= TICK {
             self.last_tick = Instant::now();
             true
         } else {
@@ -537,7 +546,7 @@ impl Session {
 pub trait EventLoop {
     fn session(&mut self) -> &mut Session;
     fn on_event(&mut self, ev: Event) -> Result<(), MigError>;
-    /// Runs every 100 ms or so while waiting, whatever arrives: liveness
+    /// Runs every [`TICK`] or so while waiting, whatever arrives: liveness
     /// checks and heartbeats.
     fn on_tick(&mut self) -> Result<(), MigError> {
         Ok(())
@@ -579,11 +588,10 @@ pub trait EventLoop {
             }
         }
         loop {
+            let to_tick = self.session().until_tick();
             let slice = match deadline {
-                Some(d) => d
-                    .saturating_duration_since(Instant::now())
-                    .min(Duration::from_millis(100)),
-                None => Duration::from_millis(100),
+                Some(d) => d.saturating_duration_since(Instant::now()).min(to_tick),
+                None => to_tick,
             };
             if let Some(ev) = self.session().recv(slice) {
                 match pick(ev) {

@@ -32,9 +32,10 @@ use crate::machine::source::{SourceMachine, SourceState, SrcAction};
 use crate::machine::{GuestFate, Judged};
 use crate::net::{self, Control};
 use crate::policy::Policy;
-use crate::progress::ProgressLine;
-use crate::report::{Report, RoleReport, RoundReport, VerifyReport};
+use crate::progress::Progress;
+use crate::report::{Report, RoleReport, RoundReport, VcpuBlocktime, VerifyReport};
 use crate::session::{EventLoop, Session, CONTROL};
+use crate::snapshot::{Reading, Snapshot, Telemetry};
 use crate::spawn::{self, Child};
 use crate::verify;
 
@@ -83,7 +84,11 @@ struct Source {
     /// When the machine entered its current state (step deadlines).
     state_since: (&'static str, Instant),
     report: Report,
-    progress: ProgressLine,
+    progress: Progress,
+    /// The live figures: timeline samples, rates (snapshot.rs).
+    telemetry: Telemetry,
+    /// Pages left in the current precopy round, as the ram-sender last said.
+    round_left: Option<u64>,
     memfd: OwnedFd,
     serial_path: Option<String>,
     guest: Option<Child<ToGuest, FromGuest>>,
@@ -117,8 +122,6 @@ struct Source {
     /// What the roles put on the wire, counted as they write.
     counters: Option<SharedCounters>,
     dest: Option<DestSummary>,
-    /// The last progress report: when, and bytes sent by then.
-    last_progress: Option<(Instant, u64)>,
     /// Digests of the frozen source memory, being computed off the main
     /// thread (verify by digest).
     digests: Option<std::sync::mpsc::Receiver<Vec<u64>>>,
@@ -139,6 +142,21 @@ struct Source {
     /// Restarts of each data role after failures of its own (not caused
     /// by the link), against `--max-restarts`.
     crashes: std::collections::HashMap<&'static str, u32>,
+}
+
+/// What the live figures are made of now (snapshot.rs), borrowing only the
+/// fields it reads (the telemetry stays free to update).
+macro_rules! source_reading {
+    ($src:expr) => {
+        Reading {
+            status: $src.m.state().coarse(),
+            phase: $src.m.state().name(),
+            counters: $src.counters.as_ref(),
+            pages_done: $src.sent.as_ref().map(|s| s.count()),
+            round_left: $src.round_left.filter(|_| !$src.m.state().package_out()),
+            dirty_pages_per_s: $src.last_round.as_ref().map(|r| r.dirty_rate),
+        }
+    };
 }
 
 /// Runs a migration of a new guest to `to` and returns its report.
@@ -177,6 +195,9 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         opts.max_bandwidth,
     );
     let m = SourceMachine::new(policy, layout.pages());
+    report.started_at_unix_ms = crate::report::unix_ms_now() - ms(s.started.elapsed());
+    let progress = Progress::new(opts.quiet);
+    let telemetry = Telemetry::new("source", s.started, opts.guest.mem_bytes);
     let mut src = Source {
         opts,
         to,
@@ -186,7 +207,9 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         state_since: (m.state().name(), Instant::now()),
         m,
         report,
-        progress: ProgressLine::new(),
+        progress,
+        telemetry,
+        round_left: None,
         memfd,
         serial_path: None,
         guest: None,
@@ -212,7 +235,6 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         final_sync: None,
         counters: None,
         dest: None,
-        last_progress: None,
         digests: None,
         ctl: None,
         published: Instant::now(),
@@ -264,6 +286,7 @@ impl EventLoop for Source {
         if self.published.elapsed() >= Duration::from_millis(250) {
             self.publish();
         }
+        self.sample();
         if self.m.is_over() {
             return Ok(());
         }
@@ -577,31 +600,14 @@ impl Source {
     }
 
     /// The report so far, its totals from the roles' running counts, and
-    /// the live figures (`live`: pending pages, percent, bandwidth, ETA).
+    /// the live figures (`live`: the [`Snapshot`], docs/report.md).
     fn figures(&self) -> serde_json::Value {
         let mut r = self.report.clone();
         r.status = self.m.state().coarse().name().into();
         r.events.clear();
         totals(&mut r, self.counters.as_ref(), self.dest.as_ref());
-        let pages = self.layout.pages();
-        let on_wire = self.sent.as_ref().map(|b| b.count()).unwrap_or(0);
-        let pending = match (&self.last_round, self.m.state().package_out()) {
-            (Some(round), false) => round.pending_pages,
-            _ => pages.saturating_sub(on_wire),
-        };
-        let bytes = r.precopy_bytes + r.downtime_bytes + r.postcopy_bytes;
-        let secs = self.t0.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
-        let bw = if secs > 0.0 { bytes as f64 / secs } else { 0.0 };
         let mut v = serde_json::to_value(&r).unwrap_or_default();
-        v["live"] = serde_json::json!({
-            "pages_total": pages,
-            "pages_on_destination_at_least_once": on_wire,
-            "pending_pages": pending,
-            "percent": if pages > 0 { 100.0 * (pages - pending.min(pages)) as f64 / pages as f64 } else { 0.0 },
-            "dirty_pages_per_s": self.last_round.as_ref().map(|x| x.dirty_rate).unwrap_or(0.0),
-            "bandwidth_mbps": bw * 8.0 / 1e6,
-            "eta_s": if bw > 0.0 { Some(pending as f64 * PAGE_SIZE as f64 / bw) } else { None },
-        });
+        v["live"] = serde_json::to_value(self.snapshot()).unwrap_or_default();
         v
     }
 
@@ -679,7 +685,7 @@ impl Source {
                     detail: e,
                 })
             }
-            Event::Sender(FromRamSender::Progress(p)) => self.draw_progress(&p),
+            Event::Sender(FromRamSender::Progress(p)) => self.round_left = Some(p.round_left),
             Event::Sender(FromRamSender::Synced(stats)) => self.record_round(stats),
             Event::Sender(FromRamSender::PreDiscarded { pages, .. }) => {
                 self.report.prediscard_pages = pages;
@@ -859,33 +865,17 @@ impl Source {
         Ok(())
     }
 
-    fn draw_progress(&mut self, p: &common::msg::SendProgress) {
-        let phase = if self.m.state().package_out() {
-            "postcopy"
-        } else {
-            "precopy"
-        };
-        let now = Instant::now();
-        let rate = match self.last_progress.replace((now, p.total_bytes)) {
-            Some((t, b)) if now > t => {
-                (p.total_bytes.saturating_sub(b)) as f64 * 8.0
-                    / now.duration_since(t).as_secs_f64()
-                    / 1e6
-            }
-            _ => 0.0,
-        };
-        let dirty = self
-            .last_round
-            .as_ref()
-            .map(|r| r.dirty_rate)
-            .unwrap_or(0.0);
-        self.progress.draw(&format!(
-            "[{phase}] sync {}  sent {} pages ({} MiB)  pending {} pages  dirty {dirty:.0} pages/s  {rate:.0} Mbit/s",
-            self.last_round.as_ref().map(|r| r.sync_count).unwrap_or(1),
-            p.total_pages,
-            p.total_bytes >> 20,
-            p.round_left
-        ));
+    /// The migration's figures now (the control socket's `query`).
+    fn snapshot(&self) -> Snapshot {
+        self.telemetry.snapshot(&source_reading!(self))
+    }
+
+    /// A timeline sample and a progress redraw, when due (every 50 ms).
+    fn sample(&mut self) {
+        let reading = source_reading!(self);
+        if self.telemetry.sample(&reading) && self.progress.enabled() {
+            self.progress.tick(&self.telemetry.snapshot(&reading));
+        }
     }
 
     fn record_round(&mut self, stats: RoundStats) {
@@ -899,14 +889,7 @@ impl Source {
             bandwidth_mbps: stats.bandwidth * 8.0 / 1e6,
             dirty_pages_per_s: stats.dirty_rate,
         });
-        self.progress.draw(&format!(
-            "[precopy] sync {}  sent {} pages  pending {} pages  dirty {:.0} pages/s  {:.0} Mbit/s",
-            stats.sync_count,
-            stats.total_pages,
-            stats.pending_pages,
-            stats.dirty_rate,
-            stats.bandwidth * 8.0 / 1e6
-        ));
+        self.round_left = Some(stats.pending_pages);
         log::info!(
             "sync {}: {} pending pages, round {:.0} Mbit/s (estimate {:.0}), {:.0} dirty pages/s",
             stats.sync_count,
@@ -1422,6 +1405,8 @@ impl Source {
     /// memory and its fds, for `retry`.
     fn conclude(&mut self, result: Result<(), MigError>) -> Report {
         self.progress.clear();
+        self.telemetry.last_sample(&source_reading!(self));
+        self.report.timeline = self.telemetry.timeline().to_vec();
         // What the source guest needs is decided by where the migration
         // stood when it ended; from here events no longer fail it.
         let fate = self.m.state().guest_fate();
@@ -1644,7 +1629,6 @@ impl Source {
         self.final_sync = None;
         self.counters = None;
         self.dest = None;
-        self.last_progress = None;
         self.digests = None;
         self.control = None;
         self.conns.clear();
@@ -1709,6 +1693,7 @@ fn totals(r: &mut Report, counters: Option<&SharedCounters>, dest: Option<&DestS
             r.pages_urgent = pc.pages_urgent;
             r.pages_background = pc.pages_background;
             r.postcopy_blocktime_ms = Some(pc.blocktime_us as f64 / 1e3);
+            r.postcopy_vcpu_blocktime = VcpuBlocktime::from_stats(pc);
             r.fault_latency_us = Some(pc.latency.clone());
         }
         r.serial_log_destination = d.serial_log.clone();

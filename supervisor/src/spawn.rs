@@ -203,15 +203,15 @@ pub fn hand_over(cmd: &mut Command, fd: RawFd, at: RawFd) {
 /// Longest line of a role's output forwarded in one piece, in bytes.
 const MAX_LINE: u64 = 4096;
 
-/// True if `line` carries the log tag of role `name` with pid `pid`
-/// (`[  1.234 name pid LEVEL] ...`, common::logging): a role can only
-/// produce lines tagged as itself.
-fn tagged_as(line: &str, name: &str, pid: u32) -> bool {
+/// True if `line` carries the log tag of role `name` on `host` with pid
+/// `pid` (`[  1.234 host/name pid LEVEL] ...`, common::logging): a role
+/// can only produce lines tagged as itself.
+fn tagged_as(line: &str, host: &str, name: &str, pid: u32) -> bool {
     line.strip_prefix('[')
         .map(str::trim_start)
         .and_then(|l| l.split_once(' '))
         .is_some_and(|(time, rest)| {
-            time.parse::<f64>().is_ok() && rest.starts_with(&format!("{name} {pid} "))
+            time.parse::<f64>().is_ok() && rest.starts_with(&format!("{host}/{name} {pid} "))
         })
 }
 
@@ -232,7 +232,7 @@ fn escape_output(bytes: &[u8]) -> String {
 
 /// Forwards one output stream of a role to our stderr, line by line: a
 /// role holds a pipe, never our terminal. Control characters are escaped,
-/// lines without the role's own log tag get `[name pid]`, and lines longer
+/// lines without the role's own log tag get `[host/name pid]`, and lines longer
 /// than [`MAX_LINE`] are cut.
 fn forward_output(name: &'static str, pid: u32, stream: impl std::io::Read + Send + 'static) {
     use std::io::{BufRead, Read, Write};
@@ -249,10 +249,11 @@ fn forward_output(name: &'static str, pid: u32, stream: impl std::io::Read + Sen
                 }
                 let text = escape_output(&line);
                 let mut err = std::io::stderr().lock();
-                let _ = if tagged_as(&text, name, pid) {
+                let host = common::logging::host();
+                let _ = if tagged_as(&text, host, name, pid) {
                     writeln!(err, "{text}")
                 } else {
-                    writeln!(err, "[{name} {pid}] {text}")
+                    writeln!(err, "[{host}/{name} {pid}] {text}")
                 };
             }
         });
@@ -409,22 +410,32 @@ mod tests {
         assert_eq!(escape_output(b"a\x1b[2Jb\r\n"), "a\\u{1b}[2Jb");
         assert_eq!(escape_output(b"x\ty\xff\n"), "x\ty\u{fffd}");
         assert!(tagged_as(
-            "[    0.016 page-server 734 DEBUG] hi",
+            "[    0.016 src/page-server 734 DEBUG] hi",
+            "src",
             "page-server",
             734
         ));
         assert!(!tagged_as(
-            "[    0.016 page-server 735 DEBUG] hi",
+            "[    0.016 src/page-server 735 DEBUG] hi",
+            "src",
             "page-server",
             734
         ));
         assert!(!tagged_as(
-            "[    0.016 src 734 ERROR] forged",
+            "[    0.016 dst/page-server 734 DEBUG] another host",
+            "src",
+            "page-server",
+            734
+        ));
+        assert!(!tagged_as(
+            "[    0.016 src/supervisor 734 ERROR] forged",
+            "src",
             "page-server",
             734
         ));
         assert!(!tagged_as(
             "sandbox: forbidden syscall 41",
+            "src",
             "page-server",
             734
         ));

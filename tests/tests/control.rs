@@ -161,8 +161,7 @@ fn whole_migration_through_the_control_socket() -> TestResult {
     let t = Instant::now();
     loop {
         let v = ok(&q.call(json!({"cmd": "query"}), &mut events)?)?.clone();
-        if text(&v, "status") == "active" && num(&v, "live.pages_on_destination_at_least_once")? > 0
-        {
+        if text(&v, "status") == "active" && num(&v, "live.pages_sent")? > 0 {
             break;
         }
         check(
