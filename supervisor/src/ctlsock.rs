@@ -309,6 +309,26 @@ impl ControlSocket {
         })
     }
 
+    /// [`ControlSocket::bind`], logging where it listens, or why there is
+    /// none (the migration then runs without one).
+    pub fn open(
+        path: Option<PathBuf>,
+        side: &'static str,
+        started: Instant,
+        events: Sender<Event>,
+    ) -> Option<Self> {
+        match Self::bind(path, side, started, events) {
+            Ok(c) => {
+                log::info!("control socket {}", c.path().display());
+                Some(c)
+            }
+            Err(e) => {
+                log::warn!("no control socket ({e})");
+                None
+            }
+        }
+    }
+
     /// Publishes the driver's state (what `query` answers and what the
     /// commands are checked against), and every report event not
     /// published yet (each state change, restart, pause, ...).

@@ -178,18 +178,12 @@ pub fn incoming(args: IncomingArgs) -> Report {
         crashes: 0,
     };
     d.chaos = d.args.chaos.clone();
-    match ControlSocket::bind(
+    d.ctl = ControlSocket::open(
         d.args.control.clone(),
         "destination",
         d.s.started,
         d.s.tx.clone(),
-    ) {
-        Ok(c) => {
-            log::info!("control socket {}", c.path().display());
-            d.ctl = Some(c);
-        }
-        Err(e) => log::warn!("no control socket ({e})"),
-    }
+    );
     d.publish();
     let t0 = Instant::now();
     let result = d.run();

@@ -245,18 +245,12 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         attempts: Vec::new(),
         crashes: Default::default(),
     };
-    match ControlSocket::bind(
+    src.ctl = ControlSocket::open(
         src.opts.control.clone(),
         "source",
         src.s.started,
         src.s.tx.clone(),
-    ) {
-        Ok(c) => {
-            log::info!("control socket {}", c.path().display());
-            src.ctl = Some(c);
-        }
-        Err(e) => log::warn!("no control socket ({e}); SIGUSR1 still starts postcopy"),
-    }
+    );
     src.chaos = src.opts.chaos.clone();
     src.publish();
     let mut result = src.run();
