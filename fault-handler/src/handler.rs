@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
+use common::clock::monotonic_ns;
 use common::digest::{page_digest, zero_page_digest};
 use common::mem::{punch_hole, write_at, Access, Mapping, MemError};
 use common::msg::{
@@ -26,6 +27,7 @@ use common::wire::{
 };
 use ipc_channel::ipc::IpcSender;
 
+use crate::fault_path::FaultPathRecorder;
 use crate::latency::Latencies;
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +104,8 @@ struct Handler {
     written: Mutex<Bitmap>,
     pending: Mutex<Pending>,
     latencies: Mutex<Latencies>,
+    /// Stamps along each fault answered on the urgent connection.
+    fault_path: Mutex<FaultPathRecorder>,
     ret: Mutex<TcpStream>,
     counters: Counters,
     done: AtomicBool,
@@ -192,6 +196,7 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
         }),
         pending: Mutex::new(Pending::default()),
         latencies: Mutex::new(Latencies::default()),
+        fault_path: Mutex::new(FaultPathRecorder::default()),
         ret: Mutex::new(ret),
         counters: Counters::default(),
         done: AtomicBool::new(false),
@@ -453,11 +458,35 @@ impl Handler {
                     })
                 }
             };
-            match frame {
-                Frame::Pages { range, data } => self.place(range, Some(data), Via::Urgent)?,
-                Frame::Zero { range } => self.place(range, None, Via::Urgent)?,
+            let read_ns = monotonic_ns();
+            let first = match frame {
+                Frame::Pages { range, data } => {
+                    self.place(range, Some(data), Via::Urgent)?;
+                    range.first()
+                }
+                Frame::Zero { range } => {
+                    self.place(range, None, Via::Urgent)?;
+                    range.first()
+                }
+                Frame::PageTimes {
+                    page,
+                    request_read_ns,
+                    page_sent_ns,
+                } => {
+                    self.fault_path.lock().expect("fault path").source_times(
+                        page.get(),
+                        request_read_ns,
+                        page_sent_ns,
+                    );
+                    continue;
+                }
                 other => unreachable!("urgent connection yielded {other:?}"),
-            }
+            };
+            self.fault_path.lock().expect("fault path").placed(
+                first.get(),
+                read_ns,
+                monotonic_ns(),
+            );
         }
     }
 
@@ -605,6 +634,13 @@ impl Handler {
             Via::Urgent => &self.counters.pages_urgent,
         };
         counter.fetch_add(newly, Ordering::Relaxed);
+        if via == Via::Main {
+            self.fault_path.lock().expect("fault path").placed_by_push(
+                first,
+                range.end(),
+                monotonic_ns(),
+            );
+        }
         // Faults waiting on these pages are answered now.
         let now = Instant::now();
         {
@@ -647,6 +683,7 @@ impl Handler {
             pages_background: c.pages_background.load(Ordering::Relaxed),
             blocktime_us: lat.total_us(),
             latency: lat.summary(),
+            fault_path: self.fault_path.lock().expect("fault path").finish(),
         };
         drop(lat);
         log::info!(
@@ -691,6 +728,7 @@ impl Handler {
             uffd.read_faults(&mut faults)?;
             for f in &faults {
                 let read_at = Instant::now();
+                let read_ns = monotonic_ns();
                 self.counters.faults.fetch_add(1, Ordering::Relaxed);
                 let Some(page) = f
                     .addr
@@ -735,6 +773,11 @@ impl Handler {
                     Some(true) => {
                         let frame = request_frame(self.layout.range(p, 1).expect("in range"));
                         let mut ret = self.ret.lock().expect("return path");
+                        self.fault_path.lock().expect("fault path").asking(
+                            p,
+                            read_ns,
+                            monotonic_ns(),
+                        );
                         ret.write_all(&frame).map_err(HandlerError::ReturnPath)?;
                         self.counters.requests.fetch_add(1, Ordering::Relaxed);
                     }
