@@ -30,7 +30,7 @@ use crate::events::{self, Event, Gate};
 use crate::machine::dest::{DestAction, DestMachine, DestState};
 use crate::machine::Judged;
 use crate::net::{self, Control, NetError};
-use crate::report::{Report, RoleReport, VerifyReport};
+use crate::report::{CpuReport, Report, RoleReport, VerifyReport};
 use crate::session::{EventLoop, Session, CONTROL};
 use crate::source::short;
 use crate::spawn::{self, Child};
@@ -1028,6 +1028,11 @@ impl Dest {
             c.shutdown();
         }
         self.report.roles = roles.iter().map(RoleReport::from).collect();
+        self.report.cost.cpu = Some(CpuReport::measure(
+            &self.report.roles,
+            "destination",
+            self.report.mem_bytes,
+        ));
         self.held.clear();
         self.report
     }

@@ -33,7 +33,7 @@ use crate::machine::{GuestFate, Judged};
 use crate::net::{self, Control};
 use crate::policy::Policy;
 use crate::progress::ProgressLine;
-use crate::report::{Report, RoleReport, RoundReport, VerifyReport};
+use crate::report::{CpuReport, Report, RoleReport, RoundReport, VerifyReport};
 use crate::session::{EventLoop, Session, CONTROL};
 use crate::spawn::{self, Child};
 use crate::verify;
@@ -1256,6 +1256,11 @@ impl Source {
         let mut roles: Vec<RoleReport> = self.s.role_infos().iter().map(RoleReport::from).collect();
         roles.append(&mut self.report.roles);
         self.report.roles = roles;
+        self.report.cost.cpu = Some(CpuReport::measure(
+            &self.report.roles,
+            "source",
+            self.report.mem_bytes,
+        ));
         self.report
     }
 
@@ -1303,6 +1308,7 @@ impl Source {
                 r.pages_background = pc.pages_background;
                 r.postcopy_blocktime_ms = Some(pc.blocktime_us as f64 / 1e3);
                 r.fault_latency_us = Some(pc.latency.clone());
+                r.cost.fault_path_us = pc.fault_path.clone();
             }
             r.serial_log_destination = d.serial_log.clone();
             if d.serial_log.is_some() {
