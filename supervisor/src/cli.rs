@@ -37,6 +37,10 @@ pub enum Cmd {
     /// Try the destination again now, of a postcopy migration paused by a
     /// lost link (it retries by itself with backoff), at `--to` if given.
     Recover(RecoverArgs),
+    /// Measure: scenarios of migrations (ours beside QEMU's where
+    /// installed) and baselines on the same links, written as JSON and
+    /// Markdown tables.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -21,15 +21,19 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => a.mig.role_user.as_deref(),
         Cmd::Migrate(a) => a.mig.role_user.as_deref(),
         Cmd::Incoming(a) => a.role_user.as_deref(),
-        Cmd::StartPostcopy(_) | Cmd::Recover(_) => None,
+        Cmd::StartPostcopy(_) | Cmd::Recover(_) | Cmd::Bench(_) => None,
     };
-    if !matches!(cli.cmd, Cmd::StartPostcopy(_) | Cmd::Recover(_)) {
+    if !matches!(
+        cli.cmd,
+        Cmd::StartPostcopy(_) | Cmd::Recover(_) | Cmd::Bench(_)
+    ) {
         match supervisor::spawn::resolve_role_user(role_user) {
             Ok(u) => supervisor::spawn::set_role_user(u),
             Err(e) => return usage_error(&e),
         }
     }
     match cli.cmd {
+        Cmd::Bench(args) => supervisor::bench::main(args),
         Cmd::Demo(args) => match SourceOpts::from_args(&args.guest, &args.mig)
             .and_then(|opts| Ok((report_file(opts.json.as_deref())?, opts)))
             .and_then(|(json, opts)| Ok((demo::demo(&args, opts)?, json)))
