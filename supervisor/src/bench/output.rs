@@ -126,10 +126,12 @@ fn ratio(figure: &str, ours: f64, baseline: String, value: f64) -> Option<Ratio>
         ours,
         baseline,
         baseline_value: value,
-        ratio: match (ours, value) {
-            (o, v) if v > 0.0 => o / v,
-            (o, _) if o == 0.0 => 1.0,
-            _ => f64::INFINITY,
+        ratio: if value > 0.0 {
+            ours / value
+        } else if ours == 0.0 {
+            1.0
+        } else {
+            f64::INFINITY
         },
     })
 }
@@ -588,6 +590,92 @@ fn scale_md(o: &mut String, r: &BenchResult) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spread(v: f64) -> Spread {
+        Spread {
+            median: v,
+            min: v,
+            max: v,
+            n: 3,
+        }
+    }
+
+    /// kvm-loopback with the given medians for ours and QEMU.
+    fn result(figures: &[(&str, f64, f64)]) -> BenchResult {
+        let scenario = super::super::plan::all()
+            .into_iter()
+            .find(|s| s.name == "kvm-loopback")
+            .unwrap();
+        let mut summary = BTreeMap::new();
+        for (i, engine) in ["ours", "qemu"].into_iter().enumerate() {
+            summary.insert(
+                engine.to_string(),
+                figures
+                    .iter()
+                    .map(|f| (f.0.to_string(), spread(if i == 0 { f.1 } else { f.2 })))
+                    .collect(),
+            );
+        }
+        let mut s = ScenarioResult {
+            description: String::new(),
+            migrate_args: vec![],
+            qemu: "compared".into(),
+            runs: vec![],
+            summary,
+            ratios: vec![],
+            scenario,
+        };
+        s.ratios = ratios(&s, &BTreeMap::new(), None);
+        BenchResult {
+            command: String::new(),
+            started_utc: String::new(),
+            quick: false,
+            reps: 3,
+            machine: super::super::Machine {
+                kernel: String::new(),
+                cpus: 2,
+                cpu_model: String::new(),
+                mem_gib: 1.0,
+                virtualized: true,
+                kvm: true,
+                clocksource: String::new(),
+                qemu: String::new(),
+            },
+            host_baseline: None,
+            link_baselines: BTreeMap::new(),
+            scenarios: vec![s],
+            targets: vec![],
+            stale_namespaces_removed: vec![],
+            interrupted: false,
+            seconds: 0.0,
+        }
+    }
+
+    fn judged<'a>(t: &'a [TargetResult], name: &str) -> &'a TargetResult {
+        t.iter()
+            .find(|t| t.target.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} not judged: {t:?}"))
+    }
+
+    #[test]
+    fn targets_are_judged_on_the_ratios() {
+        let r = result(&[
+            ("pause_ms", 3.0, 10.0),
+            ("postcopy_phase_ms", 800.0, 1000.0),
+            ("blocktime_ms", 2.7, 0.0),
+        ]);
+        let t = targets(&r);
+        let pause = judged(&t, "pause");
+        assert!(pause.met && (pause.value - 0.3).abs() < 1e-9, "{pause:?}");
+        let phase = judged(&t, "postcopy phase");
+        assert!(!phase.met && (phase.value - 0.8).abs() < 1e-9, "{phase:?}");
+        // QEMU's 0 ms (whole-ms blocktime) is judged, and lost.
+        let block = judged(&t, "blocktime");
+        assert!(!block.met && block.value.is_infinite(), "{block:?}");
+        // Both 0: a tie.
+        let r = result(&[("blocktime_ms", 0.0, 0.0)]);
+        assert_eq!(judged(&targets(&r), "blocktime").value, 1.0);
+    }
 
     #[test]
     fn numbers_keep_three_digits() {
