@@ -172,7 +172,7 @@ fn round_trips(ep: &Endpoints, n: usize) -> Result<StepSummary, String> {
     let (mut client, mut server, _relay) = pair(ep)?;
     let answer_len = PAGES_PREFIX_LEN + PAGE_SIZE;
     let echo = std::thread::spawn(move || {
-        let mut req = [0u8; PAGES_PREFIX_LEN];
+        let mut req = [0u8; FRAME_REQUEST_LEN];
         let answer = vec![0x11u8; answer_len];
         while server.read_exact(&mut req).is_ok() {
             if server.write_all(&answer).is_err() {
