@@ -2,6 +2,7 @@
 # host. Idempotent; quiet when everything is there already.
 need_pkgs=()
 command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v tc >/dev/null || need_pkgs+=(iproute2)
 command -v setpriv >/dev/null || need_pkgs+=(util-linux)
 command -v unshare >/dev/null || need_pkgs+=(util-linux)
 command -v as >/dev/null || need_pkgs+=(binutils)

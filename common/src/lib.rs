@@ -3,6 +3,7 @@
 //! userfaultfd, the role sandbox, page digests and the migration state machine.
 
 pub mod bitmap;
+pub mod clock;
 pub mod control;
 pub mod counters;
 pub mod digest;

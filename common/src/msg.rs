@@ -356,6 +356,56 @@ pub struct PostcopyStats {
     /// thread-id order.
     pub vcpu_blocktime: Vec<crate::counters::ThreadBlocktime>,
     pub latency: LatencySummary,
+    /// Where the time of the faults answered on the urgent connection went
+    /// (none when no fault was answered there).
+    #[serde(default)]
+    pub fault_path: Option<Box<FaultPath>>,
+}
+
+/// Percentiles of one step of the fault path, µs (from nanosecond stamps,
+/// so fractions of a µs are kept).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepSummary {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// The path of a fault answered on the urgent connection, step by step
+/// (docs/protocol.md, PAGE_TIMES): fault read → request written (on the
+/// return path) → request read on the source → page sent → page read on
+/// the destination → placed (UFFDIO_COPY returned, which wakes the
+/// faulting thread). Each step in µs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FaultPath {
+    /// Faults whose every stamp arrived (one per request answered on the
+    /// urgent connection).
+    pub faults: u64,
+    /// Requests whose page came on the main stream instead (the push had
+    /// it on its way): no source stamps.
+    pub answered_by_push: u64,
+    /// Those, fault read → placed.
+    pub push_fault_read_to_placed: StepSummary,
+    /// Both hosts stamp with one clock (one kernel), so the one-way network
+    /// steps below are known; otherwise only their sum is.
+    pub shared_clock: bool,
+    pub fault_read_to_request_written: StepSummary,
+    /// One way, destination → source (only with `shared_clock`).
+    pub request_written_to_request_read: Option<StepSummary>,
+    /// The source's service time.
+    pub request_read_to_page_sent: StepSummary,
+    /// One way, source → destination (only with `shared_clock`).
+    pub page_sent_to_page_read: Option<StepSummary>,
+    pub page_read_to_placed: StepSummary,
+    /// Both network legs: (request written → page read) − (request read →
+    /// page sent); needs no shared clock.
+    pub network_round_trip: StepSummary,
+    /// The whole path, fault read → placed.
+    pub fault_read_to_placed: StepSummary,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

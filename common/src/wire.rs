@@ -5,7 +5,7 @@
 //! caller that gets a [`Frame`] holds only ranges that fit guest memory.
 
 use crate::peer_text::escape;
-use crate::types::{MemLayout, MigrationId, PageRange, RangeError, PAGE_SIZE};
+use crate::types::{MemLayout, MigrationId, PageIndex, PageRange, RangeError, PAGE_SIZE};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// First four bytes of every hello and hello reply.
 pub const MAGIC: [u8; 4] = *b"PCPY";
 /// The protocol version this build speaks. Peers must speak exactly this one.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Length of a [`Hello`] on the wire.
 pub const HELLO_LEN: usize = 32;
 /// Length of a [`HelloReply`] on the wire.
@@ -85,7 +85,7 @@ impl ConnKind {
                 T::Pages | T::Zero | T::Round | T::Discard | T::Mark | T::Package | T::Eos
             ),
             ConnKind::ReturnPath => matches!(ty, T::Request | T::PostcopyDone),
-            ConnKind::Urgent => matches!(ty, T::Pages | T::Zero),
+            ConnKind::Urgent => matches!(ty, T::Pages | T::Zero | T::PageTimes),
         }
     }
 }
@@ -405,6 +405,7 @@ pub enum FrameType {
     Package,
     Eos,
     Mark,
+    PageTimes,
     Request,
     PostcopyDone,
     Control,
@@ -420,6 +421,7 @@ impl FrameType {
             FrameType::Package => 0x05,
             FrameType::Eos => 0x06,
             FrameType::Mark => 0x07,
+            FrameType::PageTimes => 0x08,
             FrameType::Request => 0x10,
             FrameType::PostcopyDone => 0x11,
             FrameType::Control => 0x20,
@@ -435,6 +437,7 @@ impl FrameType {
             0x05 => FrameType::Package,
             0x06 => FrameType::Eos,
             0x07 => FrameType::Mark,
+            0x08 => FrameType::PageTimes,
             0x10 => FrameType::Request,
             0x11 => FrameType::PostcopyDone,
             0x20 => FrameType::Control,
@@ -453,6 +456,7 @@ impl fmt::Display for FrameType {
             FrameType::Package => "PACKAGE",
             FrameType::Eos => "EOS",
             FrameType::Mark => "MARK",
+            FrameType::PageTimes => "PAGE_TIMES",
             FrameType::Request => "REQUEST",
             FrameType::PostcopyDone => "POSTCOPY_DONE",
             FrameType::Control => "CONTROL",
@@ -509,6 +513,27 @@ pub fn round_frame(sync: u32) -> [u8; FRAME_HEADER_LEN + 8] {
     let mut b = [0u8; FRAME_HEADER_LEN + 8];
     b[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(FrameType::Round, 8));
     b[FRAME_HEADER_LEN..FRAME_HEADER_LEN + 4].copy_from_slice(&sync.to_le_bytes());
+    b
+}
+
+/// Payload bytes of a PAGE_TIMES frame: page, request read, page sent.
+pub const PAGE_TIMES_LEN: usize = 24;
+
+/// A whole PAGE_TIMES frame (urgent connection, right after the answer to
+/// the request for `page`): when the page-server read that request and
+/// when it handed the answer to the socket, in ns of its host's
+/// `CLOCK_MONOTONIC` ([`crate::clock::monotonic_ns`]).
+pub fn page_times_frame(
+    page: PageIndex,
+    request_read_ns: u64,
+    page_sent_ns: u64,
+) -> [u8; FRAME_HEADER_LEN + PAGE_TIMES_LEN] {
+    let mut b = [0u8; FRAME_HEADER_LEN + PAGE_TIMES_LEN];
+    b[..FRAME_HEADER_LEN]
+        .copy_from_slice(&frame_header(FrameType::PageTimes, PAGE_TIMES_LEN as u32));
+    b[8..16].copy_from_slice(&page.get().to_le_bytes());
+    b[16..24].copy_from_slice(&request_read_ns.to_le_bytes());
+    b[24..32].copy_from_slice(&page_sent_ns.to_le_bytes());
     b
 }
 
@@ -622,6 +647,14 @@ pub enum Frame<'a> {
     Package(Package),
     /// End of the main stream: every page has been sent.
     Eos,
+    /// When the source read the request for `page` and sent its answer
+    /// (ns, the source's `CLOCK_MONOTONIC`): the source's part of the
+    /// fault path.
+    PageTimes {
+        page: PageIndex,
+        request_read_ns: u64,
+        page_sent_ns: u64,
+    },
     /// Send these pages on the urgent connection.
     Request { range: PageRange },
     /// The destination has every page.
@@ -639,6 +672,7 @@ impl Frame<'_> {
             Frame::Round { .. } => FrameType::Round,
             Frame::Discard { .. } => FrameType::Discard,
             Frame::Mark { .. } => FrameType::Mark,
+            Frame::PageTimes { .. } => FrameType::PageTimes,
             Frame::Package(_) => FrameType::Package,
             Frame::Eos => FrameType::Eos,
             Frame::Request { .. } => FrameType::Request,
@@ -759,6 +793,17 @@ impl<R: Read> FrameReader<R> {
             FrameType::Mark => Frame::Mark {
                 id: u64::from_le_bytes(p[0..8].try_into().expect("8")),
             },
+            FrameType::PageTimes => {
+                let raw = u64::from_le_bytes(p[0..8].try_into().expect("8"));
+                let page = layout
+                    .page(raw)
+                    .map_err(|source| WireError::Range { ty, source })?;
+                Frame::PageTimes {
+                    page,
+                    request_read_ns: u64::from_le_bytes(p[8..16].try_into().expect("8")),
+                    page_sent_ns: u64::from_le_bytes(p[16..24].try_into().expect("8")),
+                }
+            }
             FrameType::Package => Frame::Package(decode_message(p, "device-state package")?),
             FrameType::Eos => Frame::Eos,
             FrameType::PostcopyDone => Frame::PostcopyDone,
@@ -775,6 +820,7 @@ fn check_len(ty: FrameType, len: u32) -> Result<(), WireError> {
         }
         FrameType::Zero | FrameType::Request => len as usize == RANGE_LEN,
         FrameType::Round | FrameType::Mark => len == 8,
+        FrameType::PageTimes => len as usize == PAGE_TIMES_LEN,
         FrameType::Discard => {
             len > 0
                 && (len as usize).is_multiple_of(RANGE_LEN)
@@ -791,6 +837,7 @@ fn check_len(ty: FrameType, len: u32) -> Result<(), WireError> {
             FrameType::Pages => format!("{RANGE_LEN} + 4096 × (1..={MAX_PAGES_PER_FRAME})"),
             FrameType::Zero | FrameType::Request => RANGE_LEN.to_string(),
             FrameType::Round | FrameType::Mark => "8".into(),
+            FrameType::PageTimes => PAGE_TIMES_LEN.to_string(),
             FrameType::Discard => format!(
                 "a nonzero multiple of {RANGE_LEN} up to {}",
                 MAX_DISCARD_RANGES * RANGE_LEN
@@ -962,7 +1009,7 @@ mod tests {
         ));
         let text = err.to_string();
         assert!(
-            text.contains("version 1") && text.contains("version 9"),
+            text.contains(&format!("version {PROTOCOL_VERSION}")) && text.contains("version 9"),
             "{text}"
         );
         b[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
@@ -1030,6 +1077,37 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, WireError::Range { .. }), "{err}");
         assert!(err.to_string().contains("63"), "{err}");
+    }
+
+    #[test]
+    fn page_times_round_trip_and_are_checked() {
+        let page = layout().page(7).unwrap();
+        let bytes = page_times_frame(page, 1_000, 2_500).to_vec();
+        let mut r = reader(bytes.clone(), ConnKind::Urgent);
+        assert_eq!(
+            r.next_frame().unwrap(),
+            Frame::PageTimes {
+                page,
+                request_read_ns: 1_000,
+                page_sent_ns: 2_500
+            }
+        );
+        // Only the urgent connection carries them.
+        let err = reader(bytes.clone(), ConnKind::Main)
+            .next_frame()
+            .unwrap_err();
+        assert!(matches!(err, WireError::FrameNotAllowed { .. }), "{err}");
+        // A page beyond guest memory is refused, naming it.
+        let mut bad = bytes.clone();
+        bad[8..16].copy_from_slice(&64u64.to_le_bytes());
+        let err = reader(bad, ConnKind::Urgent).next_frame().unwrap_err();
+        assert!(matches!(err, WireError::Range { .. }), "{err}");
+        assert!(err.to_string().contains("64"), "{err}");
+        // So is any other length.
+        let mut short = frame_header(FrameType::PageTimes, 16).to_vec();
+        short.extend_from_slice(&bytes[8..24]);
+        let err = reader(short, ConnKind::Urgent).next_frame().unwrap_err();
+        assert!(matches!(err, WireError::BadLength { .. }), "{err}");
     }
 
     #[test]
@@ -1210,7 +1288,7 @@ mod tests {
         let err = client_hello(&mut fake, ConnKind::Control, MigrationId([1; 16])).unwrap_err();
         let text = err.to_string();
         assert!(
-            text.contains("version 1") && text.contains("version 3"),
+            text.contains(&format!("version {PROTOCOL_VERSION}")) && text.contains("version 3"),
             "{text}"
         );
         assert_eq!(fake.out.len(), HELLO_LEN);

@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
+use common::clock::monotonic_ns;
 use common::counters::{Counter, CountersError, SharedCounters};
 use common::digest::{page_digest, zero_page_digest};
 use common::mem::{punch_hole, write_at, Access, Mapping, MemError};
@@ -27,6 +28,7 @@ use common::wire::{
 };
 use ipc_channel::ipc::IpcSender;
 
+use crate::fault_path::FaultPathRecorder;
 use crate::latency::FaultClock;
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,8 @@ struct Handler {
     clock: Mutex<FaultClock>,
     /// The supervisor's counter block: faults, latency, blocktime.
     shared: SharedCounters,
+    /// Stamps along each fault answered on the urgent connection.
+    fault_path: Mutex<FaultPathRecorder>,
     ret: Mutex<TcpStream>,
     counters: Counters,
     done: AtomicBool,
@@ -198,6 +202,7 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
         pending: Mutex::new(Pending::default()),
         clock: Mutex::new(FaultClock::new(vcpus)),
         shared,
+        fault_path: Mutex::new(FaultPathRecorder::default()),
         ret: Mutex::new(ret),
         counters: Counters::default(),
         done: AtomicBool::new(false),
@@ -474,11 +479,35 @@ impl Handler {
                     })
                 }
             };
-            match frame {
-                Frame::Pages { range, data } => self.place(range, Some(data), Via::Urgent)?,
-                Frame::Zero { range } => self.place(range, None, Via::Urgent)?,
+            let read_ns = monotonic_ns();
+            let first = match frame {
+                Frame::Pages { range, data } => {
+                    self.place(range, Some(data), Via::Urgent)?;
+                    range.first()
+                }
+                Frame::Zero { range } => {
+                    self.place(range, None, Via::Urgent)?;
+                    range.first()
+                }
+                Frame::PageTimes {
+                    page,
+                    request_read_ns,
+                    page_sent_ns,
+                } => {
+                    self.fault_path.lock().expect("fault path").source_times(
+                        page.get(),
+                        request_read_ns,
+                        page_sent_ns,
+                    );
+                    continue;
+                }
                 other => unreachable!("urgent connection yielded {other:?}"),
-            }
+            };
+            self.fault_path.lock().expect("fault path").placed(
+                first.get(),
+                read_ns,
+                monotonic_ns(),
+            );
         }
     }
 
@@ -628,6 +657,13 @@ impl Handler {
             },
             newly,
         );
+        if via == Via::Main {
+            self.fault_path.lock().expect("fault path").placed_by_push(
+                first,
+                range.end(),
+                monotonic_ns(),
+            );
+        }
         // Faults waiting on these pages are answered now.
         let now = Instant::now();
         {
@@ -672,6 +708,7 @@ impl Handler {
             blocktime_us: c.get(Counter::BlocktimeUs),
             vcpu_blocktime: c.thread_blocktimes(),
             latency: common::latency::summary(&common::latency::histogram(&c.latency_counts())),
+            fault_path: self.fault_path.lock().expect("fault path").finish(),
         };
         log::info!(
             "postcopy complete: {} faults, {} requests, p99 {} µs",
@@ -715,6 +752,7 @@ impl Handler {
             uffd.read_faults(&mut faults)?;
             for f in &faults {
                 let read_at = Instant::now();
+                let read_ns = monotonic_ns();
                 self.shared.add(Counter::Faults, 1);
                 let Some(page) = f
                     .addr
@@ -765,6 +803,11 @@ impl Handler {
                     Some(true) => {
                         let frame = request_frame(self.layout.range(p, 1).expect("in range"));
                         let mut ret = self.ret.lock().expect("return path");
+                        self.fault_path.lock().expect("fault path").asking(
+                            p,
+                            read_ns,
+                            monotonic_ns(),
+                        );
                         ret.write_all(&frame).map_err(HandlerError::ReturnPath)?;
                         self.shared.add(Counter::FaultRequests, 1);
                     }

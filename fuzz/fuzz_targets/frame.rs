@@ -32,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!(range.count() <= MAX_PAGES_PER_ZERO);
             }
             Frame::Request { range } => assert!(range.count() <= MAX_PAGES_PER_REQUEST),
+            Frame::PageTimes { page, .. } => assert!(page.get() < layout.pages()),
             Frame::Discard { ranges } => {
                 let total: u64 = ranges.iter().map(|r| u64::from(r.count())).sum();
                 assert!(total <= layout.pages());

@@ -8,15 +8,19 @@ use std::net::TcpStream;
 use std::os::fd::AsFd;
 
 use common::bitmap::{BitmapError, SharedBitmap};
+use common::clock::monotonic_ns;
 use common::counters::{Counter, CountersError, SharedCounters};
 use common::mem::{is_zero, reopen_read_only, Access, Mapping, MemError};
 use common::msg::{FromPageServer, ServerSetup, ServerStats, ToPageServer};
 use common::role::{LinkError, RoleLink};
 use common::types::{MemLayout, PageRange, PAGE_SIZE};
 use common::wire::{
-    pages_prefix, zero_frame, ConnKind, Frame, FrameReader, WireError, MAX_PAGES_PER_FRAME,
-    PAGES_PREFIX_LEN,
+    page_times_frame, pages_prefix, zero_frame, ConnKind, Frame, FrameReader, WireError,
+    FRAME_HEADER_LEN, MAX_PAGES_PER_FRAME, PAGES_PREFIX_LEN, PAGE_TIMES_LEN,
 };
+
+/// A PAGE_TIMES frame, whole.
+const TIMES_LEN: usize = FRAME_HEADER_LEN + PAGE_TIMES_LEN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -74,12 +78,15 @@ pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeErro
         urgent,
         counters,
         stats: ServerStats::default(),
-        buf: vec![0u8; PAGES_PREFIX_LEN + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE],
+        buf: vec![0u8; PAGES_PREFIX_LEN + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE + TIMES_LEN],
     };
     let mut reader = FrameReader::new(ret, ConnKind::ReturnPath, layout);
     loop {
         match reader.next_frame() {
-            Ok(Frame::Request { range }) => server.serve(range)?,
+            Ok(Frame::Request { range }) => {
+                let read_ns = monotonic_ns();
+                server.serve(range, read_ns)?
+            }
             Ok(Frame::PostcopyDone) => {
                 log::info!(
                     "destination has every page; served {} requests",
@@ -117,7 +124,10 @@ struct Server {
 }
 
 impl Server {
-    fn serve(&mut self, range: PageRange) -> Result<(), ServeError> {
+    /// Answers the request for `range`, read at `read_ns`
+    /// (`CLOCK_MONOTONIC`): the answer that starts with the request's
+    /// first page carries a PAGE_TIMES frame in the same write.
+    fn serve(&mut self, range: PageRange, read_ns: u64) -> Result<(), ServeError> {
         self.stats.requests += 1;
         self.counters.add(Counter::Requests, 1);
         // Tell the ram-sender where the guest is looking now.
@@ -131,7 +141,7 @@ impl Server {
                         Some((first, n + 1))
                     }
                     Some((first, n)) => {
-                        self.send(first, n)?;
+                        self.send(first, n, range.first().get(), read_ns)?;
                         Some((p, 1))
                     }
                     None => Some((p, 1)),
@@ -141,12 +151,15 @@ impl Server {
             }
         }
         if let Some((first, n)) = run {
-            self.send(first, n)?;
+            self.send(first, n, range.first().get(), read_ns)?;
         }
         Ok(())
     }
 
-    fn send(&mut self, first: u64, count: u32) -> Result<(), ServeError> {
+    /// Sends pages `first..first+count`; if `first` is the first page of
+    /// the request (`asked`, read at `read_ns`), a PAGE_TIMES frame follows
+    /// in the same write.
+    fn send(&mut self, first: u64, count: u32, asked: u64, read_ns: u64) -> Result<(), ServeError> {
         let range = self
             .layout
             .range(first, count)
@@ -154,22 +167,34 @@ impl Server {
         let n = count as usize;
         let data = &mut self.buf[PAGES_PREFIX_LEN..PAGES_PREFIX_LEN + n * PAGE_SIZE];
         self.mem.read(first as usize * PAGE_SIZE, data);
-        if data.chunks_exact(PAGE_SIZE).all(is_zero) {
-            self.urgent
-                .write_all(&zero_frame(range))
-                .map_err(ServeError::Urgent)?;
+        let zero = data.chunks_exact(PAGE_SIZE).all(is_zero);
+        let mut len = if zero {
+            // The data read stays in the buffer, unsent.
+            self.buf[..PAGES_PREFIX_LEN].copy_from_slice(&zero_frame(range));
+            PAGES_PREFIX_LEN
+        } else {
+            self.buf[..PAGES_PREFIX_LEN].copy_from_slice(&pages_prefix(range));
+            PAGES_PREFIX_LEN + n * PAGE_SIZE
+        };
+        if first == asked {
+            let page = self
+                .layout
+                .page(first)
+                .expect("requested pages are in range");
+            let times = page_times_frame(page, read_ns, monotonic_ns());
+            self.buf[len..len + TIMES_LEN].copy_from_slice(&times);
+            len += TIMES_LEN;
+        }
+        self.urgent
+            .write_all(&self.buf[..len])
+            .map_err(ServeError::Urgent)?;
+        self.stats.bytes += len as u64;
+        self.counters.add(Counter::UrgentBytes, len as u64);
+        if zero {
             self.stats.zero_pages += u64::from(count);
-            self.stats.bytes += PAGES_PREFIX_LEN as u64;
-            self.counters
-                .add(Counter::UrgentBytes, PAGES_PREFIX_LEN as u64);
             self.counters
                 .add(Counter::UrgentZeroPages, u64::from(count));
         } else {
-            self.buf[..PAGES_PREFIX_LEN].copy_from_slice(&pages_prefix(range));
-            let frame = &self.buf[..PAGES_PREFIX_LEN + n * PAGE_SIZE];
-            self.urgent.write_all(frame).map_err(ServeError::Urgent)?;
-            self.stats.bytes += frame.len() as u64;
-            self.counters.add(Counter::UrgentBytes, frame.len() as u64);
             self.counters.add(Counter::UrgentPages, u64::from(count));
         }
         self.stats.pages_urgent += u64::from(count);

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::bitmap::SharedBitmap;
+use common::clock::monotonic_ns;
 use common::counters::{Counter, SharedCounters};
 use common::mem::{create_memfd, write_at};
 use common::msg::{FromPageServer, ServerSetup, ServerStats, ToPageServer};
@@ -19,7 +20,7 @@ use common::types::{MemLayout, PageRange, PAGE_SIZE};
 use common::wire::{
     empty_frame, frame_header, pages_prefix, request_frame, ConnKind, Frame, FrameReader,
     FrameType, WireError, FRAME_HEADER_LEN, MAX_PAGES_PER_FRAME, MAX_PAGES_PER_REQUEST,
-    PAGES_PREFIX_LEN,
+    PAGES_PREFIX_LEN, PAGE_TIMES_LEN,
 };
 use ipc_channel::ipc::IpcReceiver;
 use ipc_channel::TryRecvError;
@@ -117,6 +118,8 @@ struct Source {
     ret: TcpStream,
     /// Our end of the urgent connection: the role's pages arrive here.
     urgent: FrameReader<TcpStream>,
+    /// PAGE_TIMES frames read so far: page, request read, page sent.
+    times: Vec<(u64, u64, u64)>,
     reaped: bool,
     /// Held for the role's lifetime, as the supervisor does.
     _memfd: OwnedFd,
@@ -170,6 +173,7 @@ impl Source {
             counters,
             ret,
             urgent: FrameReader::new(urgent, ConnKind::Urgent, layout()),
+            times: Vec::new(),
             reaped: false,
             _memfd: memfd,
             _sent_fd: sent_fd,
@@ -186,26 +190,37 @@ impl Source {
         self.write(&frame);
     }
 
-    /// The next frame on the urgent connection, or None if nothing comes
-    /// within `timeout`.
+    /// The next page or zero frame on the urgent connection, or None if
+    /// nothing comes within `timeout`; PAGE_TIMES frames on the way are
+    /// kept in `times`.
     fn next_urgent(&mut self, timeout: Duration) -> Option<Urgent> {
         self.urgent
             .get_ref()
             .set_read_timeout(Some(timeout))
             .expect("urgent timeout");
-        match self.urgent.next_frame() {
-            Ok(Frame::Pages { range, data }) => Some(Urgent::Pages {
-                range,
-                data: data.to_vec(),
-            }),
-            Ok(Frame::Zero { range }) => Some(Urgent::Zero { range }),
-            Ok(other) => unreachable!("the urgent reader only yields pages, got {other:?}"),
-            Err(WireError::Io(e))
-                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-            {
-                None
-            }
-            Err(e) => panic!("urgent connection: {e}"),
+        loop {
+            return match self.urgent.next_frame() {
+                Ok(Frame::Pages { range, data }) => Some(Urgent::Pages {
+                    range,
+                    data: data.to_vec(),
+                }),
+                Ok(Frame::Zero { range }) => Some(Urgent::Zero { range }),
+                Ok(Frame::PageTimes {
+                    page,
+                    request_read_ns,
+                    page_sent_ns,
+                }) => {
+                    self.times.push((page.get(), request_read_ns, page_sent_ns));
+                    continue;
+                }
+                Ok(other) => unreachable!("the urgent reader only yields pages, got {other:?}"),
+                Err(WireError::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
+                    None
+                }
+                Err(e) => panic!("urgent connection: {e}"),
+            };
         }
     }
 
@@ -326,6 +341,30 @@ fn unsent_pages_go_out_on_urgent_once_with_their_bytes() {
 }
 
 #[test]
+fn each_answered_request_carries_its_source_times() {
+    let mut s = Source::start(&[21]);
+    let before = monotonic_ns();
+    // Data, a zero page, and a request whose first page is on the main
+    // stream (no times: the page-server does not answer for it).
+    s.request(11, 1);
+    assert_pages(&s.expect_urgent(), 11, 1);
+    s.request(3, 1);
+    assert_zero(&s.expect_urgent(), 3, 1);
+    s.request(21, 2);
+    assert_pages(&s.expect_urgent(), 22, 1);
+    s.expect_quiet_urgent();
+    let after = monotonic_ns();
+    let timed: Vec<u64> = s.times.iter().map(|t| t.0).collect();
+    assert_eq!(timed, [11, 3], "times follow the answers to 11 and 3 only");
+    for &(page, read, sent) in &s.times {
+        assert!(
+            before <= read && read <= sent && sent <= after,
+            "page {page}: request read {read}, page sent {sent}, outside [{before}, {after}]"
+        );
+    }
+}
+
+#[test]
 fn pages_already_sent_are_not_sent_again() {
     let mut s = Source::start(&[21, 30, 31, 32]);
 
@@ -382,6 +421,11 @@ fn postcopy_done_reports_what_was_served() {
         wire_bytes,
         4 * PAGES_PREFIX_LEN as u64 + 7 * PAGE_SIZE as u64
     );
+    // Each request whose first page went out here has its times (60's
+    // went on the main stream; 62 does not start its request).
+    let timed: Vec<u64> = s.times.iter().map(|t| t.0).collect();
+    assert_eq!(timed, [11, 3, 57]);
+    wire_bytes += 3 * (FRAME_HEADER_LEN + PAGE_TIMES_LEN) as u64;
     s.write(&empty_frame(FrameType::PostcopyDone));
     let want = ServerStats {
         requests: 4,

@@ -65,6 +65,10 @@ pub enum Cmd {
     /// draw its timeline (both hosts on one time axis when the other
     /// host's report of the same migration is given too).
     Report(ReportArgs),
+    /// Measure: scenarios of migrations (ours beside QEMU's where
+    /// installed) and baselines on the same links, written as JSON and
+    /// Markdown tables.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Which migration a client talks to.

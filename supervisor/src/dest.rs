@@ -33,7 +33,7 @@ use crate::machine::dest::{DestAction, DestMachine, DestState};
 use crate::machine::Judged;
 use crate::net::{self, Control, NetError};
 use crate::progress::Progress;
-use crate::report::{Report, RoleReport, VcpuBlocktime, VerifyReport};
+use crate::report::{CpuReport, Report, RoleReport, VcpuBlocktime, VerifyReport};
 use crate::session::{EventLoop, Session, CONTROL};
 use crate::snapshot::{Reading, Snapshot, Telemetry};
 use crate::source::short;
@@ -1189,6 +1189,11 @@ impl Dest {
         self.report.roles = roles.iter().map(RoleReport::from).collect();
         self.telemetry.last_sample(&dest_reading!(self));
         self.report.timeline = self.telemetry.timeline().to_vec();
+        self.report.cost.cpu = Some(CpuReport::measure(
+            &self.report.roles,
+            "destination",
+            self.report.mem_bytes,
+        ));
         self.held.clear();
         let status = self.report.status.clone();
         self.report.note(

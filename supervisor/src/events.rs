@@ -5,15 +5,16 @@
 
 use ipc_channel::ipc::IpcReceiver;
 use serde::{de::DeserializeOwned, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::control::{ControlMsg, ExitStatus};
 
 use crate::ctlsock::Command;
 use common::msg::{FromFaultHandler, FromGuest, FromPageServer, FromRamSender};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
@@ -153,16 +154,73 @@ impl Reaper {
     fn reap(&self) {
         let pids: Vec<u32> = self.pids.lock().expect("pids").iter().copied().collect();
         for pid in pids {
-            let status = match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
+            let Some((raw, cpu)) = wait4_nohang(pid) else {
+                continue;
+            };
+            let status = match WaitStatus::from_raw(Pid::from_raw(pid as i32), raw) {
                 Ok(WaitStatus::Exited(_, code)) => ExitStatus::Code(code),
                 Ok(WaitStatus::Signaled(_, sig, _)) => ExitStatus::Signal(sig as i32),
                 Ok(_) => continue,
                 Err(_) => continue,
             };
+            CHILD_CPU
+                .lock()
+                .expect("child cpu")
+                .get_or_insert_with(HashMap::new)
+                .insert(pid, cpu);
             self.pids.lock().expect("pids").remove(&pid);
             let _ = self.tx.send(Event::Exited { pid, status });
         }
     }
+}
+
+/// CPU time (user + system) of each child reaped so far, by pid.
+static CHILD_CPU: Mutex<Option<HashMap<u32, Duration>>> = Mutex::new(None);
+
+/// CPU time (user + system) child `pid` used in its whole life, once it has
+/// been reaped (its own threads; a role starts no processes).
+pub fn child_cpu(pid: u32) -> Option<Duration> {
+    CHILD_CPU
+        .lock()
+        .expect("child cpu")
+        .as_ref()?
+        .get(&pid)
+        .copied()
+}
+
+/// Every child reaped so far with its CPU time.
+pub fn reaped_children_cpu() -> Vec<(u32, Duration)> {
+    CHILD_CPU
+        .lock()
+        .expect("child cpu")
+        .as_ref()
+        .map(|m| m.iter().map(|(&p, &d)| (p, d)).collect())
+        .unwrap_or_default()
+}
+
+fn rusage_cpu(r: &libc::rusage) -> Duration {
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(r.ru_utime) + tv(r.ru_stime)
+}
+
+/// CPU time (user + system) of this process so far, all its threads.
+pub fn own_cpu() -> Duration {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to fill.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage we own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) };
+    rusage_cpu(&r)
+}
+
+/// Reaps `pid` if it has ended: its raw wait status and CPU time.
+fn wait4_nohang(pid: u32) -> Option<(i32, Duration)> {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on one child of ours, writing a status and a rusage we
+    // own; WNOHANG never blocks.
+    let got = unsafe { libc::wait4(pid as i32, &mut status, libc::WNOHANG, &mut r) };
+    (got == pid as i32).then(|| (status, rusage_cpu(&r)))
 }
 
 pub fn guest_event(m: FromGuest) -> Event {

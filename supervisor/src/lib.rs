@@ -5,6 +5,7 @@
 // please this lint would buy nothing at a few events per millisecond.
 #![allow(clippy::result_large_err)]
 
+pub mod bench;
 pub mod chaos;
 pub mod cli;
 pub mod client;

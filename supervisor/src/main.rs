@@ -32,6 +32,7 @@ fn main() -> ExitCode {
     }
     match cli.cmd {
         Cmd::Report(args) => show_report(&args),
+        Cmd::Bench(args) => supervisor::bench::main(args),
         Cmd::Demo(args) => match SourceOpts::from_args(&args.guest, &args.mig)
             .and_then(|opts| Ok((report_file(opts.json.as_deref())?, opts)))
             .and_then(|(json, opts)| Ok((demo::demo(&args, opts)?, json)))

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use common::control::{ExitStatus, RoleInfo, VerifyResult};
-use common::msg::LatencySummary;
+use common::msg::{FaultPath, LatencySummary};
 
 use crate::snapshot::TimelineSample;
 
@@ -215,6 +215,10 @@ pub struct Report {
     pub started_at_unix_ms: f64,
     /// The figures about every 50 ms (docs/report.md).
     pub timeline: Vec<TimelineSample>,
+    /// What the migration cost and where a fault's time went (issue 11):
+    /// its fields appear at the top level of the JSON.
+    #[serde(flatten)]
+    pub cost: CostReport,
 }
 
 /// One guest thread's blocktime (QEMU's per-vCPU blocktime).
@@ -304,6 +308,81 @@ impl Report {
             });
         }
         Ok(report)
+    }
+}
+
+// ---------------------------------------------------------------- cost
+// Kept apart from the fields above so that work on the report by others
+// merges without conflicts.
+
+/// CPU time of this host's part of the migration and the fault-path
+/// breakdown.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CostReport {
+    /// CPU seconds (user + system) on this host, None until measured.
+    pub cpu: Option<CpuReport>,
+    /// Source report: where the time of faults answered on the urgent
+    /// connection went, step by step, µs (from the destination's
+    /// fault-handler; `docs/protocol.md`, PAGE_TIMES).
+    pub fault_path_us: Option<Box<FaultPath>>,
+}
+
+/// CPU seconds (user + system, from getrusage of this process and wait4 of
+/// each reaped child) spent on this host.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CpuReport {
+    /// This supervisor, its whole life (setup and waiting included).
+    pub supervisor_s: f64,
+    /// Each data role of this host (ram-sender, page-server; fault-handler)
+    /// as it ended; a role not reaped is missing.
+    pub roles_s: std::collections::BTreeMap<String, f64>,
+    /// Earlier instances of data roles that died and were started again.
+    pub replaced_roles_s: f64,
+    /// The guest process (its workers or vCPUs: the workload, not the
+    /// migration).
+    pub guest_s: f64,
+    /// supervisor_s plus roles_s: what migrating cost this host.
+    pub migration_s: f64,
+    /// migration_s per GiB of guest memory.
+    pub migration_s_per_gib: f64,
+}
+
+impl CpuReport {
+    /// Measures now, after the roles of `side` (`source`/`destination`)
+    /// listed in `roles` were reaped.
+    pub fn measure(roles: &[RoleReport], side: &str, mem_bytes: u64) -> CpuReport {
+        let supervisor_s = crate::events::own_cpu().as_secs_f64();
+        let mut roles_s = std::collections::BTreeMap::new();
+        let mut guest_s = 0.0;
+        for r in roles.iter().filter(|r| r.host == side) {
+            let Some(cpu) = crate::events::child_cpu(r.pid) else {
+                continue;
+            };
+            if r.name == "postcopy-guest" {
+                guest_s += cpu.as_secs_f64();
+            } else if !r.name.starts_with("postcopy ") {
+                *roles_s.entry(r.name.clone()).or_insert(0.0) += cpu.as_secs_f64();
+            }
+        }
+        // Reaped children not listed (a `postcopy incoming` of the demo is
+        // listed, as another host) are replaced role instances.
+        let replaced_roles_s: f64 = crate::events::reaped_children_cpu()
+            .iter()
+            .filter(|(pid, _)| !roles.iter().any(|r| r.pid == *pid))
+            .map(|(_, d)| d.as_secs_f64())
+            .sum();
+        let migration_s = supervisor_s + roles_s.values().sum::<f64>() + replaced_roles_s;
+        let gib = mem_bytes as f64 / f64::from(1u32 << 30);
+        CpuReport {
+            supervisor_s,
+            roles_s,
+            replaced_roles_s,
+            guest_s,
+            migration_s,
+            migration_s_per_gib: if gib > 0.0 { migration_s / gib } else { 0.0 },
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use crate::machine::{GuestFate, Judged};
 use crate::net::{self, Control};
 use crate::policy::Policy;
 use crate::progress::Progress;
-use crate::report::{Report, RoleReport, RoundReport, VcpuBlocktime, VerifyReport};
+use crate::report::{CpuReport, Report, RoleReport, RoundReport, VcpuBlocktime, VerifyReport};
 use crate::session::{EventLoop, Session, CONTROL};
 use crate::snapshot::{Reading, Snapshot, Telemetry};
 use crate::spawn::{self, Child};
@@ -1497,6 +1497,11 @@ impl Source {
         let mut roles: Vec<RoleReport> = self.s.role_infos().iter().map(RoleReport::from).collect();
         roles.append(&mut self.report.roles);
         self.report.roles = roles;
+        self.report.cost.cpu = Some(CpuReport::measure(
+            &self.report.roles,
+            "source",
+            self.report.mem_bytes,
+        ));
         self.report.attempts = self.attempts.clone();
         self.publish();
         self.report.clone()
@@ -1689,6 +1694,7 @@ fn totals(r: &mut Report, counters: Option<&SharedCounters>, dest: Option<&DestS
             r.postcopy_blocktime_ms = Some(pc.blocktime_us as f64 / 1e3);
             r.postcopy_vcpu_blocktime = VcpuBlocktime::from_stats(pc);
             r.fault_latency_us = Some(pc.latency.clone());
+            r.cost.fault_path_us = pc.fault_path.clone();
         }
         r.serial_log_destination = d.serial_log.clone();
         if d.serial_log.is_some() {

@@ -271,8 +271,10 @@ fn hello_with_wrong_version_is_refused() -> TestResult {
     // The destination keeps waiting for a real source, then gives up.
     let out = dest.finish(Duration::from_secs(20))?;
     check(
-        out.stderr
-            .contains("we speak version 1, peer speaks version 99"),
+        out.stderr.contains(&format!(
+            "we speak version {}, peer speaks version 99",
+            common::wire::PROTOCOL_VERSION
+        )),
         format!(
             "destination log does not name both versions\n{}",
             out.describe()
@@ -330,7 +332,8 @@ fn source_names_both_versions() -> TestResult {
     let r = report(&json)?;
     let err = r["error"].as_str().unwrap_or("");
     check(
-        err.contains("version 1") && err.contains("version 7"),
+        err.contains(&format!("version {}", common::wire::PROTOCOL_VERSION))
+            && err.contains("version 7"),
         format!("error does not name both versions: {err}"),
     )?;
     check(text(&r, "status") == "failed", "status is not failed")?;
