@@ -153,6 +153,9 @@ impl Dest {
                 postcopy,
                 digests: true,
                 resume: HandlerStart::Fresh,
+                main_tls: None,
+                return_tls: None,
+                urgent_tls: None,
             }))
             .expect("send Start");
         let mut fds = vec![

@@ -19,6 +19,7 @@ use common::msg::{
     RecvProgress, Side, ToFaultHandler, ToGuest,
 };
 use common::state::MigrationState;
+use common::tls::Session as TlsSession;
 use common::types::{MemLayout, MigrationId, RemoteAddr, PAGE_SIZE};
 use common::uffd::Uffd;
 use common::wire::{ConnKind, HelloStatus, Package};
@@ -57,8 +58,10 @@ struct Dest {
     held: Vec<OwnedFd>,
     /// The received bitmap (read at a resync).
     received: Option<SharedBitmap>,
-    /// The data connections the fault-handler holds.
+    /// The data connections the fault-handler holds, and their TLS
+    /// sessions until it takes them.
     conns: Vec<(ConnKind, OwnedFd)>,
+    conn_tls: Vec<(ConnKind, TlsSession)>,
     /// Where the sources' connections arrive (kept for resyncs).
     listener: Option<net::Acceptor>,
     id: MigrationId,
@@ -91,6 +94,7 @@ pub fn incoming(args: IncomingArgs) -> Report {
     let mut report = Report {
         status: "failed".into(),
         side: "destination".into(),
+        transport: args.transport.name().into(),
         page_size: PAGE_SIZE as u64,
         verify: VerifyReport::none("not reached"),
         ..Default::default()
@@ -119,6 +123,7 @@ pub fn incoming(args: IncomingArgs) -> Report {
         held: Vec::new(),
         received: None,
         conns: Vec::new(),
+        conn_tls: Vec::new(),
         listener: None,
         id: MigrationId([0; 16]),
         guest_base: RemoteAddr(0),
@@ -523,7 +528,7 @@ impl Dest {
     }
 
     fn run(&mut self) -> Result<(), MigError> {
-        let mut listener = net::Acceptor::new(self.listener()?)?;
+        let mut listener = net::Acceptor::new(self.listener()?, self.args.transport.clone())?;
         if let Ok(a) = listener.local_addr() {
             log::info!("waiting for a migration on {a}");
         }
@@ -712,6 +717,7 @@ impl Dest {
         cancellable: bool,
     ) -> Result<(), MigError> {
         let mut got: Vec<(ConnKind, OwnedFd)> = Vec::new();
+        self.conn_tls.clear();
         // The source opens all three right after SetupAccepted: one link
         // timeout for all of them, however the peer keeps talking meanwhile.
         let link_timeout = self.link_timeout();
@@ -743,7 +749,10 @@ impl Dest {
                     }
                 },
             )?;
-            got.push((h.kind, stream.into()));
+            if let Some(t) = stream.tls {
+                self.conn_tls.push((h.kind, t));
+            }
+            got.push((h.kind, stream.stream.into()));
         }
         self.conns = got;
         Ok(())
@@ -773,12 +782,20 @@ impl Dest {
             events::handler_event,
         );
         let postcopy = self.held.len() > 1;
+        let mut tls = std::mem::take(&mut self.conn_tls);
+        let mut session = |k: ConnKind| {
+            let i = tls.iter().position(|(kind, _)| *kind == k)?;
+            Some(Box::new(tls.swap_remove(i).1))
+        };
         handler.send(ToFaultHandler::Start(HandlerSetup {
             layout: self.layout,
             guest_base: self.guest_base,
             postcopy,
             digests: self.digests_fd.is_some(),
             resume,
+            main_tls: session(ConnKind::Main),
+            return_tls: session(ConnKind::ReturnPath),
+            urgent_tls: session(ConnKind::Urgent),
         }))?;
         let fd = |k: ConnKind| {
             self.conns
