@@ -628,4 +628,84 @@ mod tests {
             "{err}"
         );
     }
+
+    /// With TLS: a client whose certificate chains to another CA is dropped
+    /// in its handshake; once the control connection's hello is accepted,
+    /// a data connection from another certificate of the same CA is
+    /// refused, one from the same certificate accepted. The other way
+    /// round, a source refuses a second destination whose certificate is
+    /// not the first one's.
+    #[test]
+    fn tls_peers_are_bound_to_the_first_certificate() {
+        use crate::pki::{TestCa, Validity};
+        use crate::tls::{Tls, TlsFiles};
+        let dir = std::env::temp_dir().join(format!("postcopy-net-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = TestCa::new(&dir, "a").unwrap();
+        let other = TestCa::new(&dir, "b").unwrap();
+        let tls = |f| Transport::Tls(Arc::new(Tls::load(&f, None).unwrap()));
+        let host = |name| ca.host(&dir, name, Validity::Now).unwrap();
+        let (dest, src, thief) = (tls(host("dest")), host("src"), host("thief"));
+        // A certificate of another CA, from a client that trusts ours.
+        let stranger = tls(TlsFiles {
+            ca: ca.ca_path.clone(),
+            ..other.host(&dir, "stranger", Validity::Now).unwrap()
+        });
+        let id = MigrationId([9; 16]);
+        let link = Duration::from_secs(20);
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut acc = Acceptor::new(listener, dest).unwrap();
+        let accept = |acc: &mut Acceptor, within_ms| {
+            acc.accept::<NetError>(
+                Some(Instant::now() + Duration::from_millis(within_ms)),
+                link,
+                "test",
+                |_| HelloStatus::Ok,
+                || Ok(()),
+            )
+        };
+        let dial = |t: Transport, kind| {
+            let addr = addr.clone();
+            std::thread::spawn(move || connect(&t, &addr, kind, id, link))
+        };
+
+        let c = dial(stranger, ConnKind::Control);
+        let e = accept(&mut acc, 1500).unwrap_err();
+        assert!(matches!(e, NetError::AcceptTimeout { .. }), "{e}");
+        let e = c.join().unwrap().unwrap_err().to_string();
+        assert!(e.contains("refused our certificate"), "{e}");
+
+        let src_t = tls(src);
+        let c = dial(src_t.clone(), ConnKind::Control);
+        let (h, conn) = accept(&mut acc, 5000).unwrap();
+        assert_eq!(h.kind, ConnKind::Control);
+        assert!(conn.tls.is_some());
+        assert!(c.join().unwrap().unwrap().tls.is_some());
+
+        let c = dial(tls(thief), ConnKind::Main);
+        let e = accept(&mut acc, 1500).unwrap_err();
+        assert!(matches!(e, NetError::AcceptTimeout { .. }), "{e}");
+        assert!(c.join().unwrap().is_err());
+
+        let c = dial(src_t.clone(), ConnKind::Main);
+        let (h, _) = accept(&mut acc, 5000).unwrap();
+        assert_eq!(h.kind, ConnKind::Main);
+        c.join().unwrap().unwrap();
+
+        // The source, bound to `dest`, meets another destination of the
+        // same CA.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr2 = listener.local_addr().unwrap().to_string();
+        let mut acc2 = Acceptor::new(listener, tls(host("dest2"))).unwrap();
+        let c = std::thread::spawn(move || connect(&src_t, &addr2, ConnKind::Urgent, id, link));
+        let _ = accept(&mut acc2, 1500);
+        let e = c.join().unwrap().unwrap_err().to_string();
+        assert!(
+            e.contains("is not the one this migration's first connection presented"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
