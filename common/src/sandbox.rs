@@ -489,18 +489,17 @@ fn isolate() -> Result<bool, SandboxError> {
     {
         return Err(os(format!("mounting an empty tmpfs on {EMPTY_ROOT_AT:?}")));
     }
-    for (what, path) in [("chdir", EMPTY_ROOT_AT), ("chroot", c"."), ("chdir", c"/")] {
-        // SAFETY: chdir and chroot read one valid C string.
-        let r = unsafe {
-            if what == "chroot" {
-                libc::chroot(path.as_ptr())
-            } else {
-                libc::chdir(path.as_ptr())
-            }
-        };
-        if r != 0 {
-            return Err(os(format!("entering the empty root ({what} {path:?})")));
-        }
+    // SAFETY: chdir reads one valid C string.
+    if unsafe { libc::chdir(EMPTY_ROOT_AT.as_ptr()) } != 0 {
+        return Err(os(format!("chdir {EMPTY_ROOT_AT:?}")));
+    }
+    // SAFETY: chroot reads one valid C string.
+    if unsafe { libc::chroot(c".".as_ptr()) } != 0 {
+        return Err(os(format!("chroot {EMPTY_ROOT_AT:?}")));
+    }
+    // SAFETY: as for the first chdir.
+    if unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
+        return Err(os("chdir / in the empty root"));
     }
     Ok(true)
 }
