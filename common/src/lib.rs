@@ -16,6 +16,7 @@ pub mod peer_text;
 pub mod role;
 pub mod sandbox;
 pub mod state;
+pub mod tls;
 pub mod types;
 pub mod uffd;
 pub mod wire;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::guest::GuestConfig;
 use crate::role::RoleOutput;
+use crate::tls::Session;
 use crate::types::{MemLayout, RemoteAddr};
 use crate::wire::Package;
 
@@ -100,6 +101,8 @@ pub struct SenderSetup {
     /// Where to start: a fresh precopy, or (a ram-sender started again
     /// after the package) the postcopy push of whatever `sent` lacks.
     pub resume: SenderStart,
+    /// With TLS: the main stream's session, continued here.
+    pub main_tls: Option<Box<Session>>,
 }
 
 /// Where a ram-sender starts (docs/state-machine.md, "Restart and
@@ -241,6 +244,10 @@ impl RoleOutput for FromRamSender {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServerSetup {
     pub layout: MemLayout,
+    /// With TLS: the sessions of the return path and the urgent
+    /// connection, continued here.
+    pub return_tls: Option<Box<Session>>,
+    pub urgent_tls: Option<Box<Session>>,
 }
 
 /// Supervisor → page-server.
@@ -295,6 +302,11 @@ pub struct HandlerSetup {
     /// The guest's vCPUs (worker threads of a process guest): blocktime
     /// counts the time during which this many threads were blocked at once.
     pub vcpus: u32,
+    /// With TLS: the sessions of the main stream, the return path and the
+    /// urgent connection, continued here.
+    pub main_tls: Option<Box<Session>>,
+    pub return_tls: Option<Box<Session>>,
+    pub urgent_tls: Option<Box<Session>>,
 }
 
 /// Where a fault-handler starts.

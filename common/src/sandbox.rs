@@ -1,7 +1,8 @@
 //! The role sandbox (docs/security.md, "Role sandbox"): once a role holds
-//! every fd it will ever use, [`enter`] lowers its resource limits, drops it
-//! to an unprivileged uid/gid, sets `no_new_privs` and installs its seccomp
-//! allow-list. Each role keeps its own list as data in its crate
+//! every fd it will ever use, [`enter`] lowers its resource limits, moves
+//! it into an empty network namespace and a private mount namespace whose
+//! root is an empty read-only tmpfs, drops it to an unprivileged uid/gid,
+//! sets `no_new_privs` and installs its seccomp allow-list. Each role keeps its own list as data in its crate
 //! (`seccomp.rs`); [`BASE`] is what every role needs to be a Rust process
 //! talking ipc-channel at all.
 //!
@@ -218,6 +219,8 @@ pub enum SandboxError {
     ParentGone(i32),
     #[error("sandbox: still able to regain uid 0 after dropping to uid {0}")]
     NotDropped(u32),
+    #[error("sandbox: {0} threads run already; namespaces must be entered before the first thread starts")]
+    Threads(usize),
 }
 
 fn os(what: impl Into<String>) -> SandboxError {
@@ -429,6 +432,78 @@ fn set_limit(
     Ok(())
 }
 
+/// Where the empty root is mounted, in the role's own mount namespace
+/// only (any directory that exists would do; this one always does).
+const EMPTY_ROOT_AT: &std::ffi::CStr = c"/tmp";
+
+/// Moves this (single-threaded) process into a new, empty network
+/// namespace and a private mount namespace, and makes an empty read-only
+/// tmpfs its root. Its sockets were made in the supervisor's namespace and
+/// keep working; what it could reach by name (another address, a path) is
+/// gone. Needs root (CAP_SYS_ADMIN, CAP_SYS_CHROOT): Ok(false) and nothing
+/// done for a role started by an unprivileged user.
+fn isolate() -> Result<bool, SandboxError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(false);
+    }
+    // unshare moves only the calling thread: any other thread would stay
+    // behind in the supervisor's namespaces.
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map_err(|source| SandboxError::Os {
+            what: "reading /proc/self/task".into(),
+            source,
+        })?
+        .count();
+    if threads != 1 {
+        return Err(SandboxError::Threads(threads));
+    }
+    // SAFETY: unshare with flags only.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) } != 0 {
+        return Err(os("unshare(CLONE_NEWNET | CLONE_NEWNS)"));
+    }
+    // Nothing done in here propagates back to the host, nor in.
+    // SAFETY: mount with valid C strings or null pointers.
+    if unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(os("making / private (mount MS_REC | MS_PRIVATE)"));
+    }
+    // SAFETY: as above.
+    if unsafe {
+        libc::mount(
+            c"postcopy-role".as_ptr(),
+            EMPTY_ROOT_AT.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"size=4k,mode=0555".as_ptr().cast(),
+        )
+    } != 0
+    {
+        return Err(os(format!("mounting an empty tmpfs on {EMPTY_ROOT_AT:?}")));
+    }
+    // SAFETY: chdir reads one valid C string.
+    if unsafe { libc::chdir(EMPTY_ROOT_AT.as_ptr()) } != 0 {
+        return Err(os(format!("chdir {EMPTY_ROOT_AT:?}")));
+    }
+    // SAFETY: chroot reads one valid C string.
+    if unsafe { libc::chroot(c".".as_ptr()) } != 0 {
+        return Err(os(format!("chroot {EMPTY_ROOT_AT:?}")));
+    }
+    // SAFETY: as for the first chdir.
+    if unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
+        return Err(os("chdir / in the empty root"));
+    }
+    Ok(true)
+}
+
 /// Drops every privilege of uid 0 for good: supplementary groups, gid, uid
 /// (real, effective, saved).
 fn drop_to(uid: u32, gid: u32) -> Result<(), SandboxError> {
@@ -580,7 +655,9 @@ fn is_pipe(fd: RawFd) -> bool {
 /// the network; threads started later inherit the filter.
 ///
 /// In order: RLIMIT_CORE 0, RLIMIT_NOFILE [`RLIMIT_NOFILE`], RLIMIT_NPROC
-/// [`RLIMIT_NPROC`]; the uid/gid from [`ROLE_IDS_ENV`] (groups cleared,
+/// [`RLIMIT_NPROC`]; as root, a new empty network namespace and a private
+/// mount namespace with an empty read-only root (the role must still be
+/// single-threaded); the uid/gid from [`ROLE_IDS_ENV`] (groups cleared,
 /// parent-death signal re-armed); no_new_privs; a panic hook that only prints;
 /// the SIGSYS handler; the filters, on every thread (TSYNC).
 /// Errors name the step that failed.
@@ -591,6 +668,7 @@ pub fn enter(policy: &Policy) -> Result<(), SandboxError> {
     set_limit(libc::RLIMIT_CORE, "RLIMIT_CORE", 0)?;
     set_limit(libc::RLIMIT_NOFILE, "RLIMIT_NOFILE", RLIMIT_NOFILE)?;
     set_limit(libc::RLIMIT_NPROC, "RLIMIT_NPROC", RLIMIT_NPROC)?;
+    let isolated = isolate()?;
     if let Some((uid, gid)) = ids {
         drop_to(uid, gid)?;
     }
@@ -612,9 +690,14 @@ pub fn enter(policy: &Policy) -> Result<(), SandboxError> {
     seccompiler::apply_filter_all_threads(&clone3).map_err(SandboxError::Install)?;
     seccompiler::apply_filter_all_threads(&main).map_err(SandboxError::Install)?;
     log::debug!(
-        "sandbox on: {} syscall entries, {} ioctls{}",
+        "sandbox on: {} syscall entries, {} ioctls{}{}",
         BASE.len() + policy.syscalls.len(),
         policy.ioctls.len(),
+        if isolated {
+            ", own network and mount namespaces"
+        } else {
+            ""
+        },
         match ids {
             Some((u, g)) => format!(", uid {u} gid {g}"),
             None => String::new(),

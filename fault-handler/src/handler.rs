@@ -21,6 +21,7 @@ use common::msg::{
     FromFaultHandler, HandlerSetup, HandlerStart, PostcopyStats, RecvProgress, ToFaultHandler,
 };
 use common::role::{LinkError, RoleLink};
+use common::tls::{RecvHalf, SendHalf};
 use common::types::{MemLayout, PageRange, RemoteAddr, PAGE_SIZE};
 use common::uffd::{Placed, Uffd, UffdError};
 use common::wire::{
@@ -55,6 +56,8 @@ pub enum HandlerError {
     Protocol(String),
     #[error(transparent)]
     Sandbox(#[from] common::sandbox::SandboxError),
+    #[error(transparent)]
+    Tls(#[from] common::tls::TlsError),
     #[error("the source sent its package with {missing} of {pages} pages never sent")]
     Incomplete { missing: u64, pages: u64 },
 }
@@ -109,7 +112,7 @@ struct Handler {
     shared: SharedCounters,
     /// Stamps along each fault answered on the urgent connection.
     fault_path: Mutex<FaultPathRecorder>,
-    ret: Mutex<TcpStream>,
+    ret: Mutex<SendHalf>,
     counters: Counters,
     done: AtomicBool,
     /// Started again after the package: serving faults begins with a wake
@@ -143,6 +146,9 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
         digests,
         resume,
         vcpus,
+        main_tls,
+        return_tls,
+        urgent_tls,
     } = setup;
     // Never mapped here: pages go in with pwrite (precopy) or through the
     // userfaultfd (postcopy), so nothing can fault a page in by accident.
@@ -164,9 +170,9 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
     } else {
         None
     };
-    let main = TcpStream::from(fds.take("main")?);
-    let ret = TcpStream::from(fds.take("return")?);
-    let urgent = TcpStream::from(fds.take("urgent")?);
+    let main = RecvHalf::new(TcpStream::from(fds.take("main")?), main_tls.as_deref())?;
+    let ret = SendHalf::new(TcpStream::from(fds.take("return")?), return_tls.as_deref())?;
+    let urgent = RecvHalf::new(TcpStream::from(fds.take("urgent")?), urgent_tls.as_deref())?;
     drop(fds);
     // Every fd is held and mapped: the sandbox goes on before the first
     // frame is read and before any thread starts.
@@ -329,11 +335,7 @@ impl Handler {
 
     /// Reads the main stream. `package_seen`: a restarted postcopy
     /// handler, whose stream holds only pages (and the end).
-    fn read_main(
-        self: &Arc<Self>,
-        main: TcpStream,
-        package_seen: bool,
-    ) -> Result<(), HandlerError> {
+    fn read_main(self: &Arc<Self>, main: RecvHalf, package_seen: bool) -> Result<(), HandlerError> {
         let mut reader = FrameReader::new(main, ConnKind::Main, self.layout)
             .counting_into(self.counters.main_bytes.clone());
         let wire = |source| HandlerError::Wire {
@@ -462,7 +464,7 @@ impl Handler {
         Ok(())
     }
 
-    fn read_urgent(self: &Arc<Self>, urgent: TcpStream) -> Result<(), HandlerError> {
+    fn read_urgent(self: &Arc<Self>, urgent: RecvHalf) -> Result<(), HandlerError> {
         let mut reader = FrameReader::new(urgent, ConnKind::Urgent, self.layout)
             .counting_into(self.counters.urgent_bytes.clone());
         let mut counted = 0;

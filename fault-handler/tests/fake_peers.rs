@@ -163,6 +163,9 @@ impl Dest {
                 digests: true,
                 resume: HandlerStart::Fresh,
                 vcpus,
+                main_tls: None,
+                return_tls: None,
+                urgent_tls: None,
             }))
             .expect("send Start");
         let mut fds = vec![

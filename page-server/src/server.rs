@@ -13,6 +13,7 @@ use common::counters::{Counter, CountersError, SharedCounters};
 use common::mem::{is_zero, reopen_read_only, Access, Mapping, MemError};
 use common::msg::{FromPageServer, ServerSetup, ServerStats, ToPageServer};
 use common::role::{LinkError, RoleLink};
+use common::tls::{RecvHalf, SendHalf};
 use common::types::{MemLayout, PageRange, PAGE_SIZE};
 use common::wire::{
     page_times_frame, pages_prefix, zero_frame, ConnKind, Frame, FrameReader, WireError,
@@ -38,10 +39,16 @@ pub enum ServeError {
     Urgent(std::io::Error),
     #[error(transparent)]
     Sandbox(#[from] common::sandbox::SandboxError),
+    #[error(transparent)]
+    Tls(#[from] common::tls::TlsError),
 }
 
 pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeError> {
-    let ServerSetup { layout } = match link.recv()? {
+    let ServerSetup {
+        layout,
+        return_tls,
+        urgent_tls,
+    } = match link.recv()? {
         ToPageServer::Start(s) => s,
         ToPageServer::Quit => return Ok(()),
     };
@@ -50,8 +57,8 @@ pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeErro
     let memfd = reopen_read_only(fds.take("memory")?.as_fd())?;
     let mem = Mapping::new(memfd.as_fd(), layout.mem_bytes() as usize, Access::ReadOnly)?;
     let sent = SharedBitmap::open(fds.take("sent")?.as_fd(), layout.pages())?;
-    let ret = TcpStream::from(fds.take("return")?);
-    let urgent = TcpStream::from(fds.take("urgent")?);
+    let ret = RecvHalf::new(TcpStream::from(fds.take("return")?), return_tls.as_deref())?;
+    let urgent = SendHalf::new(TcpStream::from(fds.take("urgent")?), urgent_tls.as_deref())?;
     let counters = SharedCounters::open(fds.take("counters")?.as_fd())?;
     drop(fds);
     // Every fd is held and mapped: the sandbox goes on before the first
@@ -115,7 +122,7 @@ struct Server {
     layout: MemLayout,
     mem: Mapping,
     sent: SharedBitmap,
-    urgent: TcpStream,
+    urgent: SendHalf,
     /// What went out, where the supervisor reads it even after a Quit
     /// ended this process mid-request.
     counters: SharedCounters,

@@ -153,7 +153,11 @@ impl Source {
             spawn_exe("page-server", exe).expect("spawn page-server");
         let rx = child.rx.take().expect("fresh child");
         child
-            .send(ToPageServer::Start(ServerSetup { layout: layout() }))
+            .send(ToPageServer::Start(ServerSetup {
+                layout: layout(),
+                return_tls: None,
+                urgent_tls: None,
+            }))
             .expect("send Start");
         child
             .send_fds(&[

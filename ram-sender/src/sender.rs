@@ -5,6 +5,8 @@
 
 use std::io::Write;
 use std::net::TcpStream;
+
+use common::tls::SendHalf;
 use std::os::fd::AsFd;
 use std::time::Instant;
 
@@ -46,6 +48,8 @@ pub enum SendError {
     Wire(#[from] WireError),
     #[error(transparent)]
     Sandbox(#[from] common::sandbox::SandboxError),
+    #[error("main stream: {0}")]
+    Tls(#[from] common::tls::TlsError),
     #[error("unexpected command {cmd} while {phase}")]
     Unexpected { cmd: String, phase: &'static str },
 }
@@ -134,7 +138,7 @@ struct Sender {
     pagemap: Pagemap,
     uffd: Uffd,
     sent: SharedBitmap,
-    out: TcpStream,
+    out: SendHalf,
     limiter: Caps,
     phase: Phase,
     counters: SharedCounters,
@@ -167,13 +171,14 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
         max_bandwidth,
         max_postcopy_bandwidth,
         resume,
+        main_tls,
     } = setup;
     // Read-only for good: not even mprotect can make this mapping writable.
     let memfd = reopen_read_only(fds.take("memory")?.as_fd())?;
     let mem = Mapping::new(memfd.as_fd(), layout.mem_bytes() as usize, Access::ReadOnly)?;
     let sent_fd = fds.take("sent")?;
     let sent = SharedBitmap::open(sent_fd.as_fd(), layout.pages())?;
-    let out = TcpStream::from(fds.take("main")?);
+    let out = SendHalf::new(TcpStream::from(fds.take("main")?), main_tls.as_deref())?;
     let counters = SharedCounters::open(fds.take("counters")?.as_fd())?;
     let mut s = Sender {
         layout,

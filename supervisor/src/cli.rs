@@ -1,6 +1,8 @@
 //! The command line (README "CLI reference" is its user-facing description).
 
 use crate::chaos::Chaos;
+use crate::net::Transport;
+use crate::tls::{Tls, TlsFiles};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -264,6 +266,48 @@ pub struct MigrationArgs {
     /// still written).
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// Mutual TLS 1.3 on every connection between the hosts: all three
+/// files, or none (plain TCP).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// This host's certificate, PEM (then any intermediates). With
+    /// --tls-key and --tls-ca every connection between the hosts is mutual
+    /// TLS 1.3.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This host's private key, PEM.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The CA, PEM, that the peer's certificate must chain to.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            ca: self.tls_ca.clone()?,
+        })
+    }
+
+    /// TLS with these files (their problems named), or plain TCP without.
+    pub fn transport(&self, hostname: Option<String>) -> Result<Transport, String> {
+        match self.files() {
+            None if hostname.is_some() => {
+                Err("--tls-hostname needs --tls-cert, --tls-key and --tls-ca".into())
+            }
+            None => Ok(Transport::Tcp),
+            Some(f) => Ok(Transport::Tls(std::sync::Arc::new(Tls::load(
+                &f, hostname,
+            )?))),
+        }
+    }
 }
 
 fn chaos_arg(s: &str) -> Result<Chaos, String> {
@@ -279,6 +323,10 @@ pub struct DemoArgs {
     /// kvm: where the destination guest's serial output goes.
     #[arg(long)]
     pub dest_serial_log: Option<PathBuf>,
+    /// Mutual TLS 1.3 with a throwaway test CA and certificates the demo
+    /// makes (in a temporary directory) for both ends.
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub tls: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -286,6 +334,10 @@ pub struct MigrateArgs {
     /// Destination, ADDR:PORT.
     #[arg(long)]
     pub to: String,
+    /// With TLS: the name the destination's certificate must carry
+    /// (default: the host of --to).
+    #[arg(long, value_name = "NAME")]
+    pub tls_hostname: Option<String>,
     #[command(flatten)]
     pub guest: GuestArgs,
     #[command(flatten)]
@@ -336,6 +388,11 @@ pub struct IncomingArgs {
     /// if it exists, else `nobody`; a uid-0 user keeps them as root).
     #[arg(long, value_name = "USER")]
     pub role_user: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// What `tls` came to (loaded before the wait starts).
+    #[arg(skip)]
+    pub transport: Transport,
 }
 
 /// Everything the source needs, checked.
@@ -361,6 +418,9 @@ pub struct SourceOpts {
     pub chaos: Option<Chaos>,
     /// No live progress, no summary.
     pub quiet: bool,
+    /// Plain TCP or mutual TLS 1.3 (set from `--tls-*` once the files are
+    /// loaded).
+    pub transport: Transport,
 }
 
 fn parse_range(text: &str) -> Result<(u64, u64), String> {
@@ -537,6 +597,7 @@ impl SourceOpts {
             max_restarts: m.max_restarts,
             chaos: m.chaos.clone(),
             quiet: m.quiet,
+            transport: Transport::Tcp,
         })
     }
 }

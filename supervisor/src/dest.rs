@@ -20,6 +20,7 @@ use common::msg::{
     RecvProgress, Side, ToFaultHandler, ToGuest,
 };
 use common::state::MigrationState;
+use common::tls::Session as TlsSession;
 use common::types::{MemLayout, MigrationId, RemoteAddr, PAGE_SIZE};
 use common::uffd::Uffd;
 use common::wire::{ConnKind, HelloStatus, Package};
@@ -67,8 +68,10 @@ struct Dest {
     /// The fault-handler's running totals (faults, latency, blocktime,
     /// bytes), and the memfd handed to each fault-handler.
     counters: Option<(SharedCounters, OwnedFd)>,
-    /// The data connections the fault-handler holds.
+    /// The data connections the fault-handler holds, and their TLS
+    /// sessions until it takes them.
     conns: Vec<(ConnKind, OwnedFd)>,
+    conn_tls: Vec<(ConnKind, TlsSession)>,
     /// Where the sources' connections arrive (kept for resyncs).
     listener: Option<net::Acceptor>,
     id: MigrationId,
@@ -123,6 +126,7 @@ pub fn incoming(args: IncomingArgs) -> Report {
     let mut report = Report {
         status: "failed".into(),
         side: "destination".into(),
+        transport: args.transport.name().into(),
         page_size: PAGE_SIZE as u64,
         verify: VerifyReport::none("not reached"),
         ..Default::default()
@@ -158,6 +162,7 @@ pub fn incoming(args: IncomingArgs) -> Report {
         received: None,
         counters: None,
         conns: Vec::new(),
+        conn_tls: Vec::new(),
         listener: None,
         id: MigrationId([0; 16]),
         guest_base: RemoteAddr(0),
@@ -668,7 +673,7 @@ impl Dest {
     }
 
     fn run(&mut self) -> Result<(), MigError> {
-        let mut listener = net::Acceptor::new(self.listener()?)?;
+        let mut listener = net::Acceptor::new(self.listener()?, self.args.transport.clone())?;
         if let Ok(a) = listener.local_addr() {
             log::info!("waiting for a migration on {a}");
         }
@@ -862,6 +867,7 @@ impl Dest {
         cancellable: bool,
     ) -> Result<(), MigError> {
         let mut got: Vec<(ConnKind, OwnedFd)> = Vec::new();
+        self.conn_tls.clear();
         // The source opens all three right after SetupAccepted: one link
         // timeout for all of them, however the peer keeps talking meanwhile.
         let link_timeout = self.link_timeout();
@@ -893,7 +899,10 @@ impl Dest {
                     }
                 },
             )?;
-            got.push((h.kind, stream.into()));
+            if let Some(t) = stream.tls {
+                self.conn_tls.push((h.kind, t));
+            }
+            got.push((h.kind, stream.stream.into()));
         }
         self.conns = got;
         Ok(())
@@ -923,6 +932,11 @@ impl Dest {
             events::handler_event,
         );
         let postcopy = self.held.len() > 1;
+        let mut tls = std::mem::take(&mut self.conn_tls);
+        let mut session = |k: ConnKind| {
+            let i = tls.iter().position(|(kind, _)| *kind == k)?;
+            Some(Box::new(tls.swap_remove(i).1))
+        };
         handler.send(ToFaultHandler::Start(HandlerSetup {
             layout: self.layout,
             guest_base: self.guest_base,
@@ -930,6 +944,9 @@ impl Dest {
             digests: self.digests_fd.is_some(),
             resume,
             vcpus: self.report.vcpus,
+            main_tls: session(ConnKind::Main),
+            return_tls: session(ConnKind::ReturnPath),
+            urgent_tls: session(ConnKind::Urgent),
         }))?;
         let fd = |k: ConnKind| {
             self.conns

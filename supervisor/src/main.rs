@@ -41,6 +41,10 @@ fn main() -> ExitCode {
             Err(e) => usage_error(&e),
         },
         Cmd::Migrate(args) => match SourceOpts::from_args(&args.guest, &args.mig)
+            .and_then(|mut opts| {
+                opts.transport = args.mig.tls.transport(args.tls_hostname.clone())?;
+                Ok(opts)
+            })
             .and_then(|opts| Ok((report_file(opts.json.as_deref())?, opts)))
         {
             Ok((json, mut opts)) => {
@@ -50,7 +54,11 @@ fn main() -> ExitCode {
             }
             Err(e) => usage_error(&e),
         },
-        Cmd::Incoming(args) => {
+        Cmd::Incoming(mut args) => {
+            args.transport = match args.tls.transport(None) {
+                Ok(t) => t,
+                Err(e) => return usage_error(&e),
+            };
             let json = match report_file(args.json.as_deref()) {
                 Ok(j) => j,
                 Err(e) => return usage_error(&e),

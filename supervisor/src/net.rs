@@ -1,14 +1,18 @@
 //! Connections between the hosts: the supervisor opens (source) or accepts
-//! (destination) every connection, does the hello, sets the socket options,
-//! and only then hands a data connection to a role.
+//! (destination) every connection, runs its TLS handshake (when the
+//! transport is TLS, see [`crate::tls`]), does the hello, sets the socket
+//! options, and only then hands a data connection to a role, with the
+//! session's keys.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::control::{recv_control, ControlMsg};
+use common::tls::{RecvHalf, SendHalf, Session};
 use common::types::{MemLayout, MigrationId};
 use common::wire::{
     client_hello, send_control, server_check_hello, server_reply, ConnKind, FrameReader, Hello,
@@ -16,6 +20,39 @@ use common::wire::{
 };
 
 use crate::events::{Event, Gate};
+use crate::tls::{Advance, ConnectError, ServerHandshake, Tls};
+
+/// How the hosts talk: plain TCP, or mutual TLS 1.3 on every connection.
+#[derive(Clone, Debug, Default)]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Tls(Arc<Tls>),
+}
+
+impl Transport {
+    /// As the report names it: `tcp` or `tls1.3`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls(_) => "tls1.3",
+        }
+    }
+}
+
+/// A connection whose hello is done: the socket, and with TLS the session
+/// that whoever uses the socket from here on continues.
+#[derive(Debug)]
+pub struct Conn {
+    pub stream: TcpStream,
+    pub tls: Option<Session>,
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -28,6 +65,12 @@ pub enum NetError {
     Connect {
         addr: String,
         source: std::io::Error,
+    },
+    #[error("{kind} connection to {addr}: {why}")]
+    Tls {
+        kind: ConnKind,
+        addr: String,
+        why: String,
     },
     #[error("{kind} connection to {addr}: {source}")]
     Hello {
@@ -119,25 +162,35 @@ pub fn closed(stream: &TcpStream) -> Option<&'static str> {
     }
 }
 
-/// Connects and says hello as `kind`.
+/// Connects and says hello as `kind` (with TLS: after the handshake,
+/// inside the session).
 pub fn connect(
+    transport: &Transport,
     addr: &str,
     kind: ConnKind,
     id: MigrationId,
     link_timeout: Duration,
-) -> Result<TcpStream, NetError> {
-    connect_within(addr, kind, id, link_timeout, Duration::from_secs(10))
+) -> Result<Conn, NetError> {
+    connect_within(
+        transport,
+        addr,
+        kind,
+        id,
+        link_timeout,
+        Duration::from_secs(10),
+    )
 }
 
 /// [`connect`], giving up on each address after `within` (reconnecting
 /// while the link may still be down).
 pub fn connect_within(
+    transport: &Transport,
     addr: &str,
     kind: ConnKind,
     id: MigrationId,
     link_timeout: Duration,
     within: Duration,
-) -> Result<TcpStream, NetError> {
+) -> Result<Conn, NetError> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|source| NetError::Resolve {
@@ -151,13 +204,30 @@ pub fn connect_within(
             Ok(mut s) => {
                 tune(&s, link_timeout);
                 s.set_read_timeout(Some(within)).ok();
-                client_hello(&mut s, kind, id).map_err(|source| NetError::Hello {
+                let hello_err = |source| NetError::Hello {
                     kind,
                     addr: addr.to_string(),
                     source,
-                })?;
+                };
+                let tls = match transport {
+                    Transport::Tcp => {
+                        client_hello(&mut s, kind, id).map_err(hello_err)?;
+                        None
+                    }
+                    Transport::Tls(tls) => Some(
+                        tls.connect(&mut s, addr, |io| client_hello(io, kind, id))
+                            .map_err(|e| match e {
+                                ConnectError::Tls(why) => NetError::Tls {
+                                    kind,
+                                    addr: addr.to_string(),
+                                    why,
+                                },
+                                ConnectError::Hello(source) => hello_err(source),
+                            })?,
+                    ),
+                };
                 s.set_read_timeout(None).ok();
-                return Ok(s);
+                return Ok(Conn { stream: s, tls });
             }
             Err(e) => last = Some(e),
         }
@@ -179,6 +249,8 @@ pub const MAX_PENDING_HELLOS: usize = 64;
 /// An accepted connection whose hello is not complete yet.
 struct PendingHello {
     stream: TcpStream,
+    /// With TLS: its handshake, which comes before any byte of the hello.
+    tls: Option<ServerHandshake>,
     peer: SocketAddr,
     buf: [u8; HELLO_LEN],
     got: usize,
@@ -197,6 +269,18 @@ enum HelloRead {
 
 impl PendingHello {
     fn read(&mut self) -> HelloRead {
+        if let Some(hs) = &mut self.tls {
+            return match hs.advance(&mut self.stream, &mut self.buf, &mut self.got) {
+                Advance::Hello => HelloRead::Complete,
+                Advance::Refused(why) => HelloRead::Failed(why),
+                Advance::Wait if Instant::now() >= self.deadline => HelloRead::Failed(format!(
+                    "no TLS handshake and hello within {} s ({} of {HELLO_LEN} hello bytes)",
+                    HELLO_TIMEOUT.as_secs(),
+                    self.got
+                )),
+                Advance::Wait => HelloRead::Waiting,
+            };
+        }
         loop {
             match self.stream.read(&mut self.buf[self.got..]) {
                 Ok(0) => {
@@ -238,14 +322,16 @@ impl PendingHello {
 /// so the data connections that arrive together are all served.
 pub struct Acceptor {
     listener: TcpListener,
+    transport: Transport,
     pending: Vec<PendingHello>,
 }
 
 impl Acceptor {
-    pub fn new(listener: TcpListener) -> Result<Self, NetError> {
+    pub fn new(listener: TcpListener, transport: Transport) -> Result<Self, NetError> {
         listener.set_nonblocking(true).map_err(NetError::Accept)?;
         Ok(Acceptor {
             listener,
+            transport,
             pending: Vec::new(),
         })
     }
@@ -254,10 +340,12 @@ impl Acceptor {
         self.listener.local_addr()
     }
 
-    /// Accepts connections until one says a good hello. Hellos are read
-    /// from every pending connection at once, each within
-    /// [`HELLO_TIMEOUT`]. Bad ones are refused (the refusal names our
-    /// version) and logged; `check` decides on the rest.
+    /// Accepts connections until one says a good hello. Hellos (with TLS:
+    /// handshakes, then hellos) are read from every pending connection at
+    /// once, each within [`HELLO_TIMEOUT`]. A peer without an acceptable
+    /// certificate is dropped before any byte of its hello is read. Bad
+    /// hellos are refused (the refusal names our version) and logged;
+    /// `check` decides on the rest.
     ///
     /// `keep_waiting` runs between polls: an error from it (a signal, the
     /// peer gone) ends the wait with that error; so does `deadline` passing
@@ -269,7 +357,7 @@ impl Acceptor {
         what: &str,
         mut check: impl FnMut(&Hello) -> HelloStatus,
         mut keep_waiting: impl FnMut() -> Result<(), E>,
-    ) -> Result<(Hello, TcpStream), E> {
+    ) -> Result<(Hello, Conn), E> {
         loop {
             self.accept_ready(link_timeout)?;
             let mut i = 0;
@@ -284,7 +372,20 @@ impl Acceptor {
                         let mut p = self.pending.remove(i);
                         if let Some(h) = decide(&mut p, &mut check) {
                             p.stream.set_nonblocking(false).map_err(NetError::Accept)?;
-                            return Ok((h, p.stream));
+                            let tls = match p.tls.map(ServerHandshake::session).transpose() {
+                                Ok(t) => t,
+                                Err(why) => {
+                                    log::error!("refused connection from {}: {why}", p.peer);
+                                    continue;
+                                }
+                            };
+                            return Ok((
+                                h,
+                                Conn {
+                                    stream: p.stream,
+                                    tls,
+                                },
+                            ));
                         }
                     }
                 }
@@ -314,8 +415,19 @@ impl Acceptor {
                             old.peer
                         );
                     }
+                    let tls = match &self.transport {
+                        Transport::Tcp => None,
+                        Transport::Tls(t) => match ServerHandshake::new(t.clone()) {
+                            Ok(hs) => Some(hs),
+                            Err(why) => {
+                                log::error!("refused connection from {peer}: {why}");
+                                continue;
+                            }
+                        },
+                    };
                     self.pending.push(PendingHello {
                         stream,
+                        tls,
                         peer,
                         buf: [0; HELLO_LEN],
                         got: 0,
@@ -346,11 +458,20 @@ impl Acceptor {
                 d.saturating_duration_since(now)
                     .min(Duration::from_millis(50))
             });
-        let mut fds: Vec<libc::pollfd> = std::iter::once(self.listener.as_raw_fd())
-            .chain(self.pending.iter().map(|p| p.stream.as_raw_fd()))
-            .map(|fd| libc::pollfd {
+        let mut fds: Vec<libc::pollfd> = std::iter::once((self.listener.as_raw_fd(), false))
+            .chain(self.pending.iter().map(|p| {
+                let out = p.tls.as_ref().is_some_and(ServerHandshake::wants_write);
+                (p.stream.as_raw_fd(), out)
+            }))
+            .map(|(fd, out)| libc::pollfd {
                 fd,
-                events: libc::POLLIN,
+                // A handshake whose flight did not fit the socket buffer
+                // waits for room as well.
+                events: if out {
+                    libc::POLLIN | libc::POLLOUT
+                } else {
+                    libc::POLLIN
+                },
                 revents: 0,
             })
             .collect();
@@ -368,12 +489,25 @@ impl Acceptor {
 
 /// A whole hello: refuse it (logged) or accept it (returned).
 fn decide(p: &mut PendingHello, check: &mut impl FnMut(&Hello) -> HelloStatus) -> Option<Hello> {
-    // The reply is 16 bytes on a fresh connection: it fits the socket
-    // buffer, so a nonblocking write does not come up short.
-    match server_check_hello(&mut p.stream, &p.buf) {
+    // The reply is 16 bytes on a fresh connection (one record with TLS):
+    // it fits the socket buffer, so a nonblocking write does not come up
+    // short.
+    let mut plain;
+    let mut sealed;
+    let mut out: &mut dyn Write = match &mut p.tls {
+        None => {
+            plain = &p.stream;
+            &mut plain
+        }
+        Some(hs) => {
+            sealed = hs.writer(&mut p.stream);
+            &mut sealed
+        }
+    };
+    match server_check_hello(&mut out, &p.buf) {
         Ok(h) => {
             let status = check(&h);
-            let _ = server_reply(&mut p.stream, status);
+            let _ = server_reply(&mut out, status);
             if status == HelloStatus::Ok {
                 return Some(h);
             }
@@ -392,16 +526,18 @@ fn control_layout() -> MemLayout {
 /// The control connection: a writer here, a reader thread that turns each
 /// message into an [`Event::Peer`].
 pub struct Control {
-    out: TcpStream,
+    out: SendHalf,
     /// Retired when the connection is replaced (postcopy recovery): what
     /// the old one still reads is not heard.
     pub gate: Gate,
 }
 
 impl Control {
-    pub fn new(stream: TcpStream, events: Sender<Event>) -> std::io::Result<Self> {
+    pub fn new(conn: Conn, events: Sender<Event>) -> std::io::Result<Self> {
         let layout = control_layout();
-        let reader = stream.try_clone()?;
+        let session = |e: common::tls::TlsError| std::io::Error::other(e.to_string());
+        let reader = RecvHalf::new(conn.stream.try_clone()?, conn.tls.as_ref()).map_err(session)?;
+        let out = SendHalf::new(conn.stream, conn.tls.as_ref()).map_err(session)?;
         let gate = Gate::default();
         let g = gate.clone();
         std::thread::Builder::new()
@@ -419,7 +555,7 @@ impl Control {
                     }
                 }
             })?;
-        Ok(Control { out: stream, gate })
+        Ok(Control { out, gate })
     }
 
     pub fn send(&mut self, msg: &ControlMsg) -> Result<(), NetError> {
@@ -429,7 +565,7 @@ impl Control {
     /// Closes our side for good.
     pub fn shutdown(&mut self) {
         let _ = self.out.flush();
-        let _ = self.out.shutdown(std::net::Shutdown::Both);
+        let _ = self.out.stream().shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -449,7 +585,7 @@ mod tests {
     fn silent_and_slow_clients_do_not_hold_up_a_hello() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut acc = Acceptor::new(listener).unwrap();
+        let mut acc = Acceptor::new(listener, Transport::Tcp).unwrap();
         // Two that say nothing, one that stops half-way through its hello.
         let _idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
         let mut slow = TcpStream::connect(addr).unwrap();
@@ -491,5 +627,85 @@ mod tests {
                 .contains("no data connection within the test's limit arrived in time"),
             "{err}"
         );
+    }
+
+    /// With TLS: a client whose certificate chains to another CA is dropped
+    /// in its handshake; once the control connection's hello is accepted,
+    /// a data connection from another certificate of the same CA is
+    /// refused, one from the same certificate accepted. The other way
+    /// round, a source refuses a second destination whose certificate is
+    /// not the first one's.
+    #[test]
+    fn tls_peers_are_bound_to_the_first_certificate() {
+        use crate::pki::{TestCa, Validity};
+        use crate::tls::{Tls, TlsFiles};
+        let dir = std::env::temp_dir().join(format!("postcopy-net-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = TestCa::new(&dir, "a").unwrap();
+        let other = TestCa::new(&dir, "b").unwrap();
+        let tls = |f| Transport::Tls(Arc::new(Tls::load(&f, None).unwrap()));
+        let host = |name| ca.host(&dir, name, Validity::Now).unwrap();
+        let (dest, src, thief) = (tls(host("dest")), host("src"), host("thief"));
+        // A certificate of another CA, from a client that trusts ours.
+        let stranger = tls(TlsFiles {
+            ca: ca.ca_path.clone(),
+            ..other.host(&dir, "stranger", Validity::Now).unwrap()
+        });
+        let id = MigrationId([9; 16]);
+        let link = Duration::from_secs(20);
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut acc = Acceptor::new(listener, dest).unwrap();
+        let accept = |acc: &mut Acceptor, within_ms| {
+            acc.accept::<NetError>(
+                Some(Instant::now() + Duration::from_millis(within_ms)),
+                link,
+                "test",
+                |_| HelloStatus::Ok,
+                || Ok(()),
+            )
+        };
+        let dial = |t: Transport, kind| {
+            let addr = addr.clone();
+            std::thread::spawn(move || connect(&t, &addr, kind, id, link))
+        };
+
+        let c = dial(stranger, ConnKind::Control);
+        let e = accept(&mut acc, 1500).unwrap_err();
+        assert!(matches!(e, NetError::AcceptTimeout { .. }), "{e}");
+        let e = c.join().unwrap().unwrap_err().to_string();
+        assert!(e.contains("refused our certificate"), "{e}");
+
+        let src_t = tls(src);
+        let c = dial(src_t.clone(), ConnKind::Control);
+        let (h, conn) = accept(&mut acc, 5000).unwrap();
+        assert_eq!(h.kind, ConnKind::Control);
+        assert!(conn.tls.is_some());
+        assert!(c.join().unwrap().unwrap().tls.is_some());
+
+        let c = dial(tls(thief), ConnKind::Main);
+        let e = accept(&mut acc, 1500).unwrap_err();
+        assert!(matches!(e, NetError::AcceptTimeout { .. }), "{e}");
+        assert!(c.join().unwrap().is_err());
+
+        let c = dial(src_t.clone(), ConnKind::Main);
+        let (h, _) = accept(&mut acc, 5000).unwrap();
+        assert_eq!(h.kind, ConnKind::Main);
+        c.join().unwrap().unwrap();
+
+        // The source, bound to `dest`, meets another destination of the
+        // same CA.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr2 = listener.local_addr().unwrap().to_string();
+        let mut acc2 = Acceptor::new(listener, tls(host("dest2"))).unwrap();
+        let c = std::thread::spawn(move || connect(&src_t, &addr2, ConnKind::Urgent, id, link));
+        let _ = accept(&mut acc2, 1500);
+        let e = c.join().unwrap().unwrap_err().to_string();
+        assert!(
+            e.contains("is not the one this migration's first connection presented"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

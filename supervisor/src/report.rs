@@ -152,6 +152,9 @@ pub struct Report {
     pub status: String,
     pub error: Option<String>,
     pub side: String,
+    /// How the hosts talked: `tls1.3` (mutual TLS on every connection) or
+    /// `tcp`.
+    pub transport: String,
     pub migration_id: String,
     pub guest: String,
     pub workload: String,
@@ -414,7 +417,7 @@ impl Report {
                 .unwrap_or_else(|| "-".into())
         };
         s.push_str(&format!(
-            "migration {} {} in {:.0} ms (setup {:.0} ms, downtime {}){}\n",
+            "migration {} {} in {:.0} ms over {} (setup {:.0} ms, downtime {}){}\n",
             if self.migration_id.is_empty() {
                 "(none arrived)"
             } else {
@@ -422,6 +425,7 @@ impl Report {
             },
             self.status,
             self.total_time_ms,
+            self.transport,
             self.setup_time_ms,
             ms(self.downtime_ms),
             if self.side == "destination" {

@@ -1002,7 +1002,13 @@ impl Source {
 
     /// Control handshake, then the three data connections and the roles.
     fn setup(&mut self) -> Result<(), MigError> {
-        let ctrl = net::connect(&self.to, ConnKind::Control, self.id, self.opts.link_timeout)?;
+        let ctrl = net::connect(
+            &self.opts.transport,
+            &self.to,
+            ConnKind::Control,
+            self.id,
+            self.opts.link_timeout,
+        )?;
         // From here every control message arrives as an event, so a signal
         // or a dying process is noticed while we wait for the peer.
         let control = self
@@ -1050,15 +1056,19 @@ impl Source {
     /// page-server on them, with the shared bitmaps and counters: at setup,
     /// and again after a resync (the same fds, fresh connections).
     fn start_data_roles(&mut self, start: SenderStart) -> Result<(), MigError> {
-        let main = net::connect(&self.to, ConnKind::Main, self.id, self.opts.link_timeout)?;
-        net::limit_unsent(&main, 256 << 10);
-        let ret = net::connect(
-            &self.to,
-            ConnKind::ReturnPath,
-            self.id,
-            self.opts.link_timeout,
-        )?;
-        let urgent = net::connect(&self.to, ConnKind::Urgent, self.id, self.opts.link_timeout)?;
+        let connect = |kind| {
+            net::connect(
+                &self.opts.transport,
+                &self.to,
+                kind,
+                self.id,
+                self.opts.link_timeout,
+            )
+        };
+        let main = connect(ConnKind::Main)?;
+        net::limit_unsent(&main.stream, 256 << 10);
+        let ret = connect(ConnKind::ReturnPath)?;
+        let urgent = connect(ConnKind::Urgent)?;
 
         let mut sender: Child<ToRamSender, FromRamSender> = spawn::spawn("ram-sender")?;
         self.watch_role("ram-sender", sender.pid);
@@ -1078,6 +1088,8 @@ impl Source {
         );
         server.send(ToPageServer::Start(ServerSetup {
             layout: self.layout,
+            return_tls: ret.tls.clone().map(Box::new),
+            urgent_tls: urgent.tls.clone().map(Box::new),
         }))?;
         server.send_fds(&[
             ("memory", self.memfd.as_fd()),
@@ -1092,6 +1104,7 @@ impl Source {
             max_bandwidth: self.opts.max_bandwidth,
             max_postcopy_bandwidth: self.opts.max_postcopy_bandwidth,
             resume: start,
+            main_tls: main.tls.clone().map(Box::new),
         }))?;
         sender.send_fds(&[
             ("memory", self.memfd.as_fd()),
@@ -1101,7 +1114,7 @@ impl Source {
             ("main", main.as_fd()),
             ("counters", self.held[1].as_fd()),
         ])?;
-        self.conns = vec![main, ret, urgent];
+        self.conns = vec![main.stream, ret.stream, urgent.stream];
         self.sender = Some(sender);
         self.server = Some(server);
         self.s.sender_heard = Instant::now();
@@ -1217,6 +1230,7 @@ impl Source {
         }
         let within = self.reconnect.backoff.max(Duration::from_secs(1));
         match net::connect_within(
+            &self.opts.transport,
             &self.to,
             ConnKind::Control,
             self.id,
@@ -1708,6 +1722,7 @@ fn new_report(opts: &SourceOpts, id: MigrationId) -> Report {
     let mut report = Report {
         status: "failed".into(),
         side: "source".into(),
+        transport: opts.transport.name().into(),
         migration_id: id.to_string(),
         guest: opts.guest.kind.to_string(),
         workload: opts.guest.workload.name().to_string(),

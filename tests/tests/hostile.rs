@@ -4,7 +4,9 @@
 //! keep only heartbeats coming, send setups and frames built to cost the
 //! other end time and memory, put escape sequences in their text). Each
 //! trial is one fault of issue 8; each asserts a clear error or a bounded
-//! delay, and that the other end comes through unharmed.
+//! delay, and that the other end comes through unharmed. With TLS
+//! (faults 1 and 2) the hostile peers speak TLS with rustls themselves,
+//! holding no certificate, one of another CA, or an expired one.
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::io::{Read, Write};
@@ -20,6 +22,11 @@ use common::types::{MemLayout, MigrationId, PAGE_SIZE};
 use common::wire::{
     client_hello, frame_header, send_control, ConnKind, FrameReader, FrameType, HELLO_LEN,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection, StreamOwned};
+use supervisor::pki::{TestCa, Validity};
+use supervisor::tls::TlsFiles;
 use tests::{check, free_port, postcopy, report, run, start, text, Running, TempDir};
 
 type TestResult = Result<(), String>;
@@ -57,6 +64,14 @@ fn main() {
         t(
             "peer_text_is_escaped_on_both_ends",
             peer_text_is_escaped_on_both_ends,
+        ),
+        t(
+            "a_source_without_the_certificate_gets_nothing_accepted",
+            a_source_without_the_certificate_gets_nothing_accepted,
+        ),
+        t(
+            "a_destination_without_the_certificate_gets_no_page",
+            a_destination_without_the_certificate_gets_no_page,
         ),
     ];
     libtest_mimic::run(&args, trials).exit();
@@ -629,5 +644,397 @@ fn peer_text_is_escaped_on_both_ends() -> TestResult {
         text(&d, "error").contains("\\u{1b}"),
         format!("destination error {:?}", d["error"]),
     )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- faults 1 and 2
+
+/// The certificates of a TLS trial: a CA and its hosts (source,
+/// destination, an expired one), and another CA with a host of its own.
+struct Pki {
+    dir: TempDir,
+    src: TlsFiles,
+    dest: TlsFiles,
+    expired: TlsFiles,
+    /// A host certificate of the other CA, with our CA as what it trusts
+    /// (it accepts us; we must refuse it).
+    stranger: TlsFiles,
+}
+
+fn pki(tag: &str) -> Result<Pki, String> {
+    let dir = TempDir::new(tag);
+    let ca = TestCa::new(&dir.path(""), "ours")?;
+    let other = TestCa::new(&dir.path(""), "theirs")?;
+    Ok(Pki {
+        src: ca.host(&dir.path(""), "src", Validity::Now)?,
+        dest: ca.host(&dir.path(""), "dest", Validity::Now)?,
+        expired: ca.host(&dir.path(""), "old", Validity::Expired)?,
+        stranger: TlsFiles {
+            ca: ca.ca_path.clone(),
+            ..other.host(&dir.path(""), "stranger", Validity::Now)?
+        },
+        dir,
+    })
+}
+
+fn tls_args(f: &TlsFiles) -> Vec<std::ffi::OsString> {
+    vec![
+        "--tls-cert".into(),
+        f.cert.clone().into(),
+        "--tls-key".into(),
+        f.key.clone().into(),
+        "--tls-ca".into(),
+        f.ca.clone().into(),
+    ]
+}
+
+fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    CertificateDer::pem_file_iter(path)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, String> {
+    let mut r = rustls::RootCertStore::empty();
+    for c in pem_certs(ca)? {
+        r.add(c).map_err(|e| e.to_string())?;
+    }
+    Ok(Arc::new(r))
+}
+
+/// A hostile source's TLS client: trusts `ca`, and presents `identity`
+/// (or no certificate at all).
+fn hostile_client(ca: &Path, identity: Option<&TlsFiles>) -> Result<Arc<ClientConfig>, String> {
+    let b = ClientConfig::builder_with_provider(common::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots(ca)?);
+    let c = match identity {
+        None => b.with_no_client_auth(),
+        Some(f) => b
+            .with_client_auth_cert(
+                pem_certs(&f.cert)?,
+                PrivateKeyDer::from_pem_file(&f.key).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?,
+    };
+    Ok(Arc::new(c))
+}
+
+/// A hostile destination's TLS server: presents `identity`, asks nothing
+/// of the client.
+fn hostile_server(identity: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
+    let c = ServerConfig::builder_with_provider(common::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(
+            pem_certs(&identity.cert)?,
+            PrivateKeyDer::from_pem_file(&identity.key).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(c))
+}
+
+/// A fake source: its hello (plain, or inside TLS with `client`), then a
+/// Setup. Returns what the destination answered to the hello, if
+/// anything: an honest destination answers a peer it refused with nothing.
+fn fake_source_tries(port: u16, client: Option<Arc<ClientConfig>>) -> Result<String, String> {
+    let id = MigrationId([0x61; 16]);
+    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))
+        .map_err(|e| e.to_string())?;
+    let mut io: Box<dyn ReadWrite> = match client {
+        None => Box::new(s),
+        Some(c) => {
+            let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+            let conn = ClientConnection::new(c, name).map_err(|e| e.to_string())?;
+            Box::new(StreamOwned::new(conn, s))
+        }
+    };
+    let mut reply = [0u8; 16];
+    let said = client_hello(&mut io, ConnKind::Control, id)
+        .and_then(|()| send_control(&mut io, &ControlMsg::Setup(setup(id))))
+        .map_err(|e| e.to_string())
+        .and_then(|()| io.read_exact(&mut reply).map_err(|e| e.to_string()));
+    match said {
+        Ok(()) => Err(format!("the destination answered the hello: {reply:02x?}")),
+        Err(e) => Ok(e),
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// The pids of `pid`'s children.
+fn children(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Fault 1 (takeover) with TLS: fake sources that speak plain TCP, that
+/// present no certificate, one of another CA, or an expired one each get
+/// no answer to their hello, and the destination starts nothing (no guest,
+/// no role: its memory does not exist yet). Then a real source with its
+/// certificate migrates through that same `incoming`, over TLS.
+fn a_source_without_the_certificate_gets_nothing_accepted() -> TestResult {
+    let k = pki("tls-takeover")?;
+    let port = free_port();
+    let dj = k.dir.path("dst.json");
+    let dest = start(
+        postcopy()
+            .args([
+                "incoming",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--link-timeout",
+                "3",
+                "--accept-timeout",
+                "120",
+                "--json",
+            ])
+            .arg(&dj)
+            .args(tls_args(&k.dest)),
+    );
+    let t = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if t.elapsed() > Duration::from_secs(5) {
+            return Err("incoming never listened".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tries: [(&str, Option<Arc<ClientConfig>>); 4] = [
+        ("plain TCP", None),
+        ("no certificate", Some(hostile_client(&k.dest.ca, None)?)),
+        (
+            "another CA's certificate",
+            Some(hostile_client(&k.dest.ca, Some(&k.stranger))?),
+        ),
+        (
+            "an expired certificate",
+            Some(hostile_client(&k.dest.ca, Some(&k.expired))?),
+        ),
+    ];
+    for (what, client) in tries {
+        let tls = client.is_some();
+        let got = fake_source_tries(port, client).map_err(|e| format!("{what}: {e}"))?;
+        // A TLS peer hears why (rustls's alert); a plain one is hung up on.
+        check(
+            !tls || got.contains("Certificate") || got.contains("UnknownCA"),
+            format!("{what}: the refusal does not name the certificate: {got}"),
+        )?;
+        let kids = children(dest.pid());
+        check(
+            kids.is_empty(),
+            format!("{what}: the destination started processes {kids:?}"),
+        )?;
+    }
+    // The same destination still takes the real source.
+    let sj = k.dir.path("src.json");
+    let out = run(
+        postcopy()
+            .args([
+                "migrate",
+                "--to",
+                &format!("127.0.0.1:{port}"),
+                "--mem",
+                "16M",
+                "--postcopy",
+                "never",
+                "--json",
+            ])
+            .arg(&sj)
+            .args(tls_args(&k.src)),
+        Duration::from_secs(60),
+    )?;
+    let r = report(&sj).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    check(
+        out.status.success() && text(&r, "status") == "completed",
+        format!("the real source failed\n{}\nreport: {r:#}", out.describe()),
+    )?;
+    check(
+        text(&r, "transport") == "tls1.3",
+        format!("source transport {:?}", r["transport"]),
+    )?;
+    let dout = dest.finish(Duration::from_secs(30))?;
+    let d = report(&dj)?;
+    check(
+        dout.status.success() && text(&d, "transport") == "tls1.3",
+        format!("destination\n{}\nreport: {d:#}", dout.describe()),
+    )?;
+    // Each refusal was logged with its reason.
+    for needle in [
+        "does not speak TLS",
+        "presented no certificate",
+        "UnknownIssuer",
+        "Expired",
+    ] {
+        check(
+            dout.stderr.contains(needle),
+            format!(
+                "the destination's log never says {needle:?}\n{}",
+                dout.describe()
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// What a fake destination saw.
+#[derive(Debug, Default)]
+struct Seen {
+    connections: usize,
+    bytes: usize,
+    plaintext: usize,
+}
+
+/// A fake destination on `listener` for `secs` seconds: plain (it reads a
+/// hello's worth and answers Ok, as the old fakes did) or TLS with
+/// `server`, counting connections, bytes and the plaintext it could read.
+fn fake_destination(
+    listener: TcpListener,
+    server: Option<Arc<ServerConfig>>,
+    secs: u64,
+) -> std::thread::JoinHandle<Seen> {
+    std::thread::spawn(move || {
+        let mut seen = Seen::default();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let until = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < until {
+            let Ok((s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            seen.connections += 1;
+            s.set_nonblocking(false).expect("blocking");
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            let mut counted = Counted(s, 0);
+            match &server {
+                None => {
+                    let mut h = [0u8; HELLO_LEN];
+                    if counted.read_exact(&mut h).is_ok() {
+                        let _ =
+                            common::wire::server_reply(&mut counted, common::wire::HelloStatus::Ok);
+                        let mut rest = Vec::new();
+                        let _ = counted.read_to_end(&mut rest);
+                    }
+                    seen.bytes += counted.1;
+                }
+                Some(cfg) => {
+                    let conn = ServerConnection::new(cfg.clone()).expect("server connection");
+                    let mut tls = StreamOwned::new(conn, counted);
+                    let mut plain = Vec::new();
+                    let _ = tls.read_to_end(&mut plain);
+                    seen.plaintext += plain.len();
+                    seen.bytes += tls.sock.1;
+                }
+            }
+        }
+        seen
+    })
+}
+
+/// A socket that counts what it reads.
+struct Counted(TcpStream, usize);
+
+impl Read for Counted {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(b)?;
+        self.1 += n;
+        Ok(n)
+    }
+}
+
+impl Write for Counted {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Fault 2 (theft) with TLS: a fake destination that speaks plain TCP,
+/// presents a certificate of another CA, an expired one, or a good one
+/// for another name gets one connection and the source's TLS handshake
+/// bytes, never a byte of plaintext, let alone a page; the source fails
+/// with an error naming the certificate problem and keeps its guest.
+fn a_destination_without_the_certificate_gets_no_page() -> TestResult {
+    let k = pki("tls-theft")?;
+    let cases: [(&str, Option<&TlsFiles>, Option<&str>, &str); 4] = [
+        ("plain TCP", None, None, "does not speak TLS"),
+        (
+            "another CA's certificate",
+            Some(&k.stranger),
+            None,
+            "UnknownIssuer",
+        ),
+        ("an expired certificate", Some(&k.expired), None, "Expired"),
+        (
+            "a certificate for another name",
+            Some(&k.dest),
+            Some("elsewhere.example"),
+            "NotValidForName",
+        ),
+    ];
+    for (what, identity, hostname, needle) in cases {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let server = identity.map(hostile_server).transpose()?;
+        let fake = fake_destination(listener, server, 8);
+        let sj = k.dir.path("src.json");
+        let mut cmd = postcopy();
+        cmd.args([
+            "migrate",
+            "--to",
+            &format!("127.0.0.1:{port}"),
+            "--mem",
+            "16M",
+            "--postcopy",
+            "never",
+            "--json",
+        ])
+        .arg(&sj)
+        .args(tls_args(&k.src));
+        if let Some(h) = hostname {
+            cmd.args(["--tls-hostname", h]);
+        }
+        let out = run(&mut cmd, Duration::from_secs(60))?;
+        let seen = fake.join().map_err(|_| "fake destination panicked")?;
+        let r = report(&sj).map_err(|e| format!("{what}: {e}\n{}", out.describe()))?;
+        let err = text(&r, "error");
+        check(
+            !out.status.success() && text(&r, "status") == "failed",
+            format!("{what}: migrate should fail\n{}", out.describe()),
+        )?;
+        check(
+            err.contains("control connection") && err.contains(needle),
+            format!("{what}: error {err:?} does not name {needle:?}"),
+        )?;
+        check(
+            text(&r, "source_guest") == "running",
+            format!("{what}: source guest {}", r["source_guest"]),
+        )?;
+        check(
+            r["pages_sent"].as_u64() == Some(0) && r["precopy_bytes"].as_u64() == Some(0),
+            format!("{what}: the source counted pages sent: {r:#}"),
+        )?;
+        // One connection, a ClientHello's worth of bytes (and an alert),
+        // nothing readable: 16 MiB of guest never left.
+        check(
+            seen.connections == 1 && seen.plaintext == 0 && seen.bytes < 4096,
+            format!("{what}: the fake destination saw {seen:?}"),
+        )?;
+    }
     Ok(())
 }

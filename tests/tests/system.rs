@@ -1454,7 +1454,8 @@ fn status_fields(pid: u32, name: &str) -> Option<Vec<String>> {
     Some(line.split_whitespace().skip(1).map(String::from).collect())
 }
 
-/// Inodes of the sockets listed in /proc/PID/net/FILE (unix, tcp, tcp6).
+/// Inodes of the sockets listed in /proc/PID/net/FILE (unix, tcp, tcp6):
+/// those of PID's network namespace.
 fn socket_inodes(pid: u32, file: &str) -> Vec<String> {
     let col = if file == "unix" { 6 } else { 9 };
     std::fs::read_to_string(format!("/proc/{pid}/net/{file}"))
@@ -1474,18 +1475,20 @@ fn socket_inodes(pid: u32, file: &str) -> Vec<String> {
 /// Ok(true) when every one of these was there (a full view), Ok(false)
 /// when some were gone. With
 /// `memory_read_only`, guest memory is open read-only (a source role can
-/// then never map it writable).
+/// then never map it writable). The sockets were made in the namespace of
+/// `net_pid` (the supervisor), not in the role's own empty one.
 fn check_role_fds(
     name: &str,
     pid: u32,
+    net_pid: u32,
     tcp: usize,
     kinds: &[&str],
     memory_read_only: bool,
 ) -> Result<bool, String> {
-    let unix = socket_inodes(pid, "unix");
-    let inet: Vec<String> = socket_inodes(pid, "tcp")
+    let unix = socket_inodes(net_pid, "unix");
+    let inet: Vec<String> = socket_inodes(net_pid, "tcp")
         .into_iter()
-        .chain(socket_inodes(pid, "tcp6"))
+        .chain(socket_inodes(net_pid, "tcp6"))
         .collect();
     let mut fds: Vec<(u32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .into_iter()
@@ -1588,9 +1591,18 @@ fn check_role_fds(
         && n_tcp > 0)
 }
 
-/// During a real migration (precopy, then postcopy) every role runs with a
-/// seccomp filter, no_new_privs, a non-zero uid and gid, and holds only
-/// the fds it was handed plus ipc-channel's two sockets.
+/// A namespace of PID, as /proc/PID/ns/KIND names it (`net:[4026531840]`).
+fn namespace(pid: u32, kind: &str) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+/// During a real migration over TLS (precopy, then postcopy) every role
+/// runs with a seccomp filter, no_new_privs, a non-zero uid and gid, its
+/// own network and mount namespaces (not the supervisor's) and an empty
+/// root, and holds only the fds it was handed plus ipc-channel's two
+/// sockets.
 fn roles_are_sandboxed() -> TestResult {
     let dir = TempDir::new("sandboxed");
     let json = dir.path("r.json");
@@ -1598,6 +1610,7 @@ fn roles_are_sandboxed() -> TestResult {
         postcopy()
             .args([
                 "demo",
+                "--tls",
                 "--mem",
                 "128M",
                 "--postcopy",
@@ -1609,6 +1622,11 @@ fn roles_are_sandboxed() -> TestResult {
             .arg(&json),
     );
     let root = m.pid();
+    let (host_net, host_mnt) = (namespace(root, "net"), namespace(root, "mnt"));
+    check(
+        host_net.is_some() && host_mnt.is_some(),
+        "cannot read the supervisor's namespaces",
+    )?;
     // name, TCP connections, kinds of other handed fds, memory read-only
     let roles: [(&str, usize, &[&str], bool); 3] = [
         ("ram-sender", 1, &["memfd", "userfaultfd", "pagemap"], true),
@@ -1644,7 +1662,21 @@ fn roles_are_sandboxed() -> TestResult {
                     field("Groups").iter().all(|g| g != "0"),
                     format!("{name} (pid {pid}) still in group 0"),
                 )?;
-                match check_role_fds(name, pid, tcp, kinds, ro) {
+                for (kind, host) in [("net", &host_net), ("mnt", &host_mnt)] {
+                    let ns = namespace(pid, kind);
+                    check(
+                        ns.is_none() || ns != *host,
+                        format!(
+                            "{name} (pid {pid}) shares the supervisor's {kind} namespace {ns:?}"
+                        ),
+                    )?;
+                }
+                let top = std::fs::read_link(format!("/proc/{pid}/root")).ok();
+                check(
+                    top.as_deref().is_none_or(|r| r != Path::new("/")),
+                    format!("{name} (pid {pid}) still has the host's / as its root"),
+                )?;
+                match check_role_fds(name, pid, root, tcp, kinds, ro) {
                     Ok(true) => {}
                     // Ending, or gone: judged, but not a full view.
                     Ok(false) => continue,
@@ -1667,6 +1699,10 @@ fn roles_are_sandboxed() -> TestResult {
     )?;
     completed(&r)?;
     postcopied(&r)?;
+    check(
+        text(&r, "transport") == "tls1.3",
+        format!("transport {:?}", r["transport"]),
+    )?;
     for (name, _, _, _) in roles {
         check(
             checked.contains(&name),
