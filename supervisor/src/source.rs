@@ -449,7 +449,16 @@ impl Source {
             },
             cancel: self.m.can_cancel().map_err(str::to_string),
             pause: match st {
-                S::PackageOut { tail, .. } if tail.postcopy => Ok(()),
+                // Once the destination runs the guest: before that a pause
+                // could cut the package short, leaving the destination
+                // without a guest and the source frozen.
+                S::PackageOut {
+                    tail,
+                    dest_running: true,
+                } if tail.postcopy => Ok(()),
+                S::PackageOut { tail, .. } if tail.postcopy => Err(
+                    "the destination has not started the guest yet; pause once it runs".into(),
+                ),
                 S::Paused { .. } => Err("the migration is paused already".into()),
                 _ => Err(
                     "pause applies in postcopy, while the destination still needs pages from here"
