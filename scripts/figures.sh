@@ -14,16 +14,27 @@ if [ ${#args[@]} -eq 0 ]; then
 fi
 . scripts/setup.sh
 cargo build --release --workspace --bins -q
+linux=no
+case " ${args[*]} " in *" --guest linux "*) linux=yes ;; esac
+case " ${args[*]} " in *" --kernel "*) ;; *) [ "$linux" = no ] || ./scripts/linux-guest.sh >/dev/null ;; esac
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 for i in $(seq 1 "$n"); do
-    ./target/release/postcopy demo "${args[@]}" --json "$dir/r$i.json" >/dev/null 2>"$dir/e$i.log" \
+    serial=()
+    [ "$linux" = no ] || serial=(--serial-log "$dir/s$i.serial")
+    ./target/release/postcopy demo "${args[@]}" "${serial[@]}" --json "$dir/r$i.json" >/dev/null 2>"$dir/e$i.log" \
         || { echo "run $i failed:"; tail -5 "$dir/e$i.log"; exit 1; }
 done
 python3 - "$dir" "$n" "${args[*]}" <<'PY'
-import json, statistics, sys
+import json, os, re, statistics, sys
 d, n, cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 rs = [json.load(open(f"{d}/r{i}.json")) for i in range(1, n + 1)]
+# Linux guest: its uptime when the workload started auditing
+# (guest-init's "postcopy-init: running (uptime S s)" on the source console).
+for i, r in enumerate(rs, 1):
+    p = f"{d}/s{i}.serial"
+    m = re.search(r"postcopy-init: running \(uptime ([0-9.]+) s\)", open(p, errors="replace").read()) if os.path.exists(p) else None
+    r["_boot_s"] = float(m.group(1)) if m else None
 def med(f):
     vals = [f(r) for r in rs]
     vals = [v for v in vals if v is not None]
@@ -31,6 +42,7 @@ def med(f):
 lat = lambda k: (lambda r: (r.get("fault_latency_us") or {}).get(k))
 sw = lambda k: (lambda r: (r.get("switchover_ms") or {}).get(k))
 rows = [
+    ("guest boot to workload (s)", lambda r: r["_boot_s"]),
     ("downtime_ms", lambda r: r["downtime_ms"]),
     ("  switchover: stop", sw("stop")),
     ("  switchover: final sync", sw("final_sync")),

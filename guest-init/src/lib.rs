@@ -19,7 +19,8 @@ use std::fmt;
 /// /proc/cmdline.
 pub const PARAM_PREFIX: &str = "postcopy.";
 
-/// Printed once, after the first pass has stamped every page: from here on
+/// Printed once, after the first pass has stamped every page, followed by
+/// ` (uptime SECONDS s)` (the guest's /proc/uptime then): from here on
 /// every page is audited. The VMM takes it as "booted".
 pub const RUNNING_MARKER: &str = "postcopy-init: running";
 
@@ -303,6 +304,37 @@ impl Verdict {
     }
 }
 
+/// Kernel messages that mean something went wrong in the guest: a WARN_ON,
+/// a BUG or oops, a panic, a soft or hard lockup, an RCU stall, and any
+/// clocksource message (at the default loglevel 5 only warnings and worse
+/// are printed, so a clocksource line there is the watchdog's complaint).
+pub const KERNEL_COMPLAINTS: &[&str] = &[
+    "WARNING:",
+    "BUG:",
+    "Oops",
+    "Kernel panic",
+    "soft lockup",
+    "hard LOCKUP",
+    "rcu_sched self-detected stall",
+    "rcu: INFO:",
+    "clocksource",
+];
+
+/// The lines of a serial log that carry a [`KERNEL_COMPLAINTS`] pattern.
+pub fn kernel_complaints(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| KERNEL_COMPLAINTS.iter().any(|p| l.contains(p)))
+        .collect()
+}
+
+/// The guest's uptime, seconds, when its workload started auditing (from
+/// the [`RUNNING_MARKER`] line), if the log has it.
+pub fn boot_seconds(log: &str) -> Option<f64> {
+    let line = log.lines().find(|l| l.starts_with(RUNNING_MARKER))?;
+    let rest = line.split_once("(uptime ")?.1;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
 /// All verdicts in a serial log, in order.
 pub fn verdicts(log: &str) -> Vec<Verdict> {
     log.lines().filter_map(Verdict::parse).collect()
@@ -377,6 +409,16 @@ mod tests {
     }
 
     #[test]
+    fn complaints_are_found() {
+        let log = "[    0.1] Linux version 6.1\n[   30.2] watchdog: BUG: soft lockup - CPU#0 stuck for 22s!\n\
+                   [   31.0] clocksource: timekeeping watchdog on CPU1: Marking clocksource 'tsc' as unstable\n\
+                   ok: 5 pages audited, 0 stale (t=1.0s, 5 writes)\n";
+        let found = kernel_complaints(log);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(kernel_complaints("ok: 1 pages audited, 0 stale\n").is_empty());
+    }
+
+    #[test]
     fn verdict_lines() {
         let log = "Linux version 6.1\nok: 100 pages audited, 0 stale (t=1.0s, 5 writes)\n\
                    stale: page 3 holds nothing\nFAIL: 1 stale page\n";
@@ -384,6 +426,9 @@ mod tests {
         assert_eq!(v[0], Verdict::Ok { audited: 100 });
         assert!(matches!(v[1], Verdict::Fail(_)));
         assert_eq!(v.len(), 3);
+        let log = format!("x\n{RUNNING_MARKER} (uptime 2.31 s)\nok: 1 pages audited, 0 stale\n");
+        assert_eq!(boot_seconds(&log), Some(2.31));
+        assert_eq!(boot_seconds("ok: 1 pages audited, 0 stale\n"), None);
         assert_eq!(
             Verdict::parse(&Verdict::ok_line(7, 2.0, 9)),
             Some(Verdict::Ok { audited: 7 })

@@ -267,7 +267,10 @@ fn report(p: &Params, totals: &Totals, threads: u64) -> ! {
     loop {
         std::thread::sleep(Duration::from_millis(p.report_ms));
         if !announced && totals.stamped.load(Ordering::SeqCst) == threads {
-            say(RUNNING_MARKER);
+            // The guest's uptime: kernel start to every page stamped.
+            let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+            let uptime = uptime.split_whitespace().next().unwrap_or("?");
+            say(&format!("{RUNNING_MARKER} (uptime {uptime} s)"));
             announced = true;
         }
         let audited = totals.audited.load(Ordering::SeqCst);

@@ -1,0 +1,372 @@
+//! The micro-VM booting Linux (the kernel and initramfs of
+//! scripts/linux-guest.sh) against real KVM: two vCPUs come up through the
+//! MP table, the guest's own workload audits its memory, the VM is saved and
+//! restored into a copy of its memory and goes on auditing there; a page put
+//! back to an older version is caught by the guest itself; a guest reboot
+//! ends the VM through the i8042. Every trial is reported as ignored with
+//! the reason ("skipped: ...") where KVM is not usable, where the kernel has
+//! not been built, or where this KVM runs guest code too slowly to boot
+//! Linux (measured, see `guest::kvm::linux_usable`).
+
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::mem::{create_memfd, Access, Mapping};
+use guest::kvm::linux::LinuxBoot;
+use guest::kvm::{linux_usable, KvmError, KvmGuest};
+use guest_init::{check_word, kernel_complaints, verdicts, Verdict, RUNNING_MARKER, STAMP_MAGIC};
+
+const MIB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+/// Generous: a VMX/SVM host boots this in seconds.
+const BOOT_DEADLINE: Duration = Duration::from_secs(180);
+const BASE_CMDLINE: &str =
+    "console=ttyS0 loglevel=5 reboot=k panic=-1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+
+fn linux_dir() -> PathBuf {
+    std::env::var_os("POSTCOPY_LINUX_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/linux-guest"))
+}
+
+fn skip_reason() -> Option<String> {
+    let dir = linux_dir();
+    for f in ["vmlinuz", "initrd.cpio.gz"] {
+        if !dir.join(f).is_file() {
+            return Some(format!(
+                "no {} (build it with ./scripts/linux-guest.sh)",
+                dir.join(f).display()
+            ));
+        }
+    }
+    linux_usable().err()
+}
+
+fn main() {
+    let mut args = Arguments::from_args();
+    args.test_threads.get_or_insert(1);
+    let skip = skip_reason();
+    if let Some(reason) = &skip {
+        eprintln!("skipped: {reason}");
+    }
+    let trial = |name: &'static str, f: fn() -> Result<(), Failed>| {
+        let skip = skip.clone();
+        Trial::ignorable_test(name, move || match skip {
+            Some(reason) => {
+                eprintln!("skipped: {name}: {reason}");
+                Ok(Completion::ignored_with(format!("skipped: {reason}")))
+            }
+            None => f().map(|()| Completion::Completed),
+        })
+    };
+    let trials = vec![
+        trial("linux_2_vcpus_audit_save_restore", save_restore),
+        trial(
+            "linux_stale_page_is_caught_by_the_guest",
+            stale_page_is_caught,
+        ),
+        trial("linux_reboot_ends_the_vm", reboot_ends_the_vm),
+    ];
+    libtest_mimic::run(&args, trials).exit();
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn fail(msg: impl std::fmt::Display) -> Failed {
+    Failed::from(msg.to_string())
+}
+
+fn kvm(e: KvmError) -> Failed {
+    fail(format!("KVM guest: {e}"))
+}
+
+struct Memory {
+    _fd: OwnedFd,
+    map: Arc<Mapping>,
+}
+
+fn memory(bytes: u64) -> Result<Memory, Failed> {
+    let fd = create_memfd("kvm-linux-test", bytes).map_err(fail)?;
+    let map = Arc::new(Mapping::new(fd.as_fd(), bytes as usize, Access::ReadWrite).map_err(fail)?);
+    Ok(Memory { _fd: fd, map })
+}
+
+fn copy_of(from: &Mapping) -> Result<Memory, Failed> {
+    let to = memory(from.len() as u64)?;
+    let mut buf = vec![0u8; MIB as usize];
+    for off in (0..from.len()).step_by(buf.len()) {
+        let n = buf.len().min(from.len() - off);
+        from.read(off, &mut buf[..n]);
+        to.map.write(off, &buf[..n]);
+    }
+    Ok(to)
+}
+
+/// A serial sink (memfd) and a handle to read it back.
+fn serial() -> Result<(File, File), Failed> {
+    let file = File::from(create_memfd("kvm-linux-serial", 0).map_err(fail)?);
+    let reader = file.try_clone().map_err(fail)?;
+    Ok((file, reader))
+}
+
+fn log_of(reader: &File) -> Result<String, Failed> {
+    let len = reader.metadata().map_err(fail)?.len() as usize;
+    let mut out = vec![0u8; len];
+    reader.read_exact_at(&mut out, 0).map_err(fail)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn tail(s: &str) -> &str {
+    let mut start = s.len().saturating_sub(3000);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// A fresh VM on fresh memory, booted (not yet running).
+fn boot(vcpus: u32, mem_mib: u64, extra: &str) -> Result<(KvmGuest, Memory, File), Failed> {
+    let mem = memory(mem_mib * MIB)?;
+    let (sink, reader) = serial()?;
+    let mut guest = KvmGuest::new(Arc::clone(&mem.map), vcpus, sink).map_err(kvm)?;
+    guest.watch_serial_for(RUNNING_MARKER.as_bytes());
+    let dir = linux_dir();
+    let mut spec = LinuxBoot {
+        kernel: File::open(dir.join("vmlinuz")).map_err(fail)?,
+        initrd: Some(File::open(dir.join("initrd.cpio.gz")).map_err(fail)?),
+        cmdline: format!("{BASE_CMDLINE} {extra}"),
+    };
+    guest.boot_linux(&mut spec).map_err(kvm)?;
+    Ok((guest, mem, reader))
+}
+
+/// Runs until `done(log)` holds; fails on a vCPU failure, a failed
+/// verdict or a kernel complaint, or after `deadline`.
+fn run_until(
+    guest: &mut KvmGuest,
+    reader: &File,
+    deadline: Duration,
+    what: &str,
+    done: impl Fn(&KvmGuest, &str) -> bool,
+) -> Result<String, Failed> {
+    let start = Instant::now();
+    guest.run().map_err(kvm)?;
+    loop {
+        let log = log_of(reader)?;
+        if let Some(f) = guest.failure() {
+            return Err(fail(format!("vCPU failed: {f}\n{}", tail(&log))));
+        }
+        if let Some(Verdict::Fail(line)) = verdicts(&log)
+            .into_iter()
+            .find(|v| !matches!(v, Verdict::Ok { .. }))
+        {
+            return Err(fail(format!("the guest found a stale page: {line}")));
+        }
+        let complaints = kernel_complaints(&log);
+        if !complaints.is_empty() {
+            return Err(fail(format!("kernel complaints: {complaints:#?}")));
+        }
+        if done(guest, &log) {
+            return Ok(log);
+        }
+        if start.elapsed() > deadline {
+            return Err(fail(format!(
+                "no {what} after {deadline:?}:\n{}",
+                tail(&log)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Pages audited by the last `ok:` verdict in `log`.
+fn last_audited(log: &str) -> Option<u64> {
+    verdicts(log).into_iter().rev().find_map(|v| match v {
+        Verdict::Ok { audited } => Some(audited),
+        Verdict::Fail(_) => None,
+    })
+}
+
+fn oks(log: &str) -> usize {
+    verdicts(log)
+        .iter()
+        .filter(|v| matches!(v, Verdict::Ok { .. }))
+        .count()
+}
+
+// ----------------------------------------------------------------- trials
+
+fn save_restore() -> Result<(), Failed> {
+    let (mut source, mem, reader) = boot(2, 256, "postcopy.mem=25% postcopy.report_ms=200")?;
+    let t = Instant::now();
+    let log = run_until(
+        &mut source,
+        &reader,
+        BOOT_DEADLINE,
+        "workload marker",
+        |g, _| g.marker_seen(),
+    )?;
+    eprintln!(
+        "  booted to the workload's first full pass in {:?}",
+        t.elapsed()
+    );
+    if !log.contains("threads=2 cpus=2") {
+        return Err(fail(format!(
+            "the workload does not see 2 online CPUs:\n{}",
+            tail(&log)
+        )));
+    }
+    let before = oks(&log);
+    let log = run_until(
+        &mut source,
+        &reader,
+        Duration::from_secs(60),
+        "two more verdicts",
+        |_, l| oks(l) >= before + 2,
+    )?;
+    source.stop().map_err(kvm)?;
+    let audited = last_audited(&log).ok_or_else(|| fail("no ok verdict"))?;
+    let state = source.save().map_err(kvm)?;
+    eprintln!(
+        "  {audited} pages audited on the source; state {} bytes",
+        state.len()
+    );
+
+    let copy = copy_of(&mem.map)?;
+    let (sink, dest_reader) = serial()?;
+    let mut dest = KvmGuest::new(Arc::clone(&copy.map), 2, sink).map_err(kvm)?;
+    dest.restore(&state).map_err(kvm)?;
+    if !dest.marker_seen() {
+        return Err(fail("the restored VM forgot that its workload runs"));
+    }
+    let log = run_until(
+        &mut dest,
+        &dest_reader,
+        Duration::from_secs(60),
+        "a later verdict",
+        |_, l| last_audited(l).is_some_and(|n| n > audited),
+    )?;
+    dest.stop().map_err(kvm)?;
+    eprintln!(
+        "  restored copy: {} pages audited, serial {} bytes",
+        last_audited(&log).unwrap_or(0),
+        log.len()
+    );
+    // The source, stopped, never runs again; its memory is untouched since.
+    Ok(())
+}
+
+/// Stamped pages in guest memory: (guest physical page, index, version).
+fn stamped_pages(mem: &Mapping, limit: usize) -> Vec<(u64, u64, u64)> {
+    let mut found = Vec::new();
+    let mut words = [0u8; 24];
+    let mut last = [0u8; 8];
+    for page in (16 * MIB / PAGE)..(mem.len() as u64 / PAGE) {
+        let off = (page * PAGE) as usize;
+        mem.read(off, &mut words);
+        let w = |i: usize| u64::from_le_bytes(words[i * 8..i * 8 + 8].try_into().unwrap());
+        if w(0) != STAMP_MAGIC {
+            continue;
+        }
+        mem.read(off + PAGE as usize - 8, &mut last);
+        if u64::from_le_bytes(last) == check_word(w(1), w(2)) {
+            found.push((page, w(1), w(2)));
+            if found.len() == limit {
+                break;
+            }
+        }
+    }
+    found
+}
+
+fn stale_page_is_caught() -> Result<(), Failed> {
+    let (mut guest, mem, reader) = boot(1, 192, "postcopy.mem=20% postcopy.report_ms=200")?;
+    run_until(
+        &mut guest,
+        &reader,
+        BOOT_DEADLINE,
+        "workload marker",
+        |g, _| g.marker_seen(),
+    )?;
+    guest.stop().map_err(kvm)?;
+    // Several pages, spread out: the writer may have read one of them
+    // already and be about to write it, which would hide that one.
+    let all = stamped_pages(&mem.map, usize::MAX);
+    if all.len() < 64 {
+        return Err(fail(format!("only {} stamped pages in memory", all.len())));
+    }
+    let chosen: Vec<_> = all.iter().step_by(all.len() / 8).take(8).copied().collect();
+    for &(page, index, version) in &chosen {
+        // One version back: what a page the migration forgot to resend holds.
+        let old = version.saturating_sub(1);
+        let off = (page * PAGE) as usize;
+        mem.map.write(off + 16, &old.to_le_bytes());
+        mem.map.write(
+            off + PAGE as usize - 8,
+            &check_word(index, old).to_le_bytes(),
+        );
+    }
+    let indices: Vec<u64> = chosen.iter().map(|c| c.1).collect();
+    guest.run().map_err(kvm)?;
+    let start = Instant::now();
+    loop {
+        let log = log_of(&reader)?;
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.starts_with(guest_init::STALE_PREFIX))
+        {
+            let named = indices
+                .iter()
+                .any(|i| line.starts_with(&format!("stale: page {i} ")));
+            if !named {
+                return Err(fail(format!(
+                    "a stale page, but not one of {indices:?}: {line}"
+                )));
+            }
+            eprintln!("  caught: {line}");
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(fail(format!(
+                "pages {indices:?} set back one version, the guest never said so:\n{}",
+                tail(&log)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    guest.stop().map_err(kvm)?;
+    Ok(())
+}
+
+fn reboot_ends_the_vm() -> Result<(), Failed> {
+    let (mut guest, _mem, reader) = boot(1, 192, "postcopy.mode=bogus")?;
+    guest.run().map_err(kvm)?;
+    let start = Instant::now();
+    let failure = loop {
+        if let Some(f) = guest.failure() {
+            break f;
+        }
+        if start.elapsed() > BOOT_DEADLINE {
+            return Err(fail(format!(
+                "the guest was told to reboot and still runs:\n{}",
+                tail(&log_of(&reader)?)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = guest.stop();
+    let log = log_of(&reader)?;
+    if !failure.reason.contains("i8042") {
+        return Err(fail(format!("ended, but not through the i8042: {failure}")));
+    }
+    if !log.contains("postcopy-init: error: postcopy.mode=bogus") {
+        return Err(fail(format!("no error line from /init:\n{}", tail(&log))));
+    }
+    eprintln!("  {failure}");
+    Ok(())
+}
