@@ -390,9 +390,11 @@ fn linux_spec(g: &GuestArgs) -> Result<LinuxSpec, String> {
             .ok_or_else(|| format!("--hot-set {:?}: a percentage 0-100%", g.hot_set))?,
         None => return Err("--guest linux takes --hot-set as a percentage (e.g. 10%)".into()),
     };
+    // Verdicts every 250 ms: after a failure the source judges whether its
+    // guest still runs from two samples of the serial output 300 ms apart.
     let words = format!(
         "postcopy.mode={mode} postcopy.threads={} postcopy.rate={} postcopy.hot={hot} \
-         postcopy.hot_ratio={} postcopy.seed={}",
+         postcopy.hot_ratio={} postcopy.seed={} postcopy.report_ms=250",
         g.vcpus, g.write_rate, g.hot_ratio, g.seed
     );
     Ok(LinuxSpec {

@@ -34,6 +34,10 @@ fn main() {
     }
     let trial = |name: &'static str, f: fn() -> TestResult| tests::kvm_trial(name, f, skip.clone());
     let trials = vec![
+        tests::plain_trial(
+            "linux_bad_options_are_refused",
+            linux_bad_options_are_refused,
+        ),
         trial("linux_migration_matrix", linux_migration_matrix),
         trial(
             "linux_role_killed_mid_postcopy",
@@ -258,6 +262,100 @@ fn migrate(link: Link, vcpus: u32, mode: Mode, extra: &[&str]) -> Result<Value, 
     let r = report(&json).map_err(|e| format!("{what}: {e}\n{out}"))?;
     judge(&what, &r, ok, &out, mode, &src_log, &dst_log)?;
     Ok(r)
+}
+
+/// Wrong Linux guest options end at the command line (exit 2) with the
+/// option named; no KVM needed.
+fn linux_bad_options_are_refused() -> TestResult {
+    let dir = TempDir::new("linux-cli");
+    let not_a_kernel = dir.path("notes.txt");
+    std::fs::write(&not_a_kernel, vec![b'x'; 4096]).map_err(|e| e.to_string())?;
+    let not_a_kernel = not_a_kernel.display().to_string();
+    // Passes the command line's look at the header (the guest would refuse
+    // it later): the options after it are what is judged.
+    let fake = dir.path("fake-bzImage");
+    let mut image = vec![0u8; 0x400];
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::write(&fake, image).map_err(|e| e.to_string())?;
+    let fake = fake.display().to_string();
+    let missing = dir.path("missing-dir").display().to_string();
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["--guest", "linux", "--kernel", "/nonexistent/vmlinuz"],
+            vec!["--kernel /nonexistent/vmlinuz", "No such file"],
+        ),
+        (
+            vec!["--guest", "linux", "--kernel", &not_a_kernel],
+            vec!["neither a bzImage", "nor a vmlinux"],
+        ),
+        (
+            vec!["--guest", "kvm", "--cmdline", "console=ttyS0"],
+            vec!["go with --guest linux"],
+        ),
+        (
+            vec![
+                "--guest",
+                "linux",
+                "--kernel",
+                &fake,
+                "--mem",
+                "64M",
+            ],
+            vec!["at least 128 MiB"],
+        ),
+        (
+            vec![
+                "--guest",
+                "linux",
+                "--kernel",
+                &fake,
+                "--workload",
+                "idle",
+            ],
+            vec!["--workload ab (seq), random or pagecache"],
+        ),
+        (
+            vec!["--guest", "process", "--workload", "pagecache"],
+            vec!["pagecache is for --guest linux"],
+        ),
+        (
+            vec![
+                "--guest",
+                "linux",
+                "--kernel",
+                &fake,
+                "--verify",
+                "ab",
+            ],
+            vec!["--verify ab needs the ab workload"],
+        ),
+    ];
+    for (args, needles) in &cases {
+        let out = run(postcopy().arg("demo").args(args), Duration::from_secs(10))?;
+        check(
+            out.status.code() == Some(2),
+            format!("{args:?} should exit 2\n{}", out.describe()),
+        )?;
+        for n in needles {
+            check(
+                out.stderr.contains(n),
+                format!("{args:?}: stderr lacks {n:?}\n{}", out.describe()),
+            )?;
+        }
+    }
+    // No default kernel where it is looked for: the message says how to
+    // build one.
+    let out = run(
+        postcopy()
+            .args(["demo", "--guest", "linux"])
+            .env("POSTCOPY_LINUX_GUEST_DIR", &missing),
+        Duration::from_secs(10),
+    )?;
+    check(
+        out.status.code() == Some(2) && out.stderr.contains("scripts/linux-guest.sh"),
+        format!("no default kernel:\n{}", out.describe()),
+    )?;
+    Ok(())
 }
 
 /// Done-when 1: every mode, both links, 1 and 2 vCPUs, six boots in all.
