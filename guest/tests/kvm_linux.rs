@@ -34,17 +34,23 @@ fn linux_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/linux-guest"))
 }
 
-fn skip_reason() -> Option<String> {
+/// Why the kernel and initramfs cannot be read, if they cannot.
+fn files_missing() -> Option<String> {
     let dir = linux_dir();
-    for f in ["vmlinuz", "initrd.cpio.gz"] {
-        if !dir.join(f).is_file() {
-            return Some(format!(
+    ["vmlinuz", "initrd.cpio.gz"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| !p.is_file())
+        .map(|p| {
+            format!(
                 "no {} (build it with ./scripts/linux-guest.sh)",
-                dir.join(f).display()
-            ));
-        }
-    }
-    linux_usable().err()
+                p.display()
+            )
+        })
+}
+
+fn skip_reason() -> Option<String> {
+    files_missing().or_else(|| linux_usable().err())
 }
 
 fn main() {
@@ -64,7 +70,20 @@ fn main() {
             None => f().map(|()| Completion::Completed),
         })
     };
+    let files = files_missing();
+    let loader_trial = |name: &'static str, f: fn() -> Result<(), Failed>| {
+        let files = files.clone();
+        Trial::ignorable_test(name, move || match files {
+            Some(reason) => {
+                eprintln!("skipped: {name}: {reason}");
+                Ok(Completion::ignored_with(format!("skipped: {reason}")))
+            }
+            None => f().map(|()| Completion::Completed),
+        })
+    };
     let trials = vec![
+        loader_trial("linux_loader_lays_out_memory", loader_lays_out_memory),
+        loader_trial("linux_loader_refuses_bad_input", loader_refuses_bad_input),
         trial("linux_2_vcpus_audit_save_restore", save_restore),
         trial(
             "linux_stale_page_is_caught_by_the_guest",
@@ -200,6 +219,161 @@ fn oks(log: &str) -> usize {
 }
 
 // ----------------------------------------------------------------- trials
+
+fn read_u32(mem: &Mapping, at: u64) -> u32 {
+    let mut b = [0u8; 4];
+    mem.read(at as usize, &mut b);
+    u32::from_le_bytes(b)
+}
+
+fn read_u64(mem: &Mapping, at: u64) -> u64 {
+    let mut b = [0u8; 8];
+    mem.read(at as usize, &mut b);
+    u64::from_le_bytes(b)
+}
+
+/// The loader alone (no KVM): the zero page, e820 map, command line,
+/// initramfs and MP table land where the boot protocol and the MP spec
+/// put them. Offsets are boot_params' (Documentation/arch/x86/zero-page.rst).
+fn loader_lays_out_memory() -> Result<(), Failed> {
+    const ZERO_PAGE: u64 = 0x7000;
+    let mem = memory(256 * MIB)?;
+    let dir = linux_dir();
+    let initrd_len = std::fs::metadata(dir.join("initrd.cpio.gz"))
+        .map_err(fail)?
+        .len();
+    let cmdline = "console=ttyS0 postcopy.mem=10%";
+    let mut spec = LinuxBoot {
+        kernel: File::open(dir.join("vmlinuz")).map_err(fail)?,
+        initrd: Some(File::open(dir.join("initrd.cpio.gz")).map_err(fail)?),
+        cmdline: cmdline.into(),
+    };
+    let entry = guest::kvm::linux::load(&mem.map, 2, &mut spec).map_err(kvm)?;
+    let m = &mem.map;
+    let expect = |ok: bool, what: String| if ok { Ok(()) } else { Err(fail(what)) };
+    expect(entry == 0x10_0200, format!("64-bit entry at {entry:#x}"))?;
+    // Setup header: "HdrS", loader type, command line pointer.
+    expect(
+        read_u32(m, ZERO_PAGE + 0x202) == 0x5372_6448,
+        "no HdrS in the zero page".into(),
+    )?;
+    let mut b = [0u8; 1];
+    m.read((ZERO_PAGE + 0x210) as usize, &mut b);
+    expect(b[0] == 0xff, format!("type_of_loader {:#x}", b[0]))?;
+    let cmd_ptr = u64::from(read_u32(m, ZERO_PAGE + 0x228));
+    let mut text = vec![0u8; cmdline.len() + 1];
+    m.read(cmd_ptr as usize, &mut text);
+    expect(
+        &text[..cmdline.len()] == cmdline.as_bytes() && text[cmdline.len()] == 0,
+        format!(
+            "command line at {cmd_ptr:#x}: {:?}",
+            String::from_utf8_lossy(&text)
+        ),
+    )?;
+    // Initramfs: page-aligned, whole, at the top of RAM.
+    let rd = u64::from(read_u32(m, ZERO_PAGE + 0x218));
+    let rd_len = u64::from(read_u32(m, ZERO_PAGE + 0x21c));
+    expect(
+        rd_len == initrd_len
+            && rd % PAGE == 0
+            && rd + rd_len <= 256 * MIB
+            && rd + rd_len + PAGE > 256 * MIB,
+        format!("initramfs at {rd:#x}, {rd_len} bytes (file {initrd_len})"),
+    )?;
+    let mut magic = [0u8; 2];
+    m.read(rd as usize, &mut magic);
+    expect(
+        magic == [0x1f, 0x8b],
+        format!("initramfs does not start with gzip's magic: {magic:x?}"),
+    )?;
+    // e820: usable below the EBDA, reserved up to 1 MiB, usable above.
+    let mut n = [0u8; 1];
+    m.read((ZERO_PAGE + 0x1e8) as usize, &mut n);
+    let e820: Vec<(u64, u64, u32)> = (0..u64::from(n[0]))
+        .map(|i| {
+            let at = ZERO_PAGE + 0x2d0 + 20 * i;
+            (read_u64(m, at), read_u64(m, at + 8), read_u32(m, at + 16))
+        })
+        .collect();
+    expect(
+        e820 == [
+            (0, 0x9_fc00, 1),
+            (0x9_fc00, 0x6_0400, 2),
+            (0x10_0000, 255 * MIB, 1),
+        ],
+        format!("e820 {e820:x?}"),
+    )?;
+    // MP floating pointer at 0xf0000, its table with 2 processor entries.
+    let mut mp = [0u8; 16];
+    m.read(0xf_0000, &mut mp);
+    let sum = mp.iter().fold(0u8, |a, &x| a.wrapping_add(x));
+    expect(
+        &mp[..4] == b"_MP_" && sum == 0,
+        format!("MP floating pointer {mp:x?}"),
+    )?;
+    let table = u64::from(read_u32(m, 0xf_0004));
+    let mut head = [0u8; 44];
+    m.read(table as usize, &mut head);
+    // Walk the entries: processors are 20 bytes, every other kind 8.
+    let count = u16::from_le_bytes([head[34], head[35]]);
+    let (mut at, mut cpus) = (table + 44, 0);
+    for _ in 0..count {
+        let mut kind = [0u8; 1];
+        m.read(at as usize, &mut kind);
+        if kind[0] == 0 {
+            cpus += 1;
+            at += 20;
+        } else {
+            at += 8;
+        }
+    }
+    expect(
+        &head[..4] == b"PCMP" && cpus == 2,
+        format!("MP table at {table:#x}: {cpus} CPUs"),
+    )?;
+    eprintln!("  entry {entry:#x}, initramfs at {rd:#x}, e820 {e820:x?}");
+    Ok(())
+}
+
+/// What the loader refuses, each with the reason named.
+fn loader_refuses_bad_input() -> Result<(), Failed> {
+    let dir = linux_dir();
+    let load = |mem_mib: u64, kernel: File, cmdline: String| -> Result<String, Failed> {
+        let mem = memory(mem_mib * MIB)?;
+        let mut spec = LinuxBoot {
+            kernel,
+            initrd: Some(File::open(dir.join("initrd.cpio.gz")).map_err(fail)?),
+            cmdline,
+        };
+        match guest::kvm::linux::load(&mem.map, 1, &mut spec) {
+            Ok(_) => Err(fail("loaded")),
+            Err(e) => Ok(e.to_string()),
+        }
+    };
+    let kernel = || File::open(dir.join("vmlinuz")).map_err(fail);
+    let junk = File::from(create_memfd("junk-kernel", 0).map_err(fail)?);
+    junk.write_all_at(&[0x5a; 8192], 0).map_err(fail)?;
+    for (got, needle) in [
+        (
+            load(256, junk, "x".into())?,
+            "neither a vmlinux ELF nor a bootable bzImage",
+        ),
+        (
+            load(32, kernel()?, "x".into())?,
+            "32 MiB of memory cannot hold the kernel",
+        ),
+        (
+            load(256, kernel()?, "y".repeat(5000))?,
+            "the command line has 5000 bytes",
+        ),
+        (load(256, kernel()?, "a\0b".into())?, "no NUL"),
+    ] {
+        if !got.contains(needle) {
+            return Err(fail(format!("expected {needle:?}, got {got:?}")));
+        }
+    }
+    Ok(())
+}
 
 fn save_restore() -> Result<(), Failed> {
     let (mut source, mem, reader) = boot(2, 256, "postcopy.mem=25% postcopy.report_ms=200")?;

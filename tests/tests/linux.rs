@@ -293,25 +293,11 @@ fn linux_bad_options_are_refused() -> TestResult {
             vec!["go with --guest linux"],
         ),
         (
-            vec![
-                "--guest",
-                "linux",
-                "--kernel",
-                &fake,
-                "--mem",
-                "64M",
-            ],
+            vec!["--guest", "linux", "--kernel", &fake, "--mem", "64M"],
             vec!["at least 128 MiB"],
         ),
         (
-            vec![
-                "--guest",
-                "linux",
-                "--kernel",
-                &fake,
-                "--workload",
-                "idle",
-            ],
+            vec!["--guest", "linux", "--kernel", &fake, "--workload", "idle"],
             vec!["--workload ab (seq), random or pagecache"],
         ),
         (
@@ -319,14 +305,7 @@ fn linux_bad_options_are_refused() -> TestResult {
             vec!["pagecache is for --guest linux"],
         ),
         (
-            vec![
-                "--guest",
-                "linux",
-                "--kernel",
-                &fake,
-                "--verify",
-                "ab",
-            ],
+            vec!["--guest", "linux", "--kernel", &fake, "--verify", "ab"],
             vec!["--verify ab needs the ab workload"],
         ),
     ];
