@@ -81,7 +81,22 @@ fn main() {
             None => f().map(|()| Completion::Completed),
         })
     };
+    let no_kvm = guest::kvm::kvm_usable().err();
+    let kvm_trial = |name: &'static str, f: fn() -> Result<(), Failed>| {
+        let no_kvm = no_kvm.clone();
+        Trial::ignorable_test(name, move || match no_kvm {
+            Some(reason) => {
+                eprintln!("skipped: {name}: {reason}");
+                Ok(Completion::ignored_with(format!("skipped: {reason}")))
+            }
+            None => f().map(|()| Completion::Completed),
+        })
+    };
     let trials = vec![
+        kvm_trial(
+            "saved_state_has_what_linux_needs",
+            saved_state_has_what_linux_needs,
+        ),
         loader_trial("linux_loader_lays_out_memory", loader_lays_out_memory),
         loader_trial("linux_loader_refuses_bad_input", loader_refuses_bad_input),
         trial("linux_2_vcpus_audit_save_restore", save_restore),
@@ -332,6 +347,58 @@ fn loader_lays_out_memory() -> Result<(), Failed> {
         format!("MP table at {table:#x}: {cpus} CPUs"),
     )?;
     eprintln!("  entry {entry:#x}, initramfs at {rd:#x}, e820 {e820:x?}");
+    Ok(())
+}
+
+/// The saved state of any KVM guest carries what a Linux guest depends on:
+/// the kvmclock, async-PF, steal-time and PV-EOI MSRs, the TSC before its
+/// deadline, the PIT, the UART; and a state from another version of the
+/// layout is refused by name.
+fn saved_state_has_what_linux_needs() -> Result<(), Failed> {
+    use guest::kvm::state::{VmState, STATE_VERSION};
+    let mem = memory(2 * MIB)?;
+    let (sink, _) = serial()?;
+    let mut guest = KvmGuest::new(Arc::clone(&mem.map), 2, sink).map_err(kvm)?;
+    guest.boot(&guest::kvm::BUILTIN_SECTOR[..]).map_err(kvm)?;
+    let bytes = guest.save().map_err(kvm)?;
+    let state = VmState::decode(&bytes).map_err(kvm)?;
+    for (cpu, v) in state.vcpus.iter().enumerate() {
+        let pos = |index: u32| v.msrs.iter().position(|&(i, _)| i == index);
+        for (index, name) in [
+            (0x4b56_4d01, "MSR_KVM_SYSTEM_TIME_NEW"),
+            (0x4b56_4d00, "MSR_KVM_WALL_CLOCK_NEW"),
+            (0x4b56_4d02, "MSR_KVM_ASYNC_PF_EN"),
+            (0x4b56_4d03, "MSR_KVM_STEAL_TIME"),
+            (0x4b56_4d04, "MSR_KVM_PV_EOI_EN"),
+            (0x10, "MSR_IA32_TSC"),
+            (0x6e0, "MSR_IA32_TSC_DEADLINE"),
+        ] {
+            if pos(index).is_none() {
+                return Err(fail(format!(
+                    "vCPU {cpu}: {name} ({index:#x}) is not saved"
+                )));
+            }
+        }
+        if pos(0x10) > pos(0x6e0) {
+            return Err(fail("the TSC deadline is restored before the TSC"));
+        }
+    }
+    eprintln!(
+        "  {} bytes, {} MSRs per vCPU, PIT channel 0 mode {}",
+        bytes.len(),
+        state.vcpus[0].msrs.len(),
+        state.pit.channels[0].mode
+    );
+    // Another layout version is refused, naming both.
+    let mut other = VmState::decode(&bytes).map_err(kvm)?;
+    other.version = STATE_VERSION + 1;
+    let err = match VmState::decode(&other.encode().map_err(kvm)?) {
+        Ok(_) => return Err(fail("a state of another version was accepted")),
+        Err(e) => e.to_string(),
+    };
+    if !err.contains(&format!("state version {}", STATE_VERSION + 1)) {
+        return Err(fail(format!("unclear refusal: {err}")));
+    }
     Ok(())
 }
 
