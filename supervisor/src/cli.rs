@@ -33,21 +33,81 @@ pub enum Cmd {
     /// Wait for a migration on `--listen` and run the guest it brings.
     Incoming(IncomingArgs),
     /// Switch a running migration (started with --postcopy manual or auto)
-    /// to postcopy now.
-    StartPostcopy(StartArgs),
+    /// to postcopy now (QMP migrate-start-postcopy).
+    StartPostcopy(ClientArgs),
     /// Try the destination again now, of a postcopy migration paused by a
-    /// lost link (it retries by itself with backoff), at `--to` if given.
+    /// lost link or by `pause` (it retries by itself with backoff after a
+    /// lost link), at `--to` if given (QMP migrate-recover).
     Recover(RecoverArgs),
+    /// Print a running migration's state and figures (`--json`: the
+    /// control socket's `query` answer as it is).
+    Status(StatusArgs),
+    /// Follow a running migration: a live view that redraws, and its
+    /// events, until it ends.
+    Watch(ClientArgs),
+    /// Cancel a migration before the switch: the source guest runs on
+    /// (QMP migrate_cancel). Refused once the destination may hold the only
+    /// live copy.
+    Cancel(ClientArgs),
+    /// Break the link of a migration in postcopy on purpose; `recover`
+    /// resumes it (QMP migrate-pause).
+    Pause(ClientArgs),
+    /// Change a parameter while the migration runs: max-bandwidth,
+    /// max-postcopy-bandwidth (bytes/s, `64M`, 0 = unlimited),
+    /// downtime-limit (ms), postcopy (auto, manual, never).
+    Set(SetArgs),
+    /// Migrate again a guest kept after a cancel or failure (`migrate
+    /// --keep-guest`), to `--to` if given.
+    Retry(RecoverArgs),
+    /// End a `migrate --keep-guest` waiting with its guest after a cancel
+    /// or failure (the guest goes with it).
+    Quit(ClientArgs),
+}
+
+/// Which migration a client talks to.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The migration's control socket (default: the only source running
+    /// on this host, else the only destination).
+    #[arg(long, alias = "socket")]
+    pub control: Option<PathBuf>,
+    /// Talk to the destination's control socket (`incoming`) instead.
+    #[arg(long)]
+    pub destination: bool,
+}
+
+impl ClientArgs {
+    /// The side to look for when `--control` is not given.
+    pub fn side(&self) -> Option<&'static str> {
+        self.destination.then_some("destination")
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print the control socket's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct RecoverArgs {
-    /// The migration's command socket (default: the only one running).
-    #[arg(long)]
-    pub socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// A new address for the destination, ADDR:PORT.
     #[arg(long)]
     pub to: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// max-bandwidth, max-postcopy-bandwidth, downtime-limit or postcopy.
+    pub key: String,
+    pub value: String,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -86,7 +146,8 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s)
 }
 
-fn bandwidth_arg(s: &str) -> Result<u64, String> {
+/// A bandwidth: a size per second (`64M`), 0 for unlimited, at least 1 MiB/s.
+pub fn bandwidth_arg(s: &str) -> Result<u64, String> {
     match parse_size(s)? {
         0 => Ok(0),
         b if b < 1 << 20 => Err(format!(
@@ -177,9 +238,10 @@ pub struct MigrationArgs {
     /// kvm: where the source guest's serial output goes.
     #[arg(long)]
     pub serial_log: Option<PathBuf>,
-    /// Command socket for `postcopy start-postcopy`.
-    #[arg(long)]
-    pub command_socket: Option<PathBuf>,
+    /// The control socket (docs/control.md; default:
+    /// /run/postcopy/migrate-PID.sock).
+    #[arg(long, alias = "command-socket", value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// Seconds of silence after which the peer counts as lost.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub link_timeout: u64,
@@ -223,6 +285,11 @@ pub struct MigrateArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub mig: MigrationArgs,
+    /// After a cancel, or a failure that left the guest running here, keep
+    /// the guest and wait for `postcopy retry` (or `postcopy quit`) on the
+    /// control socket instead of ending.
+    #[arg(long)]
+    pub keep_guest: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -249,6 +316,10 @@ pub struct IncomingArgs {
     /// before the migration fails instead.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub max_restarts: u32,
+    /// The control socket (docs/control.md; default:
+    /// /run/postcopy/incoming-PID.sock).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// Kill the fault-handler at chosen points (see `migrate --chaos`).
     #[arg(long, value_parser = chaos_arg)]
     pub chaos: Option<Chaos>,
@@ -259,13 +330,6 @@ pub struct IncomingArgs {
     /// if it exists, else `nobody`; a uid-0 user keeps them as root).
     #[arg(long, value_name = "USER")]
     pub role_user: Option<String>,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct StartArgs {
-    /// The migration's command socket (default: the only one running).
-    #[arg(long)]
-    pub socket: Option<PathBuf>,
 }
 
 /// Everything the source needs, checked.
@@ -283,7 +347,9 @@ pub struct SourceOpts {
     pub verify_ranges: Vec<(u64, u64)>,
     pub json: Option<PathBuf>,
     pub serial_log: Option<PathBuf>,
-    pub command_socket: Option<PathBuf>,
+    pub control: Option<PathBuf>,
+    /// `migrate --keep-guest`.
+    pub keep_guest: bool,
     pub link_timeout: Duration,
     pub max_restarts: u32,
     pub chaos: Option<Chaos>,
@@ -567,7 +633,8 @@ impl SourceOpts {
             verify_ranges,
             json: m.json.clone(),
             serial_log: m.serial_log.clone(),
-            command_socket: m.command_socket.clone(),
+            control: m.control.clone(),
+            keep_guest: false,
             link_timeout: Duration::from_secs(m.link_timeout),
             max_restarts: m.max_restarts,
             chaos: m.chaos.clone(),

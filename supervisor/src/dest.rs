@@ -25,8 +25,9 @@ use common::wire::{ConnKind, HelloStatus, Package};
 
 use crate::chaos::{self, Chaos};
 use crate::cli::IncomingArgs;
+use crate::ctlsock::{Allowed, Command, ControlSocket, Status};
 use crate::error::MigError;
-use crate::events::{self, Event, Gate};
+use crate::events::{self, Event, Gate, Reply};
 use crate::machine::dest::{DestAction, DestMachine, DestState};
 use crate::machine::Judged;
 use crate::net::{self, Control, NetError};
@@ -84,6 +85,13 @@ struct Dest {
     chaos: Option<Chaos>,
     /// What the fault-handler said when it had every page.
     done: Option<(Option<PostcopyStats>, RecvProgress)>,
+    /// The control socket (docs/control.md).
+    ctl: Option<ControlSocket>,
+    /// Restarts of the fault-handler after failures of its own (not
+    /// caused by the link), against `--max-restarts`.
+    crashes: u32,
+    /// When the control socket's figures were last published.
+    published: Instant,
 }
 
 /// Waits for one migration and returns the destination's report.
@@ -134,8 +142,24 @@ pub fn incoming(args: IncomingArgs) -> Report {
         outbox: Vec::new(),
         chaos: None,
         done: None,
+        ctl: None,
+        published: Instant::now(),
+        crashes: 0,
     };
     d.chaos = d.args.chaos.clone();
+    match ControlSocket::bind(
+        d.args.control.clone(),
+        "destination",
+        d.s.started,
+        d.s.tx.clone(),
+    ) {
+        Ok(c) => {
+            log::info!("control socket {}", c.path().display());
+            d.ctl = Some(c);
+        }
+        Err(e) => log::warn!("no control socket ({e})"),
+    }
+    d.publish();
     let t0 = Instant::now();
     let result = d.run();
     d.report.total_time_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -148,6 +172,9 @@ impl EventLoop for Dest {
     }
 
     fn on_tick(&mut self) -> Result<(), MigError> {
+        if self.published.elapsed() >= Duration::from_millis(250) {
+            self.publish();
+        }
         if self.m.is_over() {
             return Ok(());
         }
@@ -194,7 +221,12 @@ impl EventLoop for Dest {
             return Ok(());
         }
         match self.handle(ev) {
-            Err(e) if e.child() == Some("fault-handler") => self.on_handler_failure(e),
+            // A resync whose connections do not come (the link went again)
+            // pauses like any lost link.
+            Err(e) if e.child() == Some("fault-handler") => match self.on_handler_failure(e) {
+                Err(e @ (MigError::PeerLost(_) | MigError::Net(_))) => self.on_link_lost(e),
+                r => r,
+            },
             Err(e @ (MigError::PeerLost(_) | MigError::Net(_))) => self.on_link_lost(e),
             r => r,
         }
@@ -208,6 +240,9 @@ impl Dest {
         let Some(ev) = self.s.handle_common(ev, "source")? else {
             return Ok(());
         };
+        if let Event::Command(cmd, reply) = ev {
+            return self.on_command(cmd, reply);
+        }
         if let Event::Interrupt(sig) = ev {
             return if self.m.state().guest_ran() {
                 log::warn!(
@@ -356,9 +391,86 @@ impl Dest {
     fn note_state(&mut self) {
         let name = self.m.state().name();
         if name != self.state_since.0 {
-            log::info!("state {} -> {name}", self.state_since.0);
+            let from = self.state_since.0;
+            self.report
+                .note(self.s.started, "state", format!("{from} -> {name}"));
             self.state_since = (name, Instant::now());
+            self.publish();
         }
+    }
+
+    /// What each control command can do now. The migration is driven from
+    /// the source; here only `cancel` (before the guest ran) applies.
+    fn allowed(&self) -> Allowed {
+        if self.m.is_over() {
+            return Allowed::none("the migration is over");
+        }
+        let source = |what: &str| {
+            Err(format!(
+                "{what} is the source's: send it to the source's control socket"
+            ))
+        };
+        Allowed {
+            start_postcopy: source("start-postcopy"),
+            cancel: match self.m.state().guest_ran() {
+                true => Err("the guest runs here and may be the only live copy".into()),
+                false => Ok(()),
+            },
+            pause: source("pause"),
+            recover: source("recover (the destination takes the source back on its listening address by itself)"),
+            set: source("set"),
+            retry: source("retry"),
+        }
+    }
+
+    /// A command from the control socket.
+    fn on_command(&mut self, cmd: Command, reply: Option<Reply>) -> Result<(), MigError> {
+        let checked = match cmd {
+            Command::Cancel => self.allowed().cancel,
+            Command::StartPostcopy => self.allowed().start_postcopy,
+            Command::Pause => self.allowed().pause,
+            Command::Recover(_) => self.allowed().recover,
+            Command::Set(_) => self.allowed().set,
+            Command::Retry(_) | Command::Quit => self.allowed().retry,
+        };
+        let ok = checked.is_ok();
+        if let Some(r) = reply {
+            let _ = r.send(checked);
+        }
+        if ok {
+            // Only cancel gets here.
+            return Err(MigError::Cancelled(
+                "requested on the control socket".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Publishes the state, what each command can do and the figures.
+    fn publish(&mut self) {
+        self.published = Instant::now();
+        let Some(mut ctl) = self.ctl.take() else {
+            return;
+        };
+        let mut r = self.report.clone();
+        r.status = self.m.state().coarse().name().into();
+        r.events.clear();
+        let mut figures = serde_json::to_value(&r).unwrap_or_default();
+        let pages = self.layout.pages();
+        let received = self.received.as_ref().map(|b| b.count()).unwrap_or(0);
+        figures["live"] = serde_json::json!({
+            "pages_total": pages,
+            "pages_received": received,
+            "pending_pages": pages.saturating_sub(received),
+            "percent": if pages > 0 { 100.0 * received as f64 / pages as f64 } else { 0.0 },
+        });
+        let status = Status {
+            state: self.m.state().name(),
+            allowed: self.allowed(),
+            figures,
+        };
+        ctl.update(status, &self.report.events);
+        self.ctl = Some(ctl);
     }
 
     /// Notes a state change, then does the steps the machine asked for.
@@ -814,12 +926,14 @@ impl Dest {
         if e.child() != Some("fault-handler") {
             return Err(e);
         }
-        let restarts = self.s.restarts("fault-handler");
-        if restarts >= self.args.max_restarts {
-            return Err(MigError::Setup(format!(
-                "{e}; the fault-handler was restarted {restarts} times already (--max-restarts {})",
-                self.args.max_restarts
-            )));
+        if !e.is_link_trouble() {
+            if self.crashes >= self.args.max_restarts {
+                return Err(MigError::Setup(format!(
+                    "{e}; the fault-handler failed and was restarted {} times already (--max-restarts {})",
+                    self.crashes, self.args.max_restarts
+                )));
+            }
+            self.crashes += 1;
         }
         match self.m.begin_resync() {
             Some(epoch) => {
@@ -1033,6 +1147,13 @@ impl Dest {
         }
         self.report.roles = roles.iter().map(RoleReport::from).collect();
         self.held.clear();
+        let status = self.report.status.clone();
+        self.report.note(
+            self.s.started,
+            "end",
+            format!("the migration ended: {status}"),
+        );
+        self.publish();
         self.report
     }
 }

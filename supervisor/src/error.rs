@@ -68,6 +68,24 @@ impl MigError {
         }
     }
 
+    /// A role's failure that the link caused (its connection timed out,
+    /// was reset or closed by the peer), not a fault of the role: such a
+    /// restart is not counted against `--max-restarts`, so repeated link
+    /// cuts in postcopy cannot use up the budget meant for crashing roles.
+    pub fn is_link_trouble(&self) -> bool {
+        match self {
+            MigError::Role { detail, .. } => [
+                "connection error:",
+                "peer closed the",
+                "connection closed in the middle of",
+                "closed the return path",
+            ]
+            .iter()
+            .any(|m| detail.contains(m)),
+            _ => false,
+        }
+    }
+
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         MigError::Io {
             what: what.into(),

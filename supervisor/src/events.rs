@@ -10,6 +10,8 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use common::control::{ControlMsg, ExitStatus};
+
+use crate::ctlsock::Command;
 use common::msg::{FromFaultHandler, FromGuest, FromPageServer, FromRamSender};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -39,7 +41,14 @@ pub enum Event {
     Retired(&'static str),
     /// `postcopy recover [--to ADDR]`: try the destination again now.
     Recover(Option<String>),
+    /// A command from the control socket (`crate::ctlsock`), already
+    /// checked against what the state allowed when it was published; the
+    /// driver checks again and answers on `reply`.
+    Command(Command, Option<Reply>),
 }
+
+/// Where the driver answers a control-socket command: `Ok` or why not.
+pub type Reply = Sender<Result<(), String>>;
 
 /// Closes one child's stream of events: once retired, nothing more of
 /// that child reaches the event channel (a role being replaced must not

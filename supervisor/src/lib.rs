@@ -7,6 +7,7 @@
 
 pub mod chaos;
 pub mod cli;
+pub mod client;
 pub mod ctlsock;
 pub mod demo;
 pub mod dest;

@@ -3,9 +3,10 @@
 use clap::Parser;
 use std::process::ExitCode;
 
+use serde_json::json;
 use supervisor::cli::{Cli, Cmd, SourceOpts};
 use supervisor::report::{Report, ReportFile};
-use supervisor::{ctlsock, demo, dest, source};
+use supervisor::{client, demo, dest, source};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -21,9 +22,9 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => a.mig.role_user.as_deref(),
         Cmd::Migrate(a) => a.mig.role_user.as_deref(),
         Cmd::Incoming(a) => a.role_user.as_deref(),
-        Cmd::StartPostcopy(_) | Cmd::Recover(_) => None,
+        _ => None,
     };
-    if !matches!(cli.cmd, Cmd::StartPostcopy(_) | Cmd::Recover(_)) {
+    if matches!(cli.cmd, Cmd::Demo(_) | Cmd::Migrate(_) | Cmd::Incoming(_)) {
         match supervisor::spawn::resolve_role_user(role_user) {
             Ok(u) => supervisor::spawn::set_role_user(u),
             Err(e) => return usage_error(&e),
@@ -40,7 +41,8 @@ fn main() -> ExitCode {
         Cmd::Migrate(args) => match SourceOpts::from_args(&args.guest, &args.mig)
             .and_then(|opts| Ok((report_file(opts.json.as_deref())?, opts)))
         {
-            Ok((json, opts)) => {
+            Ok((json, mut opts)) => {
+                opts.keep_guest = args.keep_guest;
                 let report = source::migrate(opts, args.to.clone(), &[]);
                 conclude(&report, json, true)
             }
@@ -55,34 +57,37 @@ fn main() -> ExitCode {
             let report = dest::incoming(args);
             conclude(&report, json, !quiet)
         }
-        Cmd::Recover(args) => {
-            let cmd = match &args.to {
-                Some(to) => format!("recover {to}"),
-                None => "recover".into(),
-            };
-            match ctlsock::send_command(args.socket.as_deref(), &cmd) {
-                Ok(_) => {
-                    println!("recovery requested");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("postcopy recover: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+        Cmd::Recover(a) => client::command(
+            "recover",
+            &a.client,
+            json!({"cmd": "recover", "to": a.to}),
+            "recovery requested",
+        ),
+        Cmd::StartPostcopy(a) => client::command(
+            "start-postcopy",
+            &a,
+            json!({"cmd": "start-postcopy"}),
+            "postcopy requested",
+        ),
+        Cmd::Status(a) => client::status(&a.client, a.json),
+        Cmd::Watch(a) => client::watch(&a),
+        Cmd::Cancel(a) => {
+            client::command("cancel", &a, json!({"cmd": "cancel"}), "cancel requested")
         }
-        Cmd::StartPostcopy(args) => {
-            match ctlsock::send_command(args.socket.as_deref(), "start-postcopy") {
-                Ok(_) => {
-                    println!("postcopy requested");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("postcopy start-postcopy: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Cmd::Pause(a) => client::command("pause", &a, json!({"cmd": "pause"}), "paused"),
+        Cmd::Set(a) => client::command(
+            "set",
+            &a.client,
+            json!({"cmd": "set", "key": a.key, "value": a.value}),
+            &format!("{} set to {}", a.key, a.value),
+        ),
+        Cmd::Retry(a) => client::command(
+            "retry",
+            &a.client,
+            json!({"cmd": "retry", "to": a.to}),
+            "migrating again",
+        ),
+        Cmd::Quit(a) => client::command("quit", &a, json!({"cmd": "quit"}), "quitting"),
     }
 }
 

@@ -91,6 +91,22 @@ impl Policy {
         }
     }
 
+    /// `set postcopy`: the policy from now on.
+    pub fn set_mode(&mut self, mode: PostcopyMode) {
+        self.mode = mode;
+    }
+
+    /// `set downtime-limit`.
+    pub fn set_downtime_limit(&mut self, limit: Duration) {
+        self.downtime_limit = limit;
+    }
+
+    /// `set max-bandwidth`: the cap the estimate starts from, bytes/s (0 =
+    /// none); a measured bandwidth still wins.
+    pub fn set_max_bandwidth(&mut self, max: u64) {
+        self.max_bandwidth = max;
+    }
+
     pub fn mode(&self) -> PostcopyMode {
         self.mode
     }

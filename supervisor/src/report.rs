@@ -21,6 +21,16 @@ pub struct VerifyReport {
     pub detail: String,
 }
 
+/// One earlier attempt, as it ended.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Attempt {
+    pub migration_id: String,
+    pub status: String,
+    pub error: Option<String>,
+    pub total_time_ms: f64,
+    pub source_guest: Option<String>,
+}
+
 impl Report {
     /// Adds an event, timed from `since` (the supervisor's start), and logs it.
     pub fn note(&mut self, since: std::time::Instant, kind: &str, detail: String) {
@@ -180,6 +190,10 @@ pub struct Report {
     pub serial_log_source: Option<String>,
     pub serial_log_destination: Option<String>,
     pub serial_bytes_destination: Option<u64>,
+    /// Earlier attempts to migrate this guest (`migrate --keep-guest`,
+    /// then `postcopy retry`), oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
 }
 
 fn size(bytes: u64) -> String {

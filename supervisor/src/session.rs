@@ -460,15 +460,22 @@ impl Session {
     /// Waits until every process we started has exited, killing the ones
     /// still there after `grace`.
     pub fn reap_all(&mut self, grace: Duration) {
+        self.reap_but(grace, None)
+    }
+
+    /// Like [`Session::reap_all`], but leaves the process called `keep`
+    /// running (`migrate --keep-guest`: the guest).
+    pub fn reap_but(&mut self, grace: Duration, keep: Option<&str>) {
         let deadline = Instant::now() + grace;
         let mut killed = false;
-        while self.procs.iter().any(|p| p.exit.is_none()) {
+        let waited = |p: &Proc| p.exit.is_none() && Some(p.name) != keep;
+        while self.procs.iter().any(waited) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 if killed {
                     break;
                 }
-                for p in self.procs.iter().filter(|p| p.exit.is_none()) {
+                for p in self.procs.iter().filter(|p| waited(p)) {
                     log::warn!("{} (pid {}) did not exit; killing it", p.name, p.pid);
                     // SAFETY: kill(2) on a child we started and have not reaped.
                     unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
@@ -484,6 +491,28 @@ impl Session {
             if killed && Instant::now() > deadline + Duration::from_secs(2) {
                 break;
             }
+        }
+    }
+
+    /// A new migration of the same guest (`migrate --keep-guest`): the
+    /// processes that ended are forgotten (the next ones are not restarts)
+    /// and nothing of the last attempt's peer is kept.
+    pub fn new_attempt(&mut self) {
+        self.procs.retain(|p| p.exit.is_none());
+        self.stash.clear();
+        self.stash_overflow = None;
+        self.peer_guest_ran = None;
+        self.expect_data = false;
+        let now = Instant::now();
+        self.peer_heard = now;
+        self.sender_heard = now;
+    }
+
+    /// The next event, within `timeout` (for loops outside a migration).
+    pub fn next_event(&mut self, timeout: Duration) -> Option<Event> {
+        match self.stash.pop_front() {
+            Some(ev) => Some(ev),
+            None => self.recv(timeout),
         }
     }
 

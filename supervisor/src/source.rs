@@ -25,9 +25,9 @@ use common::wire::{ConnKind, Package};
 
 use crate::chaos::{self, Chaos};
 use crate::cli::SourceOpts;
-use crate::ctlsock::{CommandSocket, Phase};
+use crate::ctlsock::{Allowed, Command, ControlSocket, Setting, Status};
 use crate::error::MigError;
-use crate::events::{self, Event, Gate};
+use crate::events::{self, Event, Gate, Reply};
 use crate::machine::source::{SourceMachine, SourceState, SrcAction};
 use crate::machine::{GuestFate, Judged};
 use crate::net::{self, Control};
@@ -122,30 +122,31 @@ struct Source {
     /// Digests of the frozen source memory, being computed off the main
     /// thread (verify by digest).
     digests: Option<std::sync::mpsc::Receiver<Vec<u64>>>,
-    /// Where `postcopy start-postcopy` reaches this migration.
-    cmd_socket: Option<CommandSocket>,
+    /// The control socket (docs/control.md).
+    ctl: Option<ControlSocket>,
+    /// When the control socket's figures were last published.
+    published: Instant,
+    /// Paused by `pause`: no reconnect until `recover`.
+    on_hold: bool,
+    /// `--keep-guest` kept the guest after the last attempt.
+    keep: bool,
+    /// The last attempt's report, while the guest is kept.
+    last_report: Option<Report>,
+    /// The guest's estimate of its saved state, bytes (for the policy).
+    state_bytes: u64,
+    /// Earlier attempts of this guest's migration (`--keep-guest`).
+    attempts: Vec<crate::report::Attempt>,
+    /// Restarts of each data role after failures of its own (not caused
+    /// by the link), against `--max-restarts`.
+    crashes: std::collections::HashMap<&'static str, u32>,
 }
 
 /// Runs a migration of a new guest to `to` and returns its report.
 /// `extra` are processes already started (the demo's destination) to list.
 pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> Report {
     let layout = MemLayout::new(opts.guest.mem_bytes).expect("checked by the CLI");
-    let mut report = Report {
-        status: "failed".into(),
-        side: "source".into(),
-        guest: opts.guest.kind.to_string(),
-        workload: opts.guest.workload.name().to_string(),
-        vcpus: opts.guest.vcpus,
-        mem_bytes: opts.guest.mem_bytes,
-        page_size: PAGE_SIZE as u64,
-        postcopy_mode: opts.postcopy.to_string(),
-        downtime_limit_ms: opts.downtime_limit.as_millis() as u64,
-        max_bandwidth: opts.max_bandwidth,
-        max_postcopy_bandwidth: opts.max_postcopy_bandwidth,
-        verify: VerifyReport::none("not reached"),
-        ..Default::default()
-    };
-    report.verify.method = opts.verify.to_string();
+    let mut report = new_report(&opts, MigrationId([0; 16]));
+    report.migration_id = String::new();
     let fail_early = |mut report: Report, e: String| {
         report.error = Some(e);
         report
@@ -213,22 +214,45 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
         dest: None,
         last_progress: None,
         digests: None,
-        cmd_socket: None,
+        ctl: None,
+        published: Instant::now(),
+        on_hold: false,
+        keep: false,
+        last_report: None,
+        state_bytes: 0,
+        attempts: Vec::new(),
+        crashes: Default::default(),
     };
-    match CommandSocket::bind(
-        src.opts.command_socket.clone(),
-        src.cmd_phase(),
+    match ControlSocket::bind(
+        src.opts.control.clone(),
+        "source",
+        src.s.started,
         src.s.tx.clone(),
     ) {
         Ok(c) => {
-            log::info!("command socket {}", c.path().display());
-            src.cmd_socket = Some(c);
+            log::info!("control socket {}", c.path().display());
+            src.ctl = Some(c);
         }
-        Err(e) => log::warn!("no command socket ({e}); SIGUSR1 still starts postcopy"),
+        Err(e) => log::warn!("no control socket ({e}); SIGUSR1 still starts postcopy"),
     }
     src.chaos = src.opts.chaos.clone();
-    let result = src.run();
-    src.finish(result)
+    src.publish();
+    let mut result = src.run();
+    loop {
+        let report = src.conclude(result);
+        if !src.kept() {
+            return src.finish(report);
+        }
+        // --keep-guest: the guest runs here; wait for retry or quit.
+        println!("{}", report.summary().trim_end());
+        println!(
+            "the guest runs on here: `postcopy retry [--to ADDR]` migrates it again, `postcopy quit` ends it"
+        );
+        match src.await_retry(report) {
+            Some(r) => result = r,
+            None => return src.finish_kept(),
+        }
+    }
 }
 
 impl EventLoop for Source {
@@ -237,6 +261,9 @@ impl EventLoop for Source {
     }
 
     fn on_tick(&mut self) -> Result<(), MigError> {
+        if self.published.elapsed() >= Duration::from_millis(250) {
+            self.publish();
+        }
         if self.m.is_over() {
             return Ok(());
         }
@@ -301,7 +328,10 @@ impl EventLoop for Source {
             return Ok(());
         }
         match self.handle(ev) {
-            Err(e) if e.child().is_some() => self.on_role_failure(e),
+            Err(e) if e.child().is_some() => match self.on_role_failure(e) {
+                Err(e @ (MigError::PeerLost(_) | MigError::Net(_))) => self.on_link_lost(e),
+                r => r,
+            },
             Err(e @ (MigError::PeerLost(_) | MigError::Net(_))) => self.on_link_lost(e),
             r => r,
         }
@@ -315,11 +345,19 @@ impl Source {
         let Some(ev) = self.s.handle_common(ev, "destination")? else {
             return Ok(());
         };
+        let ev = match ev {
+            Event::Command(cmd, reply) => match self.on_command(cmd, reply)? {
+                Some(ev) => ev,
+                None => return Ok(()),
+            },
+            ev => ev,
+        };
         if let Event::Recover(to) = ev {
             if let Some(to) = to {
                 log::info!("recover: the destination is now at {to}");
                 self.to = to;
             }
+            self.on_hold = false;
             self.reconnect.at = Instant::now();
             return Ok(());
         }
@@ -362,16 +400,209 @@ impl Source {
         self.sender.as_ref().expect("ram-sender started")
     }
 
-    /// What `postcopy start-postcopy` can do in the current state.
-    fn cmd_phase(&self) -> Phase {
-        match self.m.state() {
-            _ if self.opts.postcopy == PostcopyMode::Never => Phase::NoPostcopy,
-            SourceState::Booting { .. }
-            | SourceState::Setup { .. }
-            | SourceState::Precopy { .. } => Phase::Precopy,
-            SourceState::Paused { .. } => Phase::Paused,
-            _ => Phase::Past,
+    /// What each control command can do in the current state.
+    fn allowed(&self) -> Allowed {
+        use SourceState as S;
+        let st = self.m.state();
+        if self.m.is_over() {
+            return match self.keep {
+                // Parameters set now hold for the next attempt.
+                true => Allowed {
+                    retry: Ok(()),
+                    set: Ok(()),
+                    ..Allowed::none(KEPT)
+                },
+                false => Allowed::none("the migration is over"),
+            };
         }
+        let in_precopy = matches!(st, S::Booting { .. } | S::Setup { .. } | S::Precopy { .. });
+        Allowed {
+            start_postcopy: match st {
+                _ if self.opts.postcopy == PostcopyMode::Never => Err(
+                    "this migration was set up with --postcopy never: the destination did not prepare for postcopy".into(),
+                ),
+                _ if self.m.policy().mode() == PostcopyMode::Never => {
+                    Err("the postcopy policy was set to never".into())
+                }
+                _ if in_precopy => Ok(()),
+                S::Paused { .. } | S::Resync { .. } => {
+                    Err("the migration is already in postcopy (recovering)".into())
+                }
+                _ => Err("the migration is already switching to postcopy or past precopy".into()),
+            },
+            cancel: self.m.can_cancel().map_err(str::to_string),
+            pause: match st {
+                S::PackageOut { tail, .. } if tail.postcopy => Ok(()),
+                S::Paused { .. } => Err("the migration is paused already".into()),
+                _ => Err(
+                    "pause applies in postcopy, while the destination still needs pages from here"
+                        .into(),
+                ),
+            },
+            recover: match st {
+                S::Paused { .. } => Ok(()),
+                _ => Err("the migration is not paused (recover applies once a postcopy migration lost its link or was paused)".into()),
+            },
+            set: Ok(()),
+            retry: Err("the migration is running (retry applies after a cancel or failure with migrate --keep-guest)".into()),
+        }
+    }
+
+    /// A command from the control socket: answers it on `reply`; returns
+    /// the event it stands for when the machine must judge it.
+    fn on_command(
+        &mut self,
+        cmd: Command,
+        reply: Option<Reply>,
+    ) -> Result<Option<Event>, MigError> {
+        let allowed = self.allowed();
+        let answer = |r: Result<(), String>| {
+            if let Some(t) = &reply {
+                let _ = t.send(r);
+            }
+        };
+        let checked = match &cmd {
+            Command::StartPostcopy => allowed.start_postcopy,
+            Command::Cancel => allowed.cancel,
+            Command::Pause => allowed.pause,
+            Command::Recover(_) => allowed.recover,
+            Command::Set(_) => allowed.set,
+            Command::Retry(_) | Command::Quit => allowed.retry,
+        };
+        if let Err(why) = checked {
+            answer(Err(why));
+            return Ok(None);
+        }
+        match cmd {
+            Command::StartPostcopy => {
+                answer(Ok(()));
+                Ok(Some(Event::StartPostcopy))
+            }
+            Command::Recover(to) => {
+                answer(Ok(()));
+                Ok(Some(Event::Recover(to)))
+            }
+            Command::Cancel => {
+                answer(Ok(()));
+                Err(MigError::Cancelled(
+                    "requested on the control socket".into(),
+                ))
+            }
+            Command::Pause => {
+                answer(Ok(()));
+                self.on_hold = true;
+                self.on_link_lost(MigError::Setup(
+                    "paused on the control socket; `postcopy recover` resumes".into(),
+                ))?;
+                Ok(None)
+            }
+            Command::Set(setting) => {
+                answer(self.apply(setting));
+                Ok(None)
+            }
+            Command::Retry(_) | Command::Quit => Ok(None),
+        }
+    }
+
+    /// `set KEY VALUE` while the migration runs.
+    fn apply(&mut self, setting: Setting) -> Result<(), String> {
+        let text = match &setting {
+            Setting::MaxBandwidth(b) | Setting::MaxPostcopyBandwidth(b) => format!("{b} bytes/s"),
+            Setting::DowntimeLimit(ms) => format!("{ms} ms"),
+            Setting::Postcopy(m) => m.to_string(),
+        };
+        let key = setting.key();
+        match setting {
+            Setting::MaxBandwidth(b) => {
+                self.opts.max_bandwidth = b;
+                self.report.max_bandwidth = b;
+                self.m.policy_mut().set_max_bandwidth(b);
+                if let Some(x) = &self.sender {
+                    let _ = x.send(ToRamSender::SetMaxBandwidth(b));
+                }
+            }
+            Setting::MaxPostcopyBandwidth(b) => {
+                self.opts.max_postcopy_bandwidth = b;
+                self.report.max_postcopy_bandwidth = b;
+                if let Some(x) = &self.sender {
+                    let _ = x.send(ToRamSender::SetMaxPostcopyBandwidth(b));
+                }
+            }
+            Setting::DowntimeLimit(ms) => {
+                self.opts.downtime_limit = Duration::from_millis(ms);
+                self.report.downtime_limit_ms = ms;
+                self.m
+                    .policy_mut()
+                    .set_downtime_limit(Duration::from_millis(ms));
+            }
+            Setting::Postcopy(mode) if self.keep => {
+                // For the next attempt, which sets up the destination anew.
+                self.opts.postcopy = mode;
+            }
+            Setting::Postcopy(mode) => {
+                use SourceState as S;
+                if self.opts.postcopy == PostcopyMode::Never && mode != PostcopyMode::Never {
+                    return Err("this migration was set up with --postcopy never: the destination did not prepare for postcopy".into());
+                }
+                if !matches!(
+                    self.m.state(),
+                    S::Booting { .. } | S::Setup { .. } | S::Precopy { .. }
+                ) {
+                    return Err("the postcopy policy applies before the switch; the migration is past precopy".into());
+                }
+                self.m.policy_mut().set_mode(mode);
+                self.report.postcopy_mode = mode.to_string();
+            }
+        }
+        self.report
+            .note(self.s.started, "set", format!("{key} = {text}"));
+        self.publish();
+        Ok(())
+    }
+
+    /// Publishes the state, what each command can do and the figures on
+    /// the control socket.
+    fn publish(&mut self) {
+        self.published = Instant::now();
+        let Some(mut ctl) = self.ctl.take() else {
+            return;
+        };
+        let status = Status {
+            state: self.m.state().name(),
+            allowed: self.allowed(),
+            figures: self.figures(),
+        };
+        ctl.update(status, &self.report.events);
+        self.ctl = Some(ctl);
+    }
+
+    /// The report so far, its totals from the roles' running counts, and
+    /// the live figures (`live`: pending pages, percent, bandwidth, ETA).
+    fn figures(&self) -> serde_json::Value {
+        let mut r = self.report.clone();
+        r.status = self.m.state().coarse().name().into();
+        r.events.clear();
+        totals(&mut r, self.counters.as_ref(), self.dest.as_ref());
+        let pages = self.layout.pages();
+        let on_wire = self.sent.as_ref().map(|b| b.count()).unwrap_or(0);
+        let pending = match (&self.last_round, self.m.state().package_out()) {
+            (Some(round), false) => round.pending_pages,
+            _ => pages.saturating_sub(on_wire),
+        };
+        let bytes = r.precopy_bytes + r.downtime_bytes + r.postcopy_bytes;
+        let secs = self.t0.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        let bw = if secs > 0.0 { bytes as f64 / secs } else { 0.0 };
+        let mut v = serde_json::to_value(&r).unwrap_or_default();
+        v["live"] = serde_json::json!({
+            "pages_total": pages,
+            "pages_on_destination_at_least_once": on_wire,
+            "pending_pages": pending,
+            "percent": if pages > 0 { 100.0 * (pages - pending.min(pages)) as f64 / pages as f64 } else { 0.0 },
+            "dirty_pages_per_s": self.last_round.as_ref().map(|x| x.dirty_rate).unwrap_or(0.0),
+            "bandwidth_mbps": bw * 8.0 / 1e6,
+            "eta_s": if bw > 0.0 { Some(pending as f64 * PAGE_SIZE as f64 / bw) } else { None },
+        });
+        v
     }
 
     /// Runs the machine's verdict: notes a state change, then does the
@@ -383,9 +614,7 @@ impl Source {
             self.report
                 .note(self.s.started, "state", format!("{from} -> {name}"));
             self.state_since = (name, Instant::now());
-            if let Some(c) = &self.cmd_socket {
-                c.set_phase(self.cmd_phase());
-            }
+            self.publish();
         }
         if let Judged::Act(actions) = judged {
             for a in actions {
@@ -693,6 +922,11 @@ impl Source {
         self.start_guest()?;
         self.await_boot()?;
         self.idle(self.opts.warmup)?;
+        self.run_attempt()
+    }
+
+    /// One migration of the running guest: setup, then the machine drives.
+    fn run_attempt(&mut self) -> Result<(), MigError> {
         let t0 = Instant::now();
         self.t0 = Some(t0);
         self.setup()?;
@@ -744,6 +978,7 @@ impl Source {
         let (base, state_bytes) = base;
         self.guest_base = base;
         self.m.policy_mut().set_state_bytes(state_bytes);
+        self.state_bytes = state_bytes;
         let mut fds = self.guest().recv_fds()?;
         let uffd = fds
             .take("uffd")
@@ -918,12 +1153,15 @@ impl Source {
         let Some(name @ ("ram-sender" | "page-server")) = e.child() else {
             return Err(e);
         };
-        if self.s.restarts(name) >= self.opts.max_restarts {
-            return Err(MigError::Setup(format!(
-                "{e}; {name} was restarted {} times already (--max-restarts {})",
-                self.s.restarts(name),
-                self.opts.max_restarts
-            )));
+        if !e.is_link_trouble() {
+            let crashes = self.crashes.entry(name).or_default();
+            if *crashes >= self.opts.max_restarts {
+                return Err(MigError::Setup(format!(
+                    "{e}; {name} failed and was restarted {crashes} times already (--max-restarts {})",
+                    self.opts.max_restarts
+                )));
+            }
+            *crashes += 1;
         }
         log::warn!("{e}: restarting the data roles");
         self.resync(&e.to_string())
@@ -976,7 +1214,10 @@ impl Source {
         self.report.note(
             self.s.started,
             "pause",
-            format!("{e}; reconnecting to {}", self.to),
+            match self.on_hold {
+                true => e.to_string(),
+                false => format!("{e}; reconnecting to {}", self.to),
+            },
         );
         self.retire_data_roles();
         if let Some(mut c) = self.control.take() {
@@ -994,7 +1235,7 @@ impl Source {
     /// Paused: one try to reach the destination again, when it is due (or
     /// forced by `postcopy recover`). On success the resync starts.
     fn try_reconnect(&mut self) -> Result<(), MigError> {
-        if Instant::now() < self.reconnect.at {
+        if self.on_hold || Instant::now() < self.reconnect.at {
             return Ok(());
         }
         let within = self.reconnect.backoff.max(Duration::from_secs(1));
@@ -1175,7 +1416,11 @@ impl Source {
         }
     }
 
-    fn finish(mut self, result: Result<(), MigError>) -> Report {
+    /// Ends one attempt: settles the source guest's fate, quits the roles
+    /// and returns the attempt's report. With `--keep-guest`, a guest left
+    /// running here (a cancel, a failure before the switch) stays, with its
+    /// memory and its fds, for `retry`.
+    fn conclude(&mut self, result: Result<(), MigError>) -> Report {
         self.progress.clear();
         // What the source guest needs is decided by where the migration
         // stood when it ended; from here events no longer fail it.
@@ -1186,9 +1431,6 @@ impl Source {
             Err(_) => MigrationState::Failed,
         };
         self.m.end(outcome);
-        if let Some(c) = &self.cmd_socket {
-            c.set_phase(Phase::Past);
-        }
         let t_end = self.t0.map(|t| ms(t.elapsed()));
         match &result {
             Ok(()) => {
@@ -1232,31 +1474,194 @@ impl Source {
                 }
             }
         }
-        self.fill_totals();
+        totals(&mut self.report, self.counters.as_ref(), self.dest.as_ref());
+        self.keep = self.opts.keep_guest
+            && result.is_err()
+            && self
+                .report
+                .source_guest
+                .as_deref()
+                .is_some_and(|g| g.starts_with("running"));
+        let status = self.report.status.clone();
+        self.report.note(
+            self.s.started,
+            "end",
+            format!("the migration ended: {status}"),
+        );
         // Quit whatever still runs and collect how each ended.
         self.quit_roles();
-        self.s.set_quitting("postcopy-guest");
-        if let Some(c) = &self.guest {
-            let _ = c.send(ToGuest::Quit);
+        if !self.keep {
+            self.s.set_quitting("postcopy-guest");
+            if let Some(c) = &self.guest {
+                let _ = c.send(ToGuest::Quit);
+            }
         }
         if let Some(c) = self.control.as_mut() {
             c.shutdown();
         }
+        self.control = None;
         // Closing our ends of the links also frees a role still waiting
         // for its fds.
         self.sender = None;
         self.server = None;
-        self.guest = None;
+        self.conns.clear();
+        if !self.keep {
+            self.guest = None;
+        }
         if result.is_err() {
             // The demo's destination may still wait for a migration that
             // will not come.
             self.s.terminate("postcopy incoming");
         }
-        self.s.reap_all(Duration::from_secs(5));
+        let keep = self.keep.then_some("postcopy-guest");
+        self.s.reap_but(Duration::from_secs(5), keep);
         let mut roles: Vec<RoleReport> = self.s.role_infos().iter().map(RoleReport::from).collect();
         roles.append(&mut self.report.roles);
         self.report.roles = roles;
-        self.report
+        self.report.attempts = self.attempts.clone();
+        self.publish();
+        self.report.clone()
+    }
+
+    /// True when the last attempt kept the guest for a retry.
+    fn kept(&self) -> bool {
+        self.keep
+    }
+
+    /// The report of the last attempt (the control socket goes with us).
+    fn finish(self, report: Report) -> Report {
+        report
+    }
+
+    /// `--keep-guest`, after an attempt that left the guest running here:
+    /// waits for `retry` (runs the next attempt and returns its result) or
+    /// `quit` / a signal / the guest's end (None).
+    fn await_retry(&mut self, report: Report) -> Option<Result<(), MigError>> {
+        self.attempts.push(crate::report::Attempt {
+            migration_id: report.migration_id.clone(),
+            status: report.status.clone(),
+            error: report.error.clone(),
+            total_time_ms: report.total_time_ms,
+            source_guest: report.source_guest.clone(),
+        });
+        self.last_report = Some(report);
+        self.publish();
+        loop {
+            let Some(ev) = self.s.next_event(Duration::from_millis(500)) else {
+                continue;
+            };
+            match ev {
+                Event::Command(Command::Retry(to), reply) => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Ok(()));
+                    }
+                    if let Err(e) = self.new_attempt(to) {
+                        log::error!("cannot start another attempt: {e}");
+                        return None;
+                    }
+                    return Some(self.run_attempt());
+                }
+                Event::Command(Command::Quit, reply) => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Ok(()));
+                    }
+                    return None;
+                }
+                Event::Command(Command::Set(setting), reply) => {
+                    let r = self.apply(setting);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(r);
+                    }
+                }
+                Event::Command(_, Some(reply)) => {
+                    let _ = reply.send(Err(KEPT.into()));
+                }
+                Event::Interrupt(sig) => {
+                    log::info!("signal {sig}: ending with the kept guest");
+                    return None;
+                }
+                Event::Exited { pid, status } => {
+                    if let Some(p) = self.s.exited(pid, status) {
+                        log::error!("{} (pid {pid}) ended: {status}", p.name);
+                        if p.name == "postcopy-guest" {
+                            return None;
+                        }
+                    }
+                }
+                Event::ChannelClosed("postcopy-guest") => {
+                    log::error!("the kept guest stopped talking to the supervisor");
+                    return None;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Ends a supervisor that kept its guest: the guest goes now. Returns
+    /// the last attempt's report.
+    fn finish_kept(mut self) -> Report {
+        self.s.set_quitting("postcopy-guest");
+        if let Some(c) = &self.guest {
+            let _ = c.send(ToGuest::Quit);
+        }
+        self.guest = None;
+        self.s.reap_all(Duration::from_secs(5));
+        let mut report = self.last_report.take().unwrap_or_default();
+        report.source_guest = Some("ended by quit".into());
+        report.attempts = self.attempts.clone();
+        report.attempts.pop();
+        report
+    }
+
+    /// Starts over for another attempt of the same guest: a new migration
+    /// id, a fresh state machine and report; the guest, its memory and its
+    /// fds stay.
+    fn new_attempt(&mut self, to: Option<String>) -> Result<(), MigError> {
+        if let Some(to) = to {
+            self.to = to;
+        }
+        self.id =
+            MigrationId::random().map_err(|e| MigError::Setup(format!("no migration id: {e}")))?;
+        let policy = Policy::new(
+            self.opts.postcopy,
+            self.opts.downtime_limit,
+            self.opts.postcopy_after_syncs,
+            self.state_bytes,
+            self.opts.max_bandwidth,
+        );
+        self.m = SourceMachine::new(policy, self.layout.pages());
+        self.state_since = (self.m.state().name(), Instant::now());
+        self.report = new_report(&self.opts, self.id);
+        self.report.serial_log_source = self.serial_path.clone();
+        self.report.note(
+            self.s.started,
+            "retry",
+            format!("attempt {} to {}", self.attempts.len() + 1, self.to),
+        );
+        self.times = Times::default();
+        self.saved_state = None;
+        self.last_round = None;
+        self.final_sync = None;
+        self.counters = None;
+        self.dest = None;
+        self.last_progress = None;
+        self.digests = None;
+        self.control = None;
+        self.conns.clear();
+        self.held.clear();
+        self.sent = None;
+        self.gates = Gates::default();
+        self.epoch = 0;
+        self.crashes.clear();
+        self.on_hold = false;
+        self.keep = false;
+        self.t0 = None;
+        self.s.new_attempt();
+        if let Some(c) = self.ctl.as_mut() {
+            c.new_report();
+        }
+        self.publish();
+        Ok(())
     }
 
     fn quit_roles(&mut self) {
@@ -1270,47 +1675,74 @@ impl Source {
             let _ = c.send(ToPageServer::Quit);
         }
     }
+}
 
-    fn fill_totals(&mut self) {
-        let r = &mut self.report;
-        // The roles' own running counts, not the end-of-step messages: a
-        // round cut short, a push that failed and a role that died count
-        // for what they sent.
-        if let Some(c) = &self.counters {
-            let g = |k| c.get(k);
-            r.precopy_bytes = g(Counter::PrecopyBytes);
-            r.downtime_bytes = g(Counter::DowntimeBytes);
-            r.postcopy_bytes = g(Counter::PushBytes) + g(Counter::UrgentBytes);
-            r.pages_sent = g(Counter::PrecopyPages)
-                + g(Counter::DowntimePages)
-                + g(Counter::PushPages)
-                + g(Counter::UrgentPages);
-            r.zero_pages = g(Counter::PrecopyZeroPages)
-                + g(Counter::DowntimeZeroPages)
-                + g(Counter::PushZeroPages)
-                + g(Counter::UrgentZeroPages);
-            r.dirty_sync_count = u32::try_from(g(Counter::DirtySyncs)).unwrap_or(u32::MAX);
+/// The report's totals from the roles' running counts (`counters`) and
+/// the destination's summary (`dest`).
+fn totals(r: &mut Report, counters: Option<&SharedCounters>, dest: Option<&DestSummary>) {
+    // The roles' own running counts, not the end-of-step messages: a round
+    // cut short, a push that failed and a role that died count for what
+    // they sent.
+    if let Some(c) = counters {
+        let g = |k| c.get(k);
+        r.precopy_bytes = g(Counter::PrecopyBytes);
+        r.downtime_bytes = g(Counter::DowntimeBytes);
+        r.postcopy_bytes = g(Counter::PushBytes) + g(Counter::UrgentBytes);
+        r.pages_sent = g(Counter::PrecopyPages)
+            + g(Counter::DowntimePages)
+            + g(Counter::PushPages)
+            + g(Counter::UrgentPages);
+        r.zero_pages = g(Counter::PrecopyZeroPages)
+            + g(Counter::DowntimeZeroPages)
+            + g(Counter::PushZeroPages)
+            + g(Counter::UrgentZeroPages);
+        r.dirty_sync_count = u32::try_from(g(Counter::DirtySyncs)).unwrap_or(u32::MAX);
+    }
+    let bytes_total = r.precopy_bytes + r.downtime_bytes + r.postcopy_bytes;
+    if r.total_time_ms > 0.0 {
+        r.throughput_mbps = bytes_total as f64 * 8.0 / (r.total_time_ms / 1e3) / 1e6;
+    }
+    if let Some(d) = dest {
+        if let Some(pc) = &d.postcopy {
+            r.postcopy_requests = pc.requests;
+            r.postcopy_faults = pc.faults;
+            r.pages_urgent = pc.pages_urgent;
+            r.pages_background = pc.pages_background;
+            r.postcopy_blocktime_ms = Some(pc.blocktime_us as f64 / 1e3);
+            r.fault_latency_us = Some(pc.latency.clone());
         }
-        let bytes_total = r.precopy_bytes + r.downtime_bytes + r.postcopy_bytes;
-        if r.total_time_ms > 0.0 {
-            r.throughput_mbps = bytes_total as f64 * 8.0 / (r.total_time_ms / 1e3) / 1e6;
-        }
-        if let Some(d) = &self.dest {
-            if let Some(pc) = &d.postcopy {
-                r.postcopy_requests = pc.requests;
-                r.postcopy_faults = pc.faults;
-                r.pages_urgent = pc.pages_urgent;
-                r.pages_background = pc.pages_background;
-                r.postcopy_blocktime_ms = Some(pc.blocktime_us as f64 / 1e3);
-                r.fault_latency_us = Some(pc.latency.clone());
-            }
-            r.serial_log_destination = d.serial_log.clone();
-            if d.serial_log.is_some() {
-                r.serial_bytes_destination = Some(d.serial_bytes);
-            }
+        r.serial_log_destination = d.serial_log.clone();
+        if d.serial_log.is_some() {
+            r.serial_bytes_destination = Some(d.serial_bytes);
         }
     }
 }
+
+/// A source report before anything happened.
+fn new_report(opts: &SourceOpts, id: MigrationId) -> Report {
+    let mut report = Report {
+        status: "failed".into(),
+        side: "source".into(),
+        migration_id: id.to_string(),
+        guest: opts.guest.kind.to_string(),
+        workload: opts.guest.workload.name().to_string(),
+        vcpus: opts.guest.vcpus,
+        mem_bytes: opts.guest.mem_bytes,
+        page_size: PAGE_SIZE as u64,
+        postcopy_mode: opts.postcopy.to_string(),
+        downtime_limit_ms: opts.downtime_limit.as_millis() as u64,
+        max_bandwidth: opts.max_bandwidth,
+        max_postcopy_bandwidth: opts.max_postcopy_bandwidth,
+        verify: VerifyReport::none("not reached"),
+        ..Default::default()
+    };
+    report.verify.method = opts.verify.to_string();
+    report
+}
+
+/// What a kept supervisor answers to commands other than retry and quit.
+const KEPT: &str =
+    "no migration is running: the guest is kept here after the last attempt (retry or quit)";
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

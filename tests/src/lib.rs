@@ -61,10 +61,21 @@ fn tail(s: &str, n: usize) -> &str {
 }
 
 /// A started command whose output is collected.
+/// Killed when dropped while still running, so a test that fails early
+/// leaves no migration behind.
 pub struct Running {
     child: Child,
-    out: std::thread::JoinHandle<String>,
-    err: std::thread::JoinHandle<String>,
+    out: Option<std::thread::JoinHandle<String>>,
+    err: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 pub fn start(cmd: &mut Command) -> Running {
@@ -86,7 +97,11 @@ pub fn start(cmd: &mut Command) -> Running {
         let _ = se.read_to_string(&mut s);
         s
     });
-    Running { child, out, err }
+    Running {
+        child,
+        out: Some(out),
+        err: Some(err),
+    }
 }
 
 impl Running {
@@ -111,8 +126,8 @@ impl Running {
                 let st = self.child.wait().map_err(|e| e.to_string())?;
                 let o = Outcome {
                     status: st,
-                    stdout: self.out.join().unwrap_or_default(),
-                    stderr: self.err.join().unwrap_or_default(),
+                    stdout: self.output(),
+                    stderr: self.errors(),
                 };
                 return Err(format!(
                     "still running after {} s, killed\n{}",
@@ -124,9 +139,23 @@ impl Running {
         };
         Ok(Outcome {
             status,
-            stdout: self.out.join().unwrap_or_default(),
-            stderr: self.err.join().unwrap_or_default(),
+            stdout: self.output(),
+            stderr: self.errors(),
         })
+    }
+
+    fn output(&mut self) -> String {
+        self.out
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+
+    fn errors(&mut self) -> String {
+        self.err
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
     }
 }
 

@@ -69,6 +69,10 @@ fn main() {
             "link_down_30s_recovered_by_command",
             link_down_30s_recovered_by_command,
         ),
+        plain(
+            "cut_again_during_recovery_pauses_again",
+            cut_again_during_recovery_pauses_again,
+        ),
         plain("fifty_random_kills", fifty_random_kills),
     ];
     libtest_mimic::run(&args, trials).exit();
@@ -181,32 +185,40 @@ fn completed_migration_is_kept_pinned_40_times() -> TestResult {
 
 // ---------------------------------------------------------------- fault 2
 
-/// Starts a demo whose source guest is an `ab` process guest with `--verify
-/// ab`, in manual mode; returns it once precopy runs.
-fn manual_demo(dir: &TempDir) -> Result<(tests::Running, std::path::PathBuf, u32), String> {
-    let json = dir.path("r.json");
-    let m = start(
+/// A source started with `migrate --keep-guest` (an `ab` process guest,
+/// `--verify ab`, manual postcopy, precopy capped so it lasts) towards an
+/// `incoming` of its own on loopback, once precopy runs.
+struct Kept {
+    dir: TempDir,
+    dest: tests::Running,
+    src: tests::Running,
+    ctl: std::path::PathBuf,
+    guest: u32,
+}
+
+fn kept_migration(tag: &str) -> Result<Kept, String> {
+    let dir = TempDir::new(tag);
+    let port = free_port();
+    let dest = start(
         postcopy()
-            .args([
-                "demo",
-                "--mem",
-                "64M",
-                "--workload",
-                "ab",
-                "--postcopy",
-                "manual",
-                "--verify",
-                "ab",
-                "--max-bandwidth",
-                "32M",
-                "--json",
-            ])
-            .arg(&json),
+            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--json")
+            .arg(dir.path("dest1.json")),
     );
-    let root = m.pid();
+    let ctl = dir.path("ctl.sock");
+    let src = start(
+        postcopy()
+            .args(["migrate", "--to", &format!("127.0.0.1:{port}")])
+            .args(["--mem", "64M", "--workload", "ab", "--postcopy", "manual"])
+            .args(["--verify", "ab", "--max-bandwidth", "32M", "--keep-guest"])
+            .arg("--control")
+            .arg(&ctl)
+            .arg("--json")
+            .arg(dir.path("src.json")),
+    );
     let t = Instant::now();
     let guest = loop {
-        if let Some(&g) = children(root, "postcopy-guest").first() {
+        if let Some(&g) = children(src.pid(), "postcopy-guest").first() {
             break g;
         }
         if t.elapsed() > Duration::from_secs(20) {
@@ -216,19 +228,95 @@ fn manual_demo(dir: &TempDir) -> Result<(tests::Running, std::path::PathBuf, u32
     };
     // Warm-up (500 ms) and setup: precopy runs after this.
     std::thread::sleep(Duration::from_millis(1500));
-    Ok((m, json, guest))
+    Ok(Kept {
+        dir,
+        dest,
+        src,
+        ctl,
+        guest,
+    })
 }
 
-/// The source guest after a cancel: running, and its memory follows the
-/// `ab` rule; and the next migration on this host goes through (nothing of
-/// the cancelled one is left in its way: processes, sockets, memory).
-fn guest_kept(r: &Value, out: &str) -> TestResult {
-    guest_kept_only(r, out)?;
-    let (r, ok, out) = demo(
-        &["--mem", "64M", "--workload", "ab", "--postcopy", "auto"],
-        120,
+/// `postcopy ARGS --control CTL`.
+fn ctl_cmd(ctl: &std::path::Path, args: &[&str]) -> Result<tests::Outcome, String> {
+    run(
+        postcopy().args(args).arg("--control").arg(ctl),
+        Duration::from_secs(30),
+    )
+}
+
+/// Waits until the kept source's control socket says its attempt ended
+/// and a retry applies; returns its `query` answer (the report's fields).
+fn await_kept(k: &mut Kept) -> Result<Value, String> {
+    let t = Instant::now();
+    loop {
+        if !k.src.running() {
+            return Err("the source ended instead of keeping its guest".into());
+        }
+        let o = ctl_cmd(&k.ctl, &["status", "--json"])?;
+        if let Ok(v) = serde_json::from_str::<Value>(&o.stdout) {
+            if v["allowed"]["retry"] == Value::Bool(true) {
+                return Ok(v);
+            }
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err(format!("no retry offered after 60 s\n{}", o.describe()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// After a cancel: the kept source guest runs and its memory follows the
+/// `ab` rule; then a second migration of that same guest, to a new
+/// destination, completes with its memory check at 0 mismatches.
+fn kept_then_migrated_again(mut k: Kept) -> TestResult {
+    let first = await_kept(&mut k)?;
+    guest_kept_only(&first, "(the kept source's query)")?;
+    let d1 = k
+        .dest
+        .finish(Duration::from_secs(30))
+        .map_err(|e| format!("the first destination: {e}"))?;
+    check(
+        !d1.status.success(),
+        format!(
+            "the first destination exited 0 after a cancel\n{}",
+            d1.describe()
+        ),
     )?;
-    completed_ok(&r, ok, &out).map_err(|e| format!("the migration after the cancel: {e}"))
+    let port = free_port();
+    let dest2 = start(
+        postcopy()
+            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--json")
+            .arg(k.dir.path("dest2.json")),
+    );
+    // Precopy at full speed converges in manual mode.
+    let o = ctl_cmd(&k.ctl, &["set", "max-bandwidth", "0"])?;
+    check(
+        o.status.success(),
+        format!("set while kept: {}", o.describe()),
+    )?;
+    let o = ctl_cmd(&k.ctl, &["retry", "--to", &format!("127.0.0.1:{port}")])?;
+    check(o.status.success(), format!("retry: {}", o.describe()))?;
+    let out = k.src.finish(Duration::from_secs(120))?;
+    let r = report(&k.dir.path("src.json"))?;
+    completed_ok(&r, out.status.success(), &out.describe())
+        .map_err(|e| format!("the second migration of the kept guest: {e}"))?;
+    check(
+        r["attempts"][0]["status"] == "cancelled"
+            && r["attempts"][0]["migration_id"] != r["migration_id"],
+        format!("attempts: {}", r["attempts"]),
+    )?;
+    // The very same guest process went on.
+    check(
+        !std::path::Path::new(&format!("/proc/{}", k.guest)).exists(),
+        "the guest should be released after the completed migration",
+    )?;
+    let d2 = dest2.finish(Duration::from_secs(30))?;
+    check(
+        d2.status.success(),
+        format!("the second destination\n{}", d2.describe()),
+    )
 }
 
 fn guest_kept_only(r: &Value, out: &str) -> TestResult {
@@ -248,43 +336,47 @@ fn guest_kept_only(r: &Value, out: &str) -> TestResult {
 
 /// Fault 2: the guest is stopped (SIGSTOP) so it cannot answer `Stop`;
 /// start-postcopy, then SIGINT 0.5 s later: the cancel must resume the
-/// guest, whose `Stop` was already on its way.
+/// guest, whose `Stop` was already on its way. Then it migrates again.
 fn cancel_while_the_guest_stops_resumes_it() -> TestResult {
-    let dir = TempDir::new("cancel-stop");
-    let (m, json, guest) = manual_demo(&dir)?;
-    signal(guest, libc::SIGSTOP);
-    signal(m.pid(), libc::SIGUSR1);
+    let k = kept_migration("cancel-stop")?;
+    signal(k.guest, libc::SIGSTOP);
+    signal(k.src.pid(), libc::SIGUSR1);
     std::thread::sleep(Duration::from_millis(500));
-    signal(m.pid(), libc::SIGINT);
+    signal(k.src.pid(), libc::SIGINT);
     std::thread::sleep(Duration::from_millis(200));
-    signal(guest, libc::SIGCONT);
-    let out = m.finish(Duration::from_secs(90))?;
-    guest_kept(&report(&json)?, &out.describe())
+    signal(k.guest, libc::SIGCONT);
+    kept_then_migrated_again(k)
 }
 
-/// The same without SIGSTOP: SIGINT 6 ms after start-postcopy.
+/// The same without SIGSTOP: a cancel 6 ms after start-postcopy, both on
+/// the control socket.
 fn cancel_right_after_start_postcopy_resumes_the_guest() -> TestResult {
-    let dir = TempDir::new("cancel-6ms");
-    let (m, json, _) = manual_demo(&dir)?;
-    signal(m.pid(), libc::SIGUSR1);
+    let k = kept_migration("cancel-6ms")?;
+    let c = k.ctl.clone();
+    let switch = std::thread::spawn(move || ctl_cmd(&c, &["start-postcopy"]));
     std::thread::sleep(Duration::from_millis(6));
-    signal(m.pid(), libc::SIGINT);
-    let out = m.finish(Duration::from_secs(90))?;
-    let r = report(&json)?;
-    if text(&r, "status") == "completed" {
-        // The switch beat the signal: nothing to cancel any more.
+    let o = ctl_cmd(&k.ctl, &["cancel"])?;
+    let _ = switch.join();
+    if !o.status.success() {
+        // The switch beat the cancel, which must then say why it cannot
+        // apply, and the migration completes.
+        check(
+            o.stderr.contains("only live copy") || o.stderr.contains("the migration is over"),
+            format!("a refused cancel must say why\n{}", o.describe()),
+        )?;
+        let out = k.src.finish(Duration::from_secs(120))?;
+        let r = report(&k.dir.path("src.json"))?;
         return completed_ok(&r, out.status.success(), &out.describe());
     }
-    guest_kept(&r, &out.describe())
+    kept_then_migrated_again(k)
 }
 
-/// A cancel in precopy: the source guest runs on, memory intact.
+/// A cancel in precopy (SIGINT): the source guest runs on, memory intact,
+/// and migrates again.
 fn cancel_in_precopy_keeps_the_guest() -> TestResult {
-    let dir = TempDir::new("cancel-pre");
-    let (m, json, _) = manual_demo(&dir)?;
-    signal(m.pid(), libc::SIGINT);
-    let out = m.finish(Duration::from_secs(90))?;
-    guest_kept(&report(&json)?, &out.describe())
+    let k = kept_migration("cancel-pre")?;
+    signal(k.src.pid(), libc::SIGINT);
+    kept_then_migrated_again(k)
 }
 
 // ---------------------------------------------------------------- fault 3
@@ -564,7 +656,7 @@ fn postcopy_between_hosts(tag: &str) -> Result<Cut, String> {
                     "16M",
                     "--link-timeout",
                     "2",
-                    "--command-socket",
+                    "--control",
                     sock.to_str().expect("utf-8 path"),
                 ],
                 &dir.path("src.json"),
@@ -575,7 +667,7 @@ fn postcopy_between_hosts(tag: &str) -> Result<Cut, String> {
     let t = Instant::now();
     loop {
         let out = Command::new(tests::bin_dir().join("postcopy"))
-            .args(["start-postcopy", "--socket"])
+            .args(["start-postcopy", "--control"])
             .arg(&sock)
             .output()
             .map_err(|e| e.to_string())?;
@@ -601,7 +693,8 @@ fn postcopy_between_hosts(tag: &str) -> Result<Cut, String> {
     })
 }
 
-fn recovered(c: Cut) -> TestResult {
+/// Waits for both ends; the source's report once it completed, recovered.
+fn recovered(c: Cut) -> Result<Value, String> {
     let src = c.src.finish(Duration::from_secs(180))?;
     let dst = c.dst.finish(Duration::from_secs(30))?;
     let r = report(&c.dir.path("src.json"))?;
@@ -622,7 +715,8 @@ fn recovered(c: Cut) -> TestResult {
     check(
         !events(&d, "pause").is_empty(),
         format!("the destination did not pause: {}", d["events"]),
-    )
+    )?;
+    Ok(r)
 }
 
 /// The link goes down for 5 s in postcopy: both sides pause, the source
@@ -632,7 +726,7 @@ fn link_down_5s_in_postcopy_recovers() -> TestResult {
     c.hosts.cut()?;
     std::thread::sleep(Duration::from_secs(5));
     c.hosts.restore()?;
-    recovered(c)
+    recovered(c).map(drop)
 }
 
 /// A 30 s cut, far beyond the 2 s link timeout: the paused migration does
@@ -646,7 +740,7 @@ fn link_down_30s_recovered_by_command() -> TestResult {
     check(c.src.running(), "the source gave up during the cut")?;
     c.hosts.restore()?;
     let out = Command::new(tests::bin_dir().join("postcopy"))
-        .args(["recover", "--socket"])
+        .args(["recover", "--control"])
         .arg(&c.sock)
         .output()
         .map_err(|e| e.to_string())?;
@@ -654,5 +748,42 @@ fn link_down_30s_recovered_by_command() -> TestResult {
         out.status.success(),
         format!("postcopy recover: {}", String::from_utf8_lossy(&out.stderr)),
     )?;
-    recovered(c)
+    recovered(c).map(drop)
+}
+
+/// Cut again right after the source reconnected (its `recover` event,
+/// followed on the control socket), for longer than the 2 s link timeout:
+/// the migration in recovery pauses again rather than failing, then
+/// recovers by itself and completes.
+fn cut_again_during_recovery_pauses_again() -> TestResult {
+    use std::io::{BufRead, BufReader, Write};
+    let mut c = postcopy_between_hosts("cut-again")?;
+    let conn = std::os::unix::net::UnixStream::connect(&c.sock).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    (&conn)
+        .write_all(b"{\"cmd\":\"subscribe\"}\n")
+        .map_err(|e| e.to_string())?;
+    let mut lines = BufReader::new(&conn);
+    c.hosts.cut()?;
+    std::thread::sleep(Duration::from_secs(3));
+    c.hosts.restore()?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("the control socket closed before the source reconnected".into());
+        }
+        if line.contains("\"event\":\"recover\"") {
+            break;
+        }
+    }
+    c.hosts.cut()?;
+    std::thread::sleep(Duration::from_secs(5));
+    check(c.src.running(), "the source gave up during the second cut")?;
+    c.hosts.restore()?;
+    let r = recovered(c)?;
+    check(
+        events(&r, "pause").len() >= 2,
+        format!("expected two pauses: {}", r["events"]),
+    )
 }

@@ -499,7 +499,7 @@ fn manual_start_postcopy() -> TestResult {
                 "--max-bandwidth",
                 "16M",
             ])
-            .arg("--command-socket")
+            .arg("--control")
             .arg(&sock)
             .arg("--json")
             .arg(&json),
@@ -510,7 +510,7 @@ fn manual_start_postcopy() -> TestResult {
     std::thread::sleep(Duration::from_secs(12));
     check(m.running(), "the migration ended without start-postcopy")?;
     let out = run(
-        postcopy().arg("start-postcopy").arg("--socket").arg(&sock),
+        postcopy().arg("start-postcopy").arg("--control").arg(&sock),
         Duration::from_secs(10),
     )?;
     check(
@@ -1188,7 +1188,7 @@ fn demo_switching_after(
             .arg("demo")
             .args(args)
             .args(["--postcopy", "manual"])
-            .arg("--command-socket")
+            .arg("--control")
             .arg(&sock)
             .arg("--json")
             .arg(&json),
@@ -1200,7 +1200,7 @@ fn demo_switching_after(
     std::thread::sleep(precopy);
     check(m.running(), "the migration ended before start-postcopy")?;
     let out = run(
-        postcopy().arg("start-postcopy").arg("--socket").arg(&sock),
+        postcopy().arg("start-postcopy").arg("--control").arg(&sock),
         Duration::from_secs(10),
     )?;
     check(

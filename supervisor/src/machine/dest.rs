@@ -528,6 +528,7 @@ impl DestMachine {
             | Event::PeerLost(_)
             | Event::Retired(_)
             | Event::Recover(_)
+            | Event::Command(..)
             | Event::StartPostcopy => Ok(Judged::Ignored),
         }
     }

@@ -77,6 +77,7 @@ pub fn event_name(ev: &Event) -> String {
         Event::StartPostcopy => "start-postcopy".into(),
         Event::Retired(n) => format!("{n} retired"),
         Event::Recover(_) => "recover".into(),
+        Event::Command(c, _) => format!("control command {c:?}"),
     }
 }
 

@@ -733,7 +733,8 @@ impl SourceMachine {
             Event::Handler(_) => refuse(&self.state, "only a destination role sends it"),
             Event::Interrupt(_) | Event::ChannelClosed(_) | Event::Exited { .. } | Event::PeerLost(_)
             | Event::Retired(_)
-            | Event::Recover(_) => {
+            | Event::Recover(_)
+            | Event::Command(..) => {
                 Ok(Judged::Ignored)
             }
         }
