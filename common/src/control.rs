@@ -109,6 +109,8 @@ pub enum SetupError {
     Random(String),
     #[error("a Linux guest spec carries a path or command line of {0} bytes, more than the {LINUX_SPEC_MAX_TEXT} allowed")]
     LinuxText(usize),
+    #[error("a Linux guest needs at least {LINUX_MIN_MEM} bytes of memory, not {0}")]
+    LinuxMemory(u64),
     #[error("{0} verify ranges, more than the {MAX_VERIFY_RANGES} allowed")]
     TooManyVerifyRanges(usize),
     #[error("verify range {0:#x}-{1:#x} does not fit guest memory of {2:#x} bytes")]
@@ -140,7 +142,7 @@ impl SetupRequest {
                     return Err(SetupError::LinuxText(longest));
                 }
                 if g.mem_bytes < LINUX_MIN_MEM {
-                    return Err(SetupError::KvmMemory(g.mem_bytes));
+                    return Err(SetupError::LinuxMemory(g.mem_bytes));
                 }
             }
             (GuestKind::Process, Workload::Ab | Workload::Idle | Workload::Random(_)) => {}
@@ -791,6 +793,44 @@ mod tests {
             })),
             SetupError::Random(_)
         ));
+        let linux = |s: &mut SetupRequest| {
+            s.guest.kind = GuestKind::Kvm;
+            s.guest.mem_bytes = 256 << 20;
+            s.guest.workload = Workload::Linux(crate::guest::LinuxSpec {
+                kernel: "/boot/vmlinuz".into(),
+                initrd: Some("/boot/initrd".into()),
+                cmdline: "console=ttyS0".into(),
+            });
+        };
+        let mut ok = setup();
+        linux(&mut ok);
+        assert_eq!(ok.check(), Ok(()));
+        assert_eq!(
+            with(&|s| {
+                linux(s);
+                s.guest.kind = GuestKind::Process;
+            }),
+            SetupError::Workload {
+                kind: GuestKind::Process,
+                workload: "linux"
+            }
+        );
+        assert_eq!(
+            with(&|s| {
+                linux(s);
+                s.guest.mem_bytes = 64 << 20;
+            }),
+            SetupError::LinuxMemory(64 << 20)
+        );
+        assert_eq!(
+            with(&|s| {
+                linux(s);
+                if let Workload::Linux(l) = &mut s.guest.workload {
+                    l.cmdline = "x".repeat(LINUX_SPEC_MAX_TEXT + 1);
+                }
+            }),
+            SetupError::LinuxText(LINUX_SPEC_MAX_TEXT + 1)
+        );
         let _ = message_frame(FrameType::Control, &ControlMsg::Setup(setup()), "setup").unwrap();
     }
 }
