@@ -128,7 +128,7 @@ pub fn kvm_usable() -> Result<(), String> {
 /// booting: a kernel boot runs some 10^9 instructions, so at this rate it
 /// already takes minutes. A KVM on VMX/SVM runs 10^8-10^9; kvm_pvm running a
 /// guest that is not PVM-enabled (the development machine, measured with
-/// [`guest_speed`]) runs ~5 * 10^5.
+/// [`guest_speed`]) runs 3 * 10^5 to 1.2 * 10^6.
 pub const LINUX_MIN_GUEST_SPEED: f64 = 2e7;
 
 /// Iterations of the probe loop (two instructions each).
@@ -187,7 +187,16 @@ pub fn guest_speed() -> Result<f64, KvmError> {
 /// measured.
 pub fn linux_usable() -> Result<(), String> {
     kvm_usable()?;
-    let speed = guest_speed().map_err(|e| format!("the KVM speed probe failed: {e}"))?;
+    // The best of three: a busy host may deschedule one probe's vCPU, but
+    // not make a KVM that runs guest code natively look like an emulator
+    // three times over (the two differ a thousandfold).
+    let mut speed = 0f64;
+    for _ in 0..3 {
+        speed = speed.max(guest_speed().map_err(|e| format!("the KVM speed probe failed: {e}"))?);
+        if speed >= LINUX_MIN_GUEST_SPEED {
+            break;
+        }
+    }
     if speed < LINUX_MIN_GUEST_SPEED {
         let pvm = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
             " (this KVM is kvm_pvm: a guest kernel that is not PVM-enabled runs this slowly on it)"
