@@ -1025,6 +1025,9 @@ impl Dest {
         self.report.discarded_pages = prog.discarded;
         self.report.dirty_sync_count = prog.rounds;
         self.report.serial_log_destination = self.serial_path.clone();
+        if self.serial_path.is_some() {
+            self.report.serial_bytes_destination_at_completion = Some(serial_bytes);
+        }
         self.send_peer(ControlMsg::DestCompleted(DestSummary {
             recv: prog,
             postcopy: stats,

@@ -194,7 +194,7 @@ fn judge(
     )
     .map_err(fail)?;
     // Still running after completion: its log grew past what it held then.
-    let at_completion = num(r, "serial_bytes_destination").map_err(fail)?;
+    let at_completion = num(r, "serial_bytes_destination_at_completion").map_err(fail)?;
     check(
         dst.len() as u64 > at_completion,
         format!(
