@@ -26,7 +26,7 @@ const PAGE: u64 = 4096;
 /// Generous: a VMX/SVM host boots this in seconds.
 const BOOT_DEADLINE: Duration = Duration::from_secs(180);
 const BASE_CMDLINE: &str =
-    "console=ttyS0 loglevel=5 reboot=k panic=-1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+    "console=ttyS0 loglevel=5 reboot=k panic=-1 nomodule acpi=off i8042.noaux i8042.nomux i8042.dumbkbd";
 
 fn linux_dir() -> PathBuf {
     std::env::var_os("POSTCOPY_LINUX_GUEST_DIR")

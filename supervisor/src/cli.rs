@@ -376,9 +376,10 @@ fn parse_range(text: &str) -> Result<(u64, u64), String> {
 
 /// The Linux guest's default command line: COM1 as the console, warnings
 /// and worse printed (loglevel 5), a reboot or panic through the i8042 (it
-/// ends the VM), no legacy probing the micro-VM cannot answer.
+/// ends the VM), no ACPI (the CPUs come from the MP table), no legacy
+/// probing the micro-VM cannot answer.
 pub const LINUX_BASE_CMDLINE: &str =
-    "console=ttyS0 loglevel=5 reboot=k panic=-1 nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+    "console=ttyS0 loglevel=5 reboot=k panic=-1 nomodule acpi=off i8042.noaux i8042.nomux i8042.dumbkbd";
 
 /// Where scripts/linux-guest.sh puts the default kernel and initramfs:
 /// `POSTCOPY_LINUX_GUEST_DIR`, else `linux-guest/` beside the directory of

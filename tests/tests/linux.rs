@@ -70,7 +70,7 @@ fn guest_args(vcpus: u32, mode: Mode) -> Vec<String> {
         "--vcpus",
         &vcpus.to_string(),
         "--cmdline",
-        "console=ttyS0 loglevel=5 reboot=k panic=-1 nomodule i8042.noaux i8042.nomux \
+        "console=ttyS0 loglevel=5 reboot=k panic=-1 nomodule acpi=off i8042.noaux i8042.nomux \
          i8042.dumbkbd postcopy.mem=25% postcopy.report_ms=200",
     ]
     .iter()
