@@ -235,6 +235,7 @@ fn build_engine(
             if let Workload::Linux(spec) = &config.workload {
                 vm.watch_serial_for(guest_init::RUNNING_MARKER.as_bytes());
                 if side == Side::Source {
+                    warn_if_slow();
                     vm.boot_linux(&mut open_linux(spec)?)?;
                 }
                 return Ok(Engine::Linux(vm));
@@ -266,4 +267,19 @@ fn open_linux(spec: &common::guest::LinuxSpec) -> Result<LinuxBoot, GuestError> 
             .transpose()?,
         cmdline: spec.cmdline.clone(),
     })
+}
+
+/// Says so, loudly, when this KVM runs guest code too slowly for Linux to
+/// boot in useful time (see `kvm::linux_usable`); the guest is booted
+/// anyway.
+fn warn_if_slow() {
+    match crate::kvm::guest_speed() {
+        Ok(speed) if speed < crate::kvm::LINUX_MIN_GUEST_SPEED => log::warn!(
+            "KVM here runs guest code at {:.2} M instructions/s (a VMX/SVM host runs \
+             hundreds): this Linux guest will take minutes to hours to boot",
+            speed / 1e6
+        ),
+        Ok(_) => {}
+        Err(e) => log::warn!("the KVM speed probe failed: {e}"),
+    }
 }
