@@ -13,6 +13,8 @@
 
 use std::fmt;
 
+pub mod workload;
+
 /// Prefix of every parameter on the kernel command line: `postcopy.mode=seq`.
 /// A dotted name is never passed to `/init` as an argument or environment
 /// variable and the kernel does not complain about it; `/init` reads it from
