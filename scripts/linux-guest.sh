@@ -32,19 +32,23 @@ CONFIG_RD_GZIP=y CONFIG_DEVTMPFS=y CONFIG_X86_MPPARSE=y CONFIG_KVM_GUEST=y CONFI
 
 if [ ! -s "$out/vmlinuz" ]; then
     export DEBIAN_FRONTEND=noninteractive
-    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-    if [ -z "$pkg" ]; then
-        apt-get update -q
-        pkg=$(apt-cache depends linux-image-amd64 |
-            awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-    fi
-    [ -n "$pkg" ] || { echo "linux-guest: apt knows no linux-image-amd64" >&2; exit 1; }
+    kernel_pkg() {
+        apt-cache depends linux-image-amd64 2>/dev/null |
+            awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+    }
     work=$(mktemp -d /tmp/postcopy-linux-guest.XXXXXX)
     trap 'rm -rf "$work"' EXIT
     # _apt cannot write into a root-only mktemp dir: let it.
     chmod 0777 "$work"
-    (cd "$work" && apt-get download -q "$pkg")
+    pkg=$(kernel_pkg)
+    # An old package list may name a version the archive no longer has:
+    # refresh it once and try again.
+    if [ -z "$pkg" ] || ! (cd "$work" && apt-get download -q "$pkg"); then
+        apt-get update -q
+        pkg=$(kernel_pkg)
+        [ -n "$pkg" ] || { echo "linux-guest: apt knows no linux-image-amd64" >&2; exit 1; }
+        (cd "$work" && apt-get download -q "$pkg")
+    fi
     deb=$(ls "$work"/*.deb)
     # dpkg-deb unpacks the package's files only (no maintainer scripts);
     # /boot is all that is needed.
