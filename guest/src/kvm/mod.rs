@@ -10,8 +10,8 @@
 //!   vCPU 0 starts in real mode at 0000:7c00 with DL = 0x80, as a PC BIOS
 //!   would hand over (no BIOS services, interrupts off), plus ESI = RAM size
 //!   in bytes ([`KvmGuest::boot`]);
-//! - a Linux bzImage with an initramfs and a command line, entered in
-//!   64-bit mode ([`linux`], [`KvmGuest::boot_linux`]).
+//! - a Linux kernel (bzImage or vmlinux) with an initramfs and a command
+//!   line, entered in 64-bit mode ([`linux`], [`KvmGuest::boot_linux`]).
 
 pub mod devices;
 pub mod linux;
