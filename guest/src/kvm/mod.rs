@@ -741,6 +741,20 @@ mod tests {
         assert_eq!(&BUILTIN_SECTOR[510..], &[0x55, 0xaa]);
     }
 
+    /// The interrupt test's sector (guest/tests/kvm_vmm.rs) is what
+    /// interrupts.S assembles to.
+    #[test]
+    fn interrupts_sector_matches_its_source() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("boot");
+        let Some(bin) = reassemble(&dir.join("interrupts.S")) else {
+            eprintln!("skipped: GNU as/ld (binutils) not found");
+            return;
+        };
+        let committed = std::fs::read(dir.join("interrupts.bin")).unwrap();
+        assert_eq!(bin, committed);
+        assert_eq!(&committed[510..], &[0x55, 0xaa]);
+    }
+
     /// Assembles a boot sector source the way guest/boot/README.md says.
     fn reassemble(source: &Path) -> Option<Vec<u8>> {
         Command::new("as").arg("--version").output().ok()?;
