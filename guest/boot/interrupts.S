@@ -8,7 +8,8 @@
  *
  * What it does, in real mode: programs the master PIC (vectors 0x08-0x0f,
  * only IRQ 0 and IRQ 4 unmasked) and masks the slave, programs PIT channel 0
- * as a rate generator at about 100 Hz, then halts with interrupts on. Every
+ * as a rate generator at about 100 Hz, then keeps incrementing the first
+ * byte of every page from 64 KiB to 636 KiB with interrupts on. Every
  * 25th timer tick (IRQ 0) enables the UART's "transmitter holding register
  * empty" interrupt; that interrupt (IRQ 4) writes one 'U' to COM1 and
  * disables it again. So each 'U' on the serial port is a PIT tick and a UART
@@ -77,9 +78,18 @@ _start:
 	outb	%al, %dx
 
 	sti
-idle:
-	hlt
-	jmp	idle
+	/* Between interrupts: increment the first byte of every page from
+	 * 64 KiB to 636 KiB, pass after pass, so the guest dirties memory
+	 * like a working one (and a migration of it cannot converge on a slow
+	 * link). */
+busy:
+	movw	$0x1000, %bx
+1:	movw	%bx, %es
+	incb	%es:0
+	addw	$0x100, %bx
+	cmpw	$0x9f00, %bx
+	jb	1b
+	jmp	busy
 
 timer:
 	pushw	%ax
