@@ -758,7 +758,10 @@ mod tests {
     /// Assembles a boot sector source the way guest/boot/README.md says.
     fn reassemble(source: &Path) -> Option<Vec<u8>> {
         Command::new("as").arg("--version").output().ok()?;
-        let tmp = std::env::temp_dir().join(format!("postcopy-sector-{}", std::process::id()));
+        // One directory per source: the tests run side by side.
+        let stem = source.file_stem().unwrap_or_default().to_string_lossy();
+        let tmp =
+            std::env::temp_dir().join(format!("postcopy-sector-{}-{stem}", std::process::id()));
         std::fs::create_dir_all(&tmp).unwrap();
         let obj = tmp.join("w.o");
         let bin = tmp.join("w.bin");
