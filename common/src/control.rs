@@ -5,7 +5,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 use std::io::Read;
 
-use crate::guest::{GuestConfig, GuestKind, Workload, KVM_MAX_MEM, KVM_MIN_MEM};
+use crate::guest::{
+    GuestConfig, GuestKind, Workload, KVM_MAX_MEM, KVM_MIN_MEM, LINUX_MIN_MEM, LINUX_SPEC_MAX_TEXT,
+};
 use crate::msg::{PostcopyStats, RecvProgress};
 use crate::peer_text::escape_in_place;
 use crate::types::{MemLayout, MigrationId, PAGE_SIZE};
@@ -105,6 +107,10 @@ pub enum SetupError {
     NoBootSector,
     #[error("random workload: {0}")]
     Random(String),
+    #[error("a Linux guest spec carries a path or command line of {0} bytes, more than the {LINUX_SPEC_MAX_TEXT} allowed")]
+    LinuxText(usize),
+    #[error("a Linux guest needs at least {LINUX_MIN_MEM} bytes of memory, not {0}")]
+    LinuxMemory(u64),
     #[error("{0} verify ranges, more than the {MAX_VERIFY_RANGES} allowed")]
     TooManyVerifyRanges(usize),
     #[error("verify range {0:#x}-{1:#x} does not fit guest memory of {2:#x} bytes")]
@@ -126,6 +132,19 @@ impl SetupRequest {
         let workload = g.workload.name();
         match (g.kind, &g.workload) {
             (GuestKind::Kvm, Workload::Ab | Workload::BootSector) => {}
+            (GuestKind::Kvm, Workload::Linux(spec)) => {
+                let longest = [spec.kernel.len(), spec.cmdline.len()]
+                    .into_iter()
+                    .chain(spec.initrd.as_ref().map(String::len))
+                    .max()
+                    .unwrap_or(0);
+                if longest > LINUX_SPEC_MAX_TEXT {
+                    return Err(SetupError::LinuxText(longest));
+                }
+                if g.mem_bytes < LINUX_MIN_MEM {
+                    return Err(SetupError::LinuxMemory(g.mem_bytes));
+                }
+            }
             (GuestKind::Process, Workload::Ab | Workload::Idle | Workload::Random(_)) => {}
             (kind, _) => return Err(SetupError::Workload { kind, workload }),
         }
@@ -511,8 +530,16 @@ impl ControlMsg {
                 }
             }
             ControlMsg::Resync { reason, .. } => escape_in_place(reason),
+            ControlMsg::Setup(s) => {
+                if let Workload::Linux(spec) = &mut s.guest.workload {
+                    escape_in_place(&mut spec.kernel);
+                    escape_in_place(&mut spec.cmdline);
+                    if let Some(i) = spec.initrd.as_mut() {
+                        escape_in_place(i);
+                    }
+                }
+            }
             ControlMsg::ResyncReady { .. }
-            | ControlMsg::Setup(_)
             | ControlMsg::SetupAccepted(_)
             | ControlMsg::DestRunning { .. }
             | ControlMsg::DestMark { .. }
@@ -766,6 +793,44 @@ mod tests {
             })),
             SetupError::Random(_)
         ));
+        let linux = |s: &mut SetupRequest| {
+            s.guest.kind = GuestKind::Kvm;
+            s.guest.mem_bytes = 256 << 20;
+            s.guest.workload = Workload::Linux(crate::guest::LinuxSpec {
+                kernel: "/boot/vmlinuz".into(),
+                initrd: Some("/boot/initrd".into()),
+                cmdline: "console=ttyS0".into(),
+            });
+        };
+        let mut ok = setup();
+        linux(&mut ok);
+        assert_eq!(ok.check(), Ok(()));
+        assert_eq!(
+            with(&|s| {
+                linux(s);
+                s.guest.kind = GuestKind::Process;
+            }),
+            SetupError::Workload {
+                kind: GuestKind::Process,
+                workload: "linux"
+            }
+        );
+        assert_eq!(
+            with(&|s| {
+                linux(s);
+                s.guest.mem_bytes = 64 << 20;
+            }),
+            SetupError::LinuxMemory(64 << 20)
+        );
+        assert_eq!(
+            with(&|s| {
+                linux(s);
+                if let Workload::Linux(l) = &mut s.guest.workload {
+                    l.cmdline = "x".repeat(LINUX_SPEC_MAX_TEXT + 1);
+                }
+            }),
+            SetupError::LinuxText(LINUX_SPEC_MAX_TEXT + 1)
+        );
         let _ = message_frame(FrameType::Control, &ControlMsg::Setup(setup()), "setup").unwrap();
     }
 }

@@ -50,7 +50,31 @@ pub enum Workload {
     Idle,
     /// A KVM guest running a boot sector given by the user.
     BootSector,
+    /// A KVM guest booting Linux, whose `/init` stamps and audits its memory.
+    Linux(LinuxSpec),
 }
+
+/// What a Linux guest boots. The files are read by the source's guest
+/// process only; the destination gets the guest's memory and state, never
+/// the files, and does not open these paths.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinuxSpec {
+    /// bzImage path on the source host.
+    pub kernel: String,
+    /// Initramfs path on the source host.
+    pub initrd: Option<String>,
+    /// The whole kernel command line.
+    pub cmdline: String,
+}
+
+/// Longest kernel command line or path a Linux guest spec may carry, bytes
+/// (x86's COMMAND_LINE_SIZE is 2048; PATH_MAX is 4096).
+pub const LINUX_SPEC_MAX_TEXT: usize = 4096;
+
+/// Smallest memory the Linux guest is offered in: Debian's kernel
+/// decompresses itself at 16 MiB into about 60 MiB, then needs room for the
+/// initramfs and its workload.
+pub const LINUX_MIN_MEM: u64 = 128 << 20;
 
 impl Workload {
     pub fn name(&self) -> &'static str {
@@ -59,6 +83,7 @@ impl Workload {
             Workload::Random(_) => "random",
             Workload::Idle => "idle",
             Workload::BootSector => "boot-sector",
+            Workload::Linux(_) => "linux",
         }
     }
 }

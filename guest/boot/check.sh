@@ -12,7 +12,7 @@ fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 status=0
-for pair in "$here/workload" "$fixtures/ab-fixed"; do
+for pair in "$here/workload" "$here/interrupts" "$fixtures/ab-fixed"; do
     name=$(basename "$pair")
     as --32 -o "$tmp/$name.o" "$pair.S"
     ld -m elf_i386 -Ttext=0x7c00 --oformat binary -o "$tmp/$name.bin" "$tmp/$name.o"

@@ -40,7 +40,9 @@ pub enum ProcessError {
         state: String,
         pages: u64,
     },
-    #[error("the process guest does not run boot sectors")]
+    #[error(
+        "the process guest runs neither boot sectors nor Linux (those need --guest kvm / linux)"
+    )]
     BootSector,
     #[error("a worker thread panicked")]
     WorkerPanicked,
@@ -206,7 +208,7 @@ fn initial_state(w: &Workload, i: u32) -> Result<WorkerState, ProcessError> {
             writes: 0,
         },
         Workload::Idle => WorkerState::Idle { filled: 0 },
-        Workload::BootSector => return Err(ProcessError::BootSector),
+        Workload::BootSector | Workload::Linux(_) => return Err(ProcessError::BootSector),
     })
 }
 

@@ -6,12 +6,13 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use common::guest::{GuestConfig, GuestKind, KVM_MAX_MEM};
+use common::guest::{GuestConfig, GuestKind, Workload, KVM_MAX_MEM};
 use common::mem::{Access, Mapping, MemError};
 use common::msg::{FromGuest, GuestInit, Side, ToGuest};
 use common::role::{LinkError, RoleLink};
 use common::uffd::{Uffd, UffdError, DIRTY_TRACKING_FEATURES, POSTCOPY_FEATURES};
 
+use crate::kvm::linux::LinuxBoot;
 use crate::kvm::{KvmError, KvmGuest, BUILTIN_SECTOR};
 use crate::process::{ProcessError, ProcessGuest};
 
@@ -41,18 +42,26 @@ pub enum GuestError {
     NoSerial,
     #[error("KVM guest memory must be at most {max} bytes, got {got}")]
     KvmMemTooLarge { got: u64, max: u64 },
+    #[error("cannot open the Linux guest's {what} {path}: {source}")]
+    LinuxFile {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 enum Engine {
     Process(ProcessGuest),
     Kvm(KvmGuest),
+    /// A KVM guest booting Linux: booted once its `/init` says it runs.
+    Linux(KvmGuest),
 }
 
 impl Engine {
     fn run(&mut self) -> Result<(), GuestError> {
         match self {
             Engine::Process(g) => g.run(),
-            Engine::Kvm(g) => g.run()?,
+            Engine::Kvm(g) | Engine::Linux(g) => g.run()?,
         }
         Ok(())
     }
@@ -60,7 +69,7 @@ impl Engine {
     fn stop(&mut self) -> Result<(), GuestError> {
         match self {
             Engine::Process(g) => g.stop()?,
-            Engine::Kvm(g) => g.stop()?,
+            Engine::Kvm(g) | Engine::Linux(g) => g.stop()?,
         }
         Ok(())
     }
@@ -68,14 +77,14 @@ impl Engine {
     fn save(&self) -> Result<Vec<u8>, GuestError> {
         Ok(match self {
             Engine::Process(g) => g.save(),
-            Engine::Kvm(g) => g.save()?,
+            Engine::Kvm(g) | Engine::Linux(g) => g.save()?,
         })
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), GuestError> {
         match self {
             Engine::Process(g) => g.restore(state)?,
-            Engine::Kvm(g) => g.restore(state)?,
+            Engine::Kvm(g) | Engine::Linux(g) => g.restore(state)?,
         }
         Ok(())
     }
@@ -85,14 +94,14 @@ impl Engine {
     fn state_estimate(&self) -> u64 {
         match self {
             Engine::Process(g) => g.save().len() as u64,
-            Engine::Kvm(g) => 16 * 1024 * u64::from(g.vcpus()),
+            Engine::Kvm(g) | Engine::Linux(g) => 16 * 1024 * u64::from(g.vcpus()),
         }
     }
 
     fn is_running(&self) -> bool {
         match self {
             Engine::Process(g) => g.is_running(),
-            Engine::Kvm(g) => g.is_running() && g.failure().is_none(),
+            Engine::Kvm(g) | Engine::Linux(g) => g.is_running() && g.failure().is_none(),
         }
     }
 
@@ -100,13 +109,14 @@ impl Engine {
         match self {
             Engine::Process(g) => g.booted(),
             Engine::Kvm(g) => g.serial_bytes() > 0,
+            Engine::Linux(g) => g.marker_seen(),
         }
     }
 
     fn ops(&self) -> u64 {
         match self {
             Engine::Process(g) => g.ops(),
-            Engine::Kvm(g) => g.serial_bytes(),
+            Engine::Kvm(g) | Engine::Linux(g) => g.serial_bytes(),
         }
     }
 }
@@ -222,6 +232,14 @@ fn build_engine(
             }
             let serial = File::from(serial.ok_or(GuestError::NoSerial)?);
             let mut vm = KvmGuest::new(mem, config.vcpus.max(1), serial)?;
+            if let Workload::Linux(spec) = &config.workload {
+                vm.watch_serial_for(guest_init::RUNNING_MARKER.as_bytes());
+                if side == Side::Source {
+                    warn_if_slow();
+                    vm.boot_linux(&mut open_linux(spec)?)?;
+                }
+                return Ok(Engine::Linux(vm));
+            }
             if side == Side::Source {
                 let sector: &[u8] = config.boot_sector.as_deref().unwrap_or(BUILTIN_SECTOR);
                 vm.boot(sector)?;
@@ -229,4 +247,39 @@ fn build_engine(
             Engine::Kvm(vm)
         }
     })
+}
+
+/// Opens what a Linux guest boots (source side only).
+fn open_linux(spec: &common::guest::LinuxSpec) -> Result<LinuxBoot, GuestError> {
+    let open = |what, path: &str| {
+        File::open(path).map_err(|source| GuestError::LinuxFile {
+            what,
+            path: path.to_string(),
+            source,
+        })
+    };
+    Ok(LinuxBoot {
+        kernel: open("kernel", &spec.kernel)?,
+        initrd: spec
+            .initrd
+            .as_deref()
+            .map(|p| open("initramfs", p))
+            .transpose()?,
+        cmdline: spec.cmdline.clone(),
+    })
+}
+
+/// Says so, loudly, when this KVM runs guest code too slowly for Linux to
+/// boot in useful time (see `kvm::linux_usable`); the guest is booted
+/// anyway.
+fn warn_if_slow() {
+    match crate::kvm::guest_speed() {
+        Ok(speed) if speed < crate::kvm::LINUX_MIN_GUEST_SPEED => log::warn!(
+            "KVM here runs guest code at {:.2} M instructions/s (a VMX/SVM host runs \
+             hundreds): this Linux guest will take minutes to hours to boot",
+            speed / 1e6
+        ),
+        Ok(_) => {}
+        Err(e) => log::warn!("the KVM speed probe failed: {e}"),
+    }
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::control::{PostcopyMode, VerifyMethod};
 use common::guest::{
-    GuestConfig, GuestKind, RandomParams, Workload, KVM_AB_START, KVM_MAX_MEM, KVM_MIN_MEM,
+    GuestConfig, GuestKind, LinuxSpec, RandomParams, Workload, KVM_AB_START, KVM_MAX_MEM,
+    KVM_MIN_MEM, LINUX_MIN_MEM,
 };
 use common::types::{parse_size, MemLayout, PAGE_SIZE};
 
@@ -135,6 +136,8 @@ pub struct SetArgs {
 pub enum GuestArg {
     Process,
     Kvm,
+    /// The KVM micro-VM booting Linux (--kernel, --initrd, --cmdline).
+    Linux,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -142,6 +145,8 @@ pub enum WorkloadArg {
     Ab,
     Random,
     Idle,
+    /// linux: stamps through a page-cache file.
+    Pagecache,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -203,8 +208,22 @@ pub struct GuestArgs {
     /// kvm: a 512-byte boot sector to run instead of the built-in workload.
     #[arg(long)]
     pub boot_sector: Option<PathBuf>,
+    /// linux: the kernel, a bzImage or vmlinux (default: built by
+    /// scripts/linux-guest.sh into target/linux-guest/).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// linux: the initramfs (default: the one beside the default kernel,
+    /// whose /init is the project's workload).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// linux: the kernel command line, without the workload's words (those
+    /// come first, from --workload, --write-rate, ...; a postcopy.* word
+    /// here overrides them).
+    #[arg(long, default_value = LINUX_BASE_CMDLINE)]
+    pub cmdline: String,
     /// How long the guest runs, once booted (ab: memory zeroed; idle: memory
-    /// filled; KVM: first serial marker), before the migration starts.
+    /// filled; KVM: first serial marker; linux: the workload's first pass),
+    /// before the migration starts.
     #[arg(long, default_value_t = 500)]
     pub warmup_ms: u64,
 }
@@ -442,6 +461,103 @@ fn parse_range(text: &str) -> Result<(u64, u64), String> {
     Ok((start, end))
 }
 
+/// The Linux guest's default command line: COM1 as the console, warnings
+/// and worse printed (loglevel 5), a reboot or panic through the i8042 (it
+/// ends the VM), no ACPI (the CPUs come from the MP table), no legacy
+/// probing the micro-VM cannot answer.
+pub const LINUX_BASE_CMDLINE: &str =
+    "console=ttyS0 loglevel=5 reboot=k panic=-1 nomodule acpi=off i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Where scripts/linux-guest.sh puts the default kernel and initramfs:
+/// `POSTCOPY_LINUX_GUEST_DIR`, else `linux-guest/` beside the directory of
+/// this binary (target/release/postcopy -> target/linux-guest/).
+pub fn default_linux_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("POSTCOPY_LINUX_GUEST_DIR") {
+        return PathBuf::from(d);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(|t| t.join("linux-guest")))
+        .unwrap_or_else(|| PathBuf::from("target/linux-guest"))
+}
+
+/// An absolute path to a readable file, or an error naming the option.
+fn linux_file(opt: &str, path: &std::path::Path, default: bool) -> Result<String, String> {
+    let hint = if default {
+        " (build the default one with ./scripts/linux-guest.sh, or name one)"
+    } else {
+        ""
+    };
+    let abs =
+        std::fs::canonicalize(path).map_err(|e| format!("{opt} {}: {e}{hint}", path.display()))?;
+    std::fs::File::open(&abs).map_err(|e| format!("{opt} {}: {e}", abs.display()))?;
+    Ok(abs.display().to_string())
+}
+
+/// Checks the kernel's first bytes: an ELF, or a bzImage's "HdrS" at 0x202.
+fn check_kernel_image(path: &str) -> Result<(), String> {
+    use std::io::Read;
+    let mut head = [0u8; 0x206];
+    let mut f = std::fs::File::open(path).map_err(|e| format!("--kernel {path}: {e}"))?;
+    let n = f
+        .read(&mut head)
+        .map_err(|e| format!("--kernel {path}: {e}"))?;
+    if n >= 4 && head[..4] == *b"\x7fELF" || n == head.len() && head[0x202..] == *b"HdrS" {
+        Ok(())
+    } else {
+        Err(format!(
+            "--kernel {path}: neither a bzImage (no HdrS at 0x202) nor a vmlinux ELF"
+        ))
+    }
+}
+
+/// The Linux guest's spec: files checked, command line assembled.
+fn linux_spec(g: &GuestArgs) -> Result<LinuxSpec, String> {
+    let dir = default_linux_dir();
+    let kernel = match &g.kernel {
+        Some(p) => linux_file("--kernel", p, false)?,
+        None => linux_file("--kernel", &dir.join("vmlinuz"), true)?,
+    };
+    check_kernel_image(&kernel)?;
+    let initrd = match (&g.initrd, &g.kernel) {
+        (Some(p), _) => Some(linux_file("--initrd", p, false)?),
+        // The default initramfs goes with the default kernel; a kernel of
+        // the user's own boots without one unless named.
+        (None, None) => Some(linux_file("--initrd", &dir.join("initrd.cpio.gz"), true)?),
+        (None, Some(_)) => None,
+    };
+    let mode = match g.workload {
+        WorkloadArg::Ab => "seq",
+        WorkloadArg::Random => "random",
+        WorkloadArg::Pagecache => "pagecache",
+        WorkloadArg::Idle => {
+            return Err("--guest linux runs --workload ab (seq), random or pagecache".into())
+        }
+    };
+    let hot = match g.hot_set.strip_suffix('%') {
+        Some(p) => p
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|p| (0.0..=100.0).contains(p))
+            .map(|p| p.round() as u32)
+            .ok_or_else(|| format!("--hot-set {:?}: a percentage 0-100%", g.hot_set))?,
+        None => return Err("--guest linux takes --hot-set as a percentage (e.g. 10%)".into()),
+    };
+    // Verdicts every 250 ms: after a failure the source judges whether its
+    // guest still runs from two samples of the serial output 300 ms apart.
+    let words = format!(
+        "postcopy.mode={mode} postcopy.threads={} postcopy.rate={} postcopy.hot={hot} \
+         postcopy.hot_ratio={} postcopy.seed={} postcopy.report_ms=250",
+        g.vcpus, g.write_rate, g.hot_ratio, g.seed
+    );
+    Ok(LinuxSpec {
+        kernel,
+        initrd,
+        cmdline: format!("{words} {}", g.cmdline.trim()),
+    })
+}
+
 fn hot_pages(text: &str, mem: u64) -> Result<u64, String> {
     let pages = mem / PAGE_SIZE as u64;
     let n = if let Some(pct) = text.strip_suffix('%') {
@@ -464,11 +580,15 @@ impl SourceOpts {
         MemLayout::new(g.mem).map_err(|e| format!("--mem: {e}"))?;
         let kind = match g.guest {
             GuestArg::Process => GuestKind::Process,
-            GuestArg::Kvm => GuestKind::Kvm,
+            GuestArg::Kvm | GuestArg::Linux => GuestKind::Kvm,
         };
+        let linux = g.guest == GuestArg::Linux;
+        if !linux && (g.kernel.is_some() || g.initrd.is_some() || g.cmdline != LINUX_BASE_CMDLINE) {
+            return Err("--kernel, --initrd and --cmdline go with --guest linux".into());
+        }
         let boot_sector = match &g.boot_sector {
             None => None,
-            Some(_) if kind != GuestKind::Kvm => {
+            Some(_) if kind != GuestKind::Kvm || linux => {
                 return Err("--boot-sector needs --guest kvm".into())
             }
             Some(path) => {
@@ -486,6 +606,10 @@ impl SourceOpts {
             }
         };
         let workload = match (kind, g.workload) {
+            _ if linux => Workload::Linux(linux_spec(g)?),
+            (_, WorkloadArg::Pagecache) => {
+                return Err("--workload pagecache is for --guest linux".into())
+            }
             (GuestKind::Kvm, _) if boot_sector.is_some() => Workload::BootSector,
             (GuestKind::Kvm, WorkloadArg::Ab) => Workload::Ab,
             (GuestKind::Kvm, w) => {
@@ -511,7 +635,13 @@ impl SourceOpts {
                     g.mem >> 20
                 ));
             }
-            if boot_sector.is_none() && g.mem < KVM_AB_START + 2 * PAGE_SIZE as u64 {
+            if linux && g.mem < LINUX_MIN_MEM {
+                return Err(format!(
+                    "--guest linux needs at least {} MiB of memory (the kernel unpacks itself at 16 MiB into ~60 MiB, then the initramfs and the workload)",
+                    LINUX_MIN_MEM >> 20
+                ));
+            }
+            if !linux && boot_sector.is_none() && g.mem < KVM_AB_START + 2 * PAGE_SIZE as u64 {
                 return Err(
                     "--guest kvm needs at least 1 MiB + 8 KiB of memory: its workload runs above 1 MiB"
                         .into(),

@@ -13,7 +13,7 @@ use common::control::{
     ControlMsg, DestSummary, PostcopyMode, SetupAccepted, SetupRequest, VerifyMethod,
 };
 use common::counters::SharedCounters;
-use common::guest::{GuestKind, KVM_MAX_MEM};
+use common::guest::{GuestKind, Workload, KVM_MAX_MEM};
 use common::mem::{create_memfd, Access, Mapping};
 use common::msg::{
     FromFaultHandler, FromGuest, GuestInit, HandlerSetup, HandlerStart, PostcopyStats,
@@ -649,15 +649,16 @@ impl Dest {
             }
             DestAction::Completed => {
                 let (stats, prog) = self.done.take().expect("the fault-handler said so");
-                self.completed(stats, prog)?;
+                let at_completion = self.completed(stats, prog)?;
                 // Stop the guest for the memory check; a KVM guest first
-                // shows on its serial port that it runs here.
-                if self
-                    .req
-                    .as_ref()
-                    .is_some_and(|r| r.guest.kind == GuestKind::Kvm)
-                {
-                    self.await_marker()?;
+                // shows on its serial port that it runs here (a Linux guest:
+                // that it still runs after completion).
+                if let Some(r) = self.req.as_ref().filter(|r| r.guest.kind == GuestKind::Kvm) {
+                    let after = match r.guest.workload {
+                        Workload::Linux(_) => at_completion,
+                        _ => 0,
+                    };
+                    self.await_marker(after)?;
                 }
                 self.guest().send(ToGuest::Stop)?;
             }
@@ -1059,11 +1060,13 @@ impl Dest {
         Ok(())
     }
 
+    /// Reports completion to the source; returns the destination serial
+    /// log's size at that moment.
     fn completed(
         &mut self,
         stats: Option<PostcopyStats>,
         prog: RecvProgress,
-    ) -> Result<(), MigError> {
+    ) -> Result<u64, MigError> {
         let serial_bytes = self
             .serial_path
             .as_ref()
@@ -1083,13 +1086,16 @@ impl Dest {
         self.report.discarded_pages = prog.discarded;
         self.report.dirty_sync_count = prog.rounds;
         self.report.serial_log_destination = self.serial_path.clone();
+        if self.serial_path.is_some() {
+            self.report.serial_bytes_destination_at_completion = Some(serial_bytes);
+        }
         self.send_peer(ControlMsg::DestCompleted(DestSummary {
             recv: prog,
             postcopy: stats,
             serial_log: self.serial_path.clone(),
             serial_bytes,
         }))?;
-        Ok(())
+        Ok(serial_bytes)
     }
 
     /// The guest is stopped (and the source's digests are in): checks
@@ -1132,16 +1138,17 @@ impl Dest {
         Ok(())
     }
 
-    /// Lets a KVM guest run until it has written to COM1 here (its serial
-    /// log then shows it continued after the switchover), up to 20 s.
-    fn await_marker(&mut self) -> Result<(), MigError> {
+    /// Lets a KVM guest run until its serial log here holds more than
+    /// `after` bytes (it shows it continued after the switchover, or after
+    /// completion), up to 20 s.
+    fn await_marker(&mut self, after: u64) -> Result<(), MigError> {
         let Some(path) = self.serial_path.clone() else {
             return Ok(());
         };
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(20) {
             if std::fs::metadata(&path)
-                .map(|m| m.len() > 0)
+                .map(|m| m.len() > after)
                 .unwrap_or(false)
             {
                 return Ok(());

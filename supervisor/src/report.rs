@@ -207,7 +207,12 @@ pub struct Report {
     pub source_verify: Option<VerifyReport>,
     pub serial_log_source: Option<String>,
     pub serial_log_destination: Option<String>,
+    /// Bytes in the destination's serial log when its guest was stopped
+    /// for the memory check.
     pub serial_bytes_destination: Option<u64>,
+    /// Bytes in it when the destination said `DestCompleted`: a guest that
+    /// still runs after completion writes more (a Linux guest must).
+    pub serial_bytes_destination_at_completion: Option<u64>,
     /// Earlier attempts to migrate this guest (`migrate --keep-guest`,
     /// then `postcopy retry`), oldest first.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]

@@ -716,7 +716,12 @@ impl Source {
                 sw.dest_discard = discard_us as f64 / 1e3;
                 sw.dest_load_run = start_us as f64 / 1e3;
             }
-            Event::Peer(ControlMsg::DestCompleted(summary)) => self.dest = Some(summary),
+            Event::Peer(ControlMsg::DestCompleted(summary)) => {
+                if summary.serial_log.is_some() {
+                    self.report.serial_bytes_destination_at_completion = Some(summary.serial_bytes);
+                }
+                self.dest = Some(summary)
+            }
             Event::Peer(ControlMsg::Verified(v)) => {
                 self.report.verify = VerifyReport::from_result(v)
             }

@@ -368,3 +368,33 @@ pub fn kvm_trial(
         None => f().map(|()| Completion::Completed).map_err(Failed::from),
     })
 }
+
+/// Where the Linux guest's kernel and initramfs are: as `postcopy` looks
+/// for them (`POSTCOPY_LINUX_GUEST_DIR`, else `linux-guest/` beside the
+/// binaries' profile directory: target/linux-guest).
+pub fn linux_guest_dir() -> PathBuf {
+    std::env::var_os("POSTCOPY_LINUX_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            bin_dir()
+                .parent()
+                .map(|t| t.join("linux-guest"))
+                .unwrap_or_else(|| PathBuf::from("target/linux-guest"))
+        })
+}
+
+/// Why Linux guest tests cannot run here, if they cannot: no kernel built
+/// (scripts/linux-guest.sh), KVM unusable, or KVM too slow to boot Linux
+/// (measured by `guest::kvm::linux_usable`).
+pub fn linux_skip_reason() -> Option<String> {
+    let dir = linux_guest_dir();
+    for f in ["vmlinuz", "initrd.cpio.gz"] {
+        if !dir.join(f).is_file() {
+            return Some(format!(
+                "no {} (build it with ./scripts/linux-guest.sh)",
+                dir.join(f).display()
+            ));
+        }
+    }
+    guest::kvm::linux_usable().err()
+}

@@ -6,8 +6,8 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, Xsave, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_MSR_ENTRIES,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, Xsave,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_MSR_ENTRIES,
     KVM_VCPUEVENT_VALID_SIPI_VECTOR,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -18,12 +18,18 @@ use super::vcpu::io_error;
 use super::KvmError;
 
 /// Bumped whenever the layout below changes.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 const STATE_MAGIC: &str = "postcopy-kvm-state";
 
 /// MSR_IA32_TSC: restored before the deadline timer, which is relative to it.
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// KVM's asynchronous page fault MSRs: the interrupt vector must be known
+/// before the enable bit that names interrupt delivery is written (QEMU
+/// writes them in this order too).
+const MSR_KVM_ASYNC_PF_INT: u32 = 0x4b56_4d06;
+#[cfg(test)]
+const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
 
 /// Everything a fresh VM needs to continue where the saved one stopped.
 #[derive(Serialize, Deserialize)]
@@ -35,6 +41,8 @@ pub struct VmState {
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,
     pub ioapic: kvm_irqchip,
+    /// The in-kernel PIT (channels, latches, speaker gate).
+    pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
     pub devices: DeviceState,
 }
@@ -68,6 +76,7 @@ impl VmState {
             pic_master: irqchip(KVM_IRQCHIP_PIC_MASTER),
             pic_slave: irqchip(KVM_IRQCHIP_PIC_SLAVE),
             ioapic: irqchip(KVM_IRQCHIP_IOAPIC),
+            pit: kvm_pit_state2::default(),
             clock: kvm_clock_data::default(),
             devices,
         }
@@ -99,12 +108,13 @@ impl VmState {
         Ok(state)
     }
 
-    /// Reads the per-VM part: interrupt controllers and the KVM clock.
+    /// Reads the per-VM part: interrupt controllers, PIT and the KVM clock.
     pub fn save_vm(&mut self, vm: &VmFd) -> Result<(), KvmError> {
         for chip in [&mut self.pic_master, &mut self.pic_slave, &mut self.ioapic] {
             vm.get_irqchip(chip)
                 .map_err(|e| vm_err("KVM_GET_IRQCHIP", e))?;
         }
+        self.pit = vm.get_pit2().map_err(|e| vm_err("KVM_GET_PIT2", e))?;
         self.clock = vm.get_clock().map_err(|e| vm_err("KVM_GET_CLOCK", e))?;
         Ok(())
     }
@@ -122,6 +132,9 @@ impl VmState {
             vm.set_irqchip(chip)
                 .map_err(|e| vm_err("KVM_SET_IRQCHIP", e))?;
         }
+        // After the irqchip: the PIT's state includes its output line.
+        vm.set_pit2(&self.pit)
+            .map_err(|e| vm_err("KVM_SET_PIT2", e))?;
         Ok(())
     }
 }
@@ -170,8 +183,7 @@ impl VcpuStateLayout {
                 matches!(vcpu.get_msrs(&mut one), Ok(1))
             })
             .collect();
-        // The deadline is relative to the TSC: write the TSC first.
-        keep.sort_by_key(|&i| (i == MSR_IA32_TSC_DEADLINE, i != MSR_IA32_TSC));
+        keep.sort_by_key(|&i| msr_order(i));
         keep
     }
 
@@ -387,10 +399,51 @@ impl VcpuStateLayout {
     }
 }
 
+/// Where an MSR goes in the restore order (stable sort, so the rest keep
+/// KVM's order): the TSC first, the deadline (relative to the TSC) last, the
+/// async-PF vector before its enable.
+fn msr_order(index: u32) -> u8 {
+    match index {
+        MSR_IA32_TSC => 0,
+        MSR_KVM_ASYNC_PF_INT => 1,
+        MSR_IA32_TSC_DEADLINE => 3,
+        _ => 2,
+    }
+}
+
 pub fn vcpu_err(ioctl: &'static str, cpu: u32, e: kvm_ioctls::Error) -> KvmError {
     KvmError::Vcpu {
         ioctl,
         cpu,
         source: io_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msrs_restore_in_dependency_order() {
+        let mut list = vec![
+            MSR_IA32_TSC_DEADLINE,
+            0x174,
+            MSR_KVM_ASYNC_PF_EN,
+            MSR_IA32_TSC,
+            MSR_KVM_ASYNC_PF_INT,
+            0x175,
+        ];
+        list.sort_by_key(|&i| msr_order(i));
+        assert_eq!(
+            list,
+            vec![
+                MSR_IA32_TSC,
+                MSR_KVM_ASYNC_PF_INT,
+                0x174,
+                MSR_KVM_ASYNC_PF_EN,
+                0x175,
+                MSR_IA32_TSC_DEADLINE
+            ]
+        );
     }
 }

@@ -211,7 +211,16 @@ fn complete_pending(vcpu: &mut VcpuFd, devices: &Devices) -> Result<(), String> 
 
 fn handle_exit(exit: VcpuExit<'_>, devices: &Devices) -> Next {
     match exit {
-        VcpuExit::IoOut(port, data) => devices.io_out(port, data),
+        VcpuExit::IoOut(port, data) => {
+            devices.io_out(port, data);
+            if devices.take_reset() {
+                return Next::Fail(
+                    "the guest reset the machine through the i8042 (a reboot or a panic); \
+                     the VM ends here"
+                        .into(),
+                );
+            }
+        }
         VcpuExit::IoIn(port, data) => devices.io_in(port, data),
         VcpuExit::MmioRead(addr, data) => devices.mmio(addr, Some(data)),
         VcpuExit::MmioWrite(addr, _) => devices.mmio(addr, None),
