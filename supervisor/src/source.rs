@@ -271,8 +271,8 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
             "the guest runs on here: `postcopy retry [--to ADDR]` migrates it again, `postcopy quit` ends it"
         );
         match src.await_retry(report) {
-            Some(r) => result = r,
-            None => return src.finish_kept(),
+            Ok(r) => result = r,
+            Err(why) => return src.finish_kept(why),
         }
     }
 }
@@ -435,6 +435,11 @@ impl Source {
                     set: Ok(()),
                     ..Allowed::none(KEPT)
                 },
+                // Still settling the guest's fate (`conclude`): whether it
+                // is kept is not known yet; "over" would be wrong if it is.
+                false if self.opts.keep_guest => Allowed::none(
+                    "the attempt is ending (--keep-guest: retry applies once the guest is seen running here)",
+                ),
                 false => Allowed::none("the migration is over"),
             };
         }
@@ -1520,8 +1525,9 @@ impl Source {
 
     /// `--keep-guest`, after an attempt that left the guest running here:
     /// waits for `retry` (runs the next attempt and returns its result) or
-    /// `quit` / a signal / the guest's end (None).
-    fn await_retry(&mut self, report: Report) -> Option<Result<(), MigError>> {
+    /// `quit` / a signal / the guest's end (`Err`: how the guest ends, for
+    /// the report's `source_guest`).
+    fn await_retry(&mut self, report: Report) -> Result<Result<(), MigError>, String> {
         self.attempts.push(crate::report::Attempt {
             migration_id: report.migration_id.clone(),
             status: report.status.clone(),
@@ -1542,15 +1548,15 @@ impl Source {
                     }
                     if let Err(e) = self.new_attempt(to) {
                         log::error!("cannot start another attempt: {e}");
-                        return None;
+                        return Err(format!("ended: no other attempt could start ({e})"));
                     }
-                    return Some(self.run_attempt());
+                    return Ok(self.run_attempt());
                 }
                 Event::Command(Command::Quit, reply) => {
                     if let Some(r) = reply {
                         let _ = r.send(Ok(()));
                     }
-                    return None;
+                    return Err("ended by quit".into());
                 }
                 Event::Command(Command::Set(setting), reply) => {
                     let r = self.apply(setting);
@@ -1563,19 +1569,19 @@ impl Source {
                 }
                 Event::Interrupt(sig) => {
                     log::info!("signal {sig}: ending with the kept guest");
-                    return None;
+                    return Err(format!("ended by signal {sig}"));
                 }
                 Event::Exited { pid, status } => {
                     if let Some(p) = self.s.exited(pid, status) {
                         log::error!("{} (pid {pid}) ended: {status}", p.name);
                         if p.name == "postcopy-guest" {
-                            return None;
+                            return Err(format!("gone: it ended while kept ({status})"));
                         }
                     }
                 }
                 Event::ChannelClosed("postcopy-guest") => {
                     log::error!("the kept guest stopped talking to the supervisor");
-                    return None;
+                    return Err("gone: it stopped talking to the supervisor while kept".into());
                 }
                 _ => {}
             }
@@ -1583,8 +1589,9 @@ impl Source {
     }
 
     /// Ends a supervisor that kept its guest: the guest goes now. Returns
-    /// the last attempt's report.
-    fn finish_kept(mut self) -> Report {
+    /// the last attempt's report, its `source_guest` saying how the guest
+    /// ended (`how`).
+    fn finish_kept(mut self, how: String) -> Report {
         self.s.set_quitting("postcopy-guest");
         if let Some(c) = &self.guest {
             let _ = c.send(ToGuest::Quit);
@@ -1592,7 +1599,7 @@ impl Source {
         self.guest = None;
         self.s.reap_all(Duration::from_secs(5));
         let mut report = self.last_report.take().unwrap_or_default();
-        report.source_guest = Some("ended by quit".into());
+        report.source_guest = Some(how);
         report.attempts = self.attempts.clone();
         report.attempts.pop();
         report
@@ -1624,6 +1631,9 @@ impl Source {
             format!("attempt {} to {}", self.attempts.len() + 1, self.to),
         );
         self.times = Times::default();
+        // The report's timeline and the live figures are this attempt's.
+        self.telemetry = Telemetry::new("source", self.s.started, self.opts.guest.mem_bytes);
+        self.round_left = None;
         self.saved_state = None;
         self.last_round = None;
         self.final_sync = None;

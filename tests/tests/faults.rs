@@ -50,6 +50,14 @@ fn main() {
             cancel_in_precopy_keeps_the_guest,
         ),
         plain(
+            "kept_guest_stays_through_unreachable_retries",
+            kept_guest_stays_through_unreachable_retries,
+        ),
+        plain(
+            "kept_source_says_so_only_once_settled",
+            kept_source_says_so_only_once_settled,
+        ),
+        plain(
             "dead_return_path_prevents_the_switch",
             dead_return_path_prevents_the_switch,
         ),
@@ -248,12 +256,17 @@ fn ctl_cmd(ctl: &std::path::Path, args: &[&str]) -> Result<tests::Outcome, Strin
 /// Waits until the kept source's control socket says its attempt ended
 /// and a retry applies; returns its `query` answer (the report's fields).
 fn await_kept(k: &mut Kept) -> Result<Value, String> {
+    await_retry_offered(&mut k.src, &k.ctl)
+}
+
+/// [`await_kept`] for source `src` with control socket `ctl`.
+fn await_retry_offered(src: &mut tests::Running, ctl: &std::path::Path) -> Result<Value, String> {
     let t = Instant::now();
     loop {
-        if !k.src.running() {
+        if !src.running() {
             return Err("the source ended instead of keeping its guest".into());
         }
-        let o = ctl_cmd(&k.ctl, &["status", "--json"])?;
+        let o = ctl_cmd(ctl, &["status", "--json"])?;
         if let Ok(v) = serde_json::from_str::<Value>(&o.stdout) {
             if v["allowed"]["retry"] == Value::Bool(true) {
                 return Ok(v);
@@ -302,6 +315,28 @@ fn kept_then_migrated_again(mut k: Kept) -> TestResult {
     let r = report(&k.dir.path("src.json"))?;
     completed_ok(&r, out.status.success(), &out.describe())
         .map_err(|e| format!("the second migration of the kept guest: {e}"))?;
+    // The report is the last attempt's, its timeline too: every sample is
+    // from after its `retry` event (it used to hold the first attempt's
+    // samples as well, bytes falling back to 0 in the middle).
+    let retry_at = r["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["kind"] == "retry")
+        .and_then(|e| e["t_ms"].as_f64())
+        .ok_or_else(|| format!("no retry event: {}", r["events"]))?;
+    let samples = r["timeline"].as_array().cloned().unwrap_or_default();
+    check(
+        !samples.is_empty()
+            && samples
+                .iter()
+                .all(|s| s["t_ms"].as_f64().is_some_and(|t| t >= retry_at)),
+        format!(
+            "timeline of the retried attempt (retry at {retry_at} ms): first sample {}, {} samples",
+            samples.first().cloned().unwrap_or_default(),
+            samples.len()
+        ),
+    )?;
     check(
         r["attempts"][0]["status"] == "cancelled"
             && r["attempts"][0]["migration_id"] != r["migration_id"],
@@ -377,6 +412,157 @@ fn cancel_in_precopy_keeps_the_guest() -> TestResult {
     let k = kept_migration("cancel-pre")?;
     signal(k.src.pid(), libc::SIGINT);
     kept_then_migrated_again(k)
+}
+
+/// `migrate --keep-guest` to a port nobody listens on: the attempt fails
+/// in setup and the guest is kept; a retry to another such port fails the
+/// same way and the guest is still kept, running, retryable, with the
+/// first attempt listed and `elapsed_ms` moving while it waits. When the
+/// kept guest dies, the supervisor ends and its report says the guest is
+/// gone (it used to say "ended by quit").
+fn kept_guest_stays_through_unreachable_retries() -> TestResult {
+    let dir = TempDir::new("kept-unreachable");
+    let ctl = dir.path("ctl.sock");
+    let mut src = start(
+        postcopy()
+            .args(["migrate", "--to", &format!("127.0.0.1:{}", free_port())])
+            .args(["--mem", "16M", "--workload", "ab", "--verify", "ab"])
+            .arg("--keep-guest")
+            .arg("--control")
+            .arg(&ctl)
+            .arg("--json")
+            .arg(dir.path("src.json")),
+    );
+    let first = await_retry_offered(&mut src, &ctl)?;
+    check(
+        text(&first, "status") == "failed"
+            && text(&first, "error").contains("cannot connect")
+            && text(&first, "source_guest").starts_with("running"),
+        format!(
+            "first attempt: {} {} {}",
+            first["status"], first["error"], first["source_guest"]
+        ),
+    )?;
+    let guest = children(src.pid(), "postcopy-guest");
+    check(guest.len() == 1, format!("guest processes {guest:?}"))?;
+    let o = ctl_cmd(
+        &ctl,
+        &["retry", "--to", &format!("127.0.0.1:{}", free_port())],
+    )?;
+    check(o.status.success(), format!("retry: {}", o.describe()))?;
+    // Until the retry's attempt is over, retry is not offered.
+    let t = Instant::now();
+    let second = loop {
+        let v = await_retry_offered(&mut src, &ctl)?;
+        if v["migration_id"] != first["migration_id"] {
+            break v;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(60),
+            "the retry never started",
+        )?;
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    check(
+        text(&second, "status") == "failed"
+            && text(&second, "source_guest").starts_with("running")
+            && second["attempts"].as_array().map(Vec::len) == Some(1)
+            && second["attempts"][0]["migration_id"] == first["migration_id"],
+        format!(
+            "second attempt: {} {} attempts {}",
+            second["status"], second["source_guest"], second["attempts"]
+        ),
+    )?;
+    check(
+        children(src.pid(), "postcopy-guest") == guest,
+        "the kept guest is not the same process",
+    )?;
+    let elapsed = |v: &Value| v["elapsed_ms"].as_f64().unwrap_or(0.0);
+    std::thread::sleep(Duration::from_millis(300));
+    let later = await_retry_offered(&mut src, &ctl)?;
+    check(
+        elapsed(&later) > elapsed(&second),
+        format!(
+            "elapsed_ms stands still while kept: {} then {}",
+            elapsed(&second),
+            elapsed(&later)
+        ),
+    )?;
+    signal(guest[0], libc::SIGKILL);
+    let out = src.finish(Duration::from_secs(30))?;
+    let r = report(&dir.path("src.json")).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    check(
+        !out.status.success() && text(&r, "source_guest").starts_with("gone"),
+        format!(
+            "after the kept guest died: source_guest {}\n{}",
+            r["source_guest"],
+            out.describe()
+        ),
+    )
+}
+
+/// While a `--keep-guest` source settles its guest after a cancel, its
+/// `query` never says the migration is over (an orchestrator or `postcopy
+/// watch` would give up on a guest that is about to be kept), and `watch`
+/// follows the kept source until `quit` ends it.
+fn kept_source_says_so_only_once_settled() -> TestResult {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let k = kept_migration("kept-settle")?;
+    let watch = start(postcopy().arg("watch").arg("--control").arg(&k.ctl));
+    let conn = UnixStream::connect(&k.ctl).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut lines = BufReader::new(&conn);
+    let mut ask = |req: &str| -> Result<Value, String> {
+        (&conn)
+            .write_all(format!("{req}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut l = String::new();
+        lines.read_line(&mut l).map_err(|e| e.to_string())?;
+        serde_json::from_str(&l).map_err(|e| format!("{e}: {l:?}"))
+    };
+    let c = k.ctl.clone();
+    let cancel = std::thread::spawn(move || ctl_cmd(&c, &["cancel"]));
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let v = ask(r#"{"cmd":"query"}"#)?["result"].clone();
+        let retry = v["allowed"]["retry"].clone();
+        if retry == true {
+            break;
+        }
+        let status = text(&v, "status").to_string();
+        if matches!(status.as_str(), "cancelled" | "failed") {
+            seen.push(retry.to_string());
+            check(
+                retry != "the migration is over",
+                format!("{status}, but retry: {retry}"),
+            )?;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(60),
+            format!("no retry offered after the cancel (seen {seen:?})"),
+        )?;
+    }
+    let o = cancel.join().map_err(|_| "cancel thread")??;
+    check(o.status.success(), format!("cancel\n{}", o.describe()))?;
+    // Well after the guest was kept, the watch goes on.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut watch = watch;
+    check(watch.running(), "watch ended while the guest is kept")?;
+    let o = ctl_cmd(&k.ctl, &["quit"])?;
+    check(o.status.success(), format!("quit\n{}", o.describe()))?;
+    let w = watch.finish(Duration::from_secs(30))?;
+    check(
+        w.status.success() && w.stdout.contains("the migration ended: cancelled"),
+        format!("watch\n{}", w.describe()),
+    )?;
+    let out = k.src.finish(Duration::from_secs(30))?;
+    let r = report(&k.dir.path("src.json"))?;
+    check(
+        text(&r, "source_guest") == "ended by quit",
+        format!("source_guest {}\n{}", r["source_guest"], out.describe()),
+    )
 }
 
 // ---------------------------------------------------------------- fault 3
