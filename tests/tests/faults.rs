@@ -58,6 +58,10 @@ fn main() {
             kept_source_says_so_only_once_settled,
         ),
         plain(
+            "destination_paused_before_its_guest_ran_keeps_the_migration",
+            destination_paused_before_its_guest_ran_keeps_the_migration,
+        ),
+        plain(
             "dead_return_path_prevents_the_switch",
             dead_return_path_prevents_the_switch,
         ),
@@ -563,6 +567,106 @@ fn kept_source_says_so_only_once_settled() -> TestResult {
         text(&r, "source_guest") == "ended by quit",
         format!("source_guest {}\n{}", r["source_guest"], out.describe()),
     )
+}
+
+/// The destination pauses with the package in but its guest not yet run
+/// (the guest is held with SIGSTOP; the source pauses on command right
+/// after the package). A cancel there, on the socket or by SIGINT, is
+/// refused: the destination could not send the `Abort {guest_ran: false}`
+/// that lets the source resume, and the source would stay paused for good
+/// with its guest frozen (which is what happened). With the guest let go
+/// and `recover`, the migration completes with 0 mismatches.
+fn destination_paused_before_its_guest_ran_keeps_the_migration() -> TestResult {
+    let dir = TempDir::new("dest-paused-cancel");
+    let port = free_port();
+    let dctl = dir.path("dest.sock");
+    let mut dest = start(
+        postcopy()
+            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--control")
+            .arg(&dctl)
+            .arg("--json")
+            .arg(dir.path("dest.json")),
+    );
+    let sctl = dir.path("src.sock");
+    let src = start(
+        postcopy()
+            .args(["migrate", "--to", &format!("127.0.0.1:{port}")])
+            .args(["--mem", "64M", "--workload", "ab", "--postcopy", "manual"])
+            .args(["--verify", "ab", "--max-bandwidth", "32M"])
+            .args(["--max-postcopy-bandwidth", "8M"])
+            .arg("--control")
+            .arg(&sctl)
+            .arg("--json")
+            .arg(dir.path("src.json")),
+    );
+    let status = |ctl: &std::path::Path| -> Result<Value, String> {
+        let o = ctl_cmd(ctl, &["status", "--json"])?;
+        serde_json::from_str(&o.stdout).map_err(|e| format!("{e}: {}", o.describe()))
+    };
+    let until = |ctl: &std::path::Path, what: &str, pred: &dyn Fn(&Value) -> bool| {
+        let t = Instant::now();
+        loop {
+            // The socket may not be there yet.
+            let v = status(ctl);
+            if let Ok(v) = &v {
+                if pred(v) {
+                    return Ok(v.clone());
+                }
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                return Err(format!("never {what}: {v:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Precopy runs: the destination guest has said it is ready; stopped
+    // now, it cannot load the package.
+    until(&sctl, "in precopy", &|v| text(v, "state") == "precopy")?;
+    let t = Instant::now();
+    let guest = loop {
+        if let Some(&g) = children(dest.pid(), "postcopy-guest").first() {
+            break g;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(30),
+            "the destination guest never started",
+        )?;
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    signal(guest, libc::SIGSTOP);
+    let o = ctl_cmd(&sctl, &["start-postcopy"])?;
+    check(
+        o.status.success(),
+        format!("start-postcopy\n{}", o.describe()),
+    )?;
+    until(&sctl, "postcopy-active", &|v| {
+        text(v, "status") == "postcopy-active"
+    })?;
+    let o = ctl_cmd(&sctl, &["pause"])?;
+    check(o.status.success(), format!("pause\n{}", o.describe()))?;
+    let d = until(&dctl, "paused", &|v| text(v, "state") == "paused")?;
+    check(
+        d["allowed"]["cancel"] != true,
+        format!("the paused destination offers cancel: {}", d["allowed"]),
+    )?;
+    let o = ctl_cmd(&dctl, &["cancel"])?;
+    check(
+        !o.status.success() && o.stderr.contains("link to the source is down"),
+        format!("cancel on the paused destination\n{}", o.describe()),
+    )?;
+    signal(dest.pid(), libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(500));
+    check(dest.running(), "SIGINT ended the paused destination")?;
+    signal(guest, libc::SIGCONT);
+    let o = ctl_cmd(&sctl, &["recover"])?;
+    check(o.status.success(), format!("recover\n{}", o.describe()))?;
+    let out = src.finish(Duration::from_secs(120))?;
+    let r = report(&dir.path("src.json"))?;
+    completed_ok(&r, out.status.success(), &out.describe())?;
+    let d = dest.finish(Duration::from_secs(30))?;
+    check(d.status.success(), format!("destination\n{}", d.describe()))
 }
 
 // ---------------------------------------------------------------- fault 3
