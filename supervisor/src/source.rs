@@ -28,7 +28,7 @@ use crate::cli::SourceOpts;
 use crate::ctlsock::{Allowed, Command, ControlSocket, Setting, Status};
 use crate::error::MigError;
 use crate::events::{self, Event, Gate, Reply};
-use crate::machine::source::{SourceMachine, SourceState, SrcAction};
+use crate::machine::source::{Resume, SourceMachine, SourceState, SrcAction};
 use crate::machine::{GuestFate, Judged};
 use crate::net::{self, Control};
 use crate::policy::Policy;
@@ -453,8 +453,18 @@ impl Source {
                     Err("the postcopy policy was set to never".into())
                 }
                 _ if in_precopy => Ok(()),
+                S::Paused {
+                    from: Resume::Precopy { .. },
+                    ..
+                }
+                | S::Resync {
+                    from: Resume::Precopy { .. },
+                    ..
+                } => Err(
+                    "the data roles are being replaced (resync); start-postcopy applies once precopy runs again".into(),
+                ),
                 S::Paused { .. } | S::Resync { .. } => {
-                    Err("the migration is already in postcopy (recovering)".into())
+                    Err("the package was sent; the migration is recovering its link".into())
                 }
                 _ => Err("the migration is already switching to postcopy or past precopy".into()),
             },
@@ -462,6 +472,10 @@ impl Source {
             pause: match st {
                 S::PackageOut { tail, .. } if tail.postcopy => Ok(()),
                 S::Paused { .. } => Err("the migration is paused already".into()),
+                S::Resync {
+                    from: Resume::Package { .. },
+                    ..
+                } => Err("the migration is recovering (resync); pause applies once postcopy runs again".into()),
                 _ => Err(
                     "pause applies in postcopy, while the destination still needs pages from here"
                         .into(),
