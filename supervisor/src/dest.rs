@@ -979,7 +979,13 @@ impl Dest {
         if e.child() != Some("fault-handler") {
             return Err(e);
         }
-        if !e.is_link_trouble() {
+        // Link trouble is free once the package is here (see the source's
+        // on_role_failure); before it, it counts.
+        let package_here = !matches!(
+            self.m.state(),
+            DestState::Accepting | DestState::Preparing { .. } | DestState::Precopy { .. }
+        );
+        if !(e.is_link_trouble() && package_here) {
             if self.crashes >= self.args.max_restarts {
                 return Err(MigError::Setup(format!(
                     "{e}; the fault-handler failed and was restarted {} times already (--max-restarts {})",

@@ -1155,7 +1155,11 @@ impl Source {
         let Some(name @ ("ram-sender" | "page-server")) = e.child() else {
             return Err(e);
         };
-        if !e.is_link_trouble() {
+        // Link trouble is free once the package is out (a postcopy
+        // migration that gives up strands the guest); before it, it counts:
+        // failing is safe there (the guest runs on here), and a link that
+        // resets every stream would start precopy over for ever.
+        if !(e.is_link_trouble() && self.m.state().package_out()) {
             let crashes = self.crashes.entry(name).or_default();
             if *crashes >= self.opts.max_restarts {
                 return Err(MigError::Setup(format!(

@@ -62,6 +62,14 @@ fn main() {
             destination_paused_before_its_guest_ran_keeps_the_migration,
         ),
         plain(
+            "link_resets_in_postcopy_do_not_use_up_the_restarts",
+            link_resets_in_postcopy_do_not_use_up_the_restarts,
+        ),
+        plain(
+            "link_resets_in_precopy_use_up_the_restarts",
+            link_resets_in_precopy_use_up_the_restarts,
+        ),
+        plain(
             "dead_return_path_prevents_the_switch",
             dead_return_path_prevents_the_switch,
         ),
@@ -667,6 +675,211 @@ fn destination_paused_before_its_guest_ran_keeps_the_migration() -> TestResult {
     completed_ok(&r, out.status.success(), &out.describe())?;
     let d = dest.finish(Duration::from_secs(30))?;
     check(d.status.success(), format!("destination\n{}", d.describe()))
+}
+
+/// A TCP relay to `to` that, once `armed`, resets every main stream (told
+/// by its hello) after it carried `limit` more bytes towards `to`: a
+/// middlebox that cuts long streams while new connections get through.
+/// Returns its address; it runs until the test process ends.
+fn resetting_relay(
+    to: String,
+    limit: u64,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<String, String> {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| e.to_string())?
+        .to_string();
+    fn reset(s: &TcpStream) {
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on a socket this test owns, with a linger
+        // struct of the size given.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &l as *const libc::linger as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    std::thread::spawn(move || {
+        for mut inbound in listener.incoming().flatten() {
+            let mut hello = [0u8; HELLO_LEN];
+            if inbound.read_exact(&mut hello).is_err() {
+                continue;
+            }
+            let Ok(mut outbound) = TcpStream::connect(&to) else {
+                continue;
+            };
+            if outbound.write_all(&hello).is_err() {
+                continue;
+            }
+            let (Ok(mut back_r), Ok(mut back_w)) = (outbound.try_clone(), inbound.try_clone())
+            else {
+                continue;
+            };
+            let main = hello[6] == MAIN;
+            let armed = armed.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut carried = 0u64;
+                while let Ok(n) = inbound.read(&mut buf) {
+                    if n == 0 || outbound.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    if main && armed.load(Ordering::Relaxed) {
+                        carried += n as u64;
+                        if carried > limit {
+                            reset(&inbound);
+                            reset(&outbound);
+                            return;
+                        }
+                    }
+                }
+                let _ = outbound.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = back_r.read(&mut buf) {
+                    if n == 0 || back_w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = back_w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// In postcopy, behind a middlebox that resets the main stream after every
+/// 8 MiB, the roles see `Connection reset by peer` or `Broken pipe`: link
+/// trouble, which must not use up `--max-restarts` (1 here). Each resync
+/// resumes from the destination's received pages, and the migration
+/// completes with 0 mismatches. It used to fail after the package on the
+/// second reset: the source kept its guest frozen and the destination
+/// tore its running guest down, the guest lost on both hosts.
+fn link_resets_in_postcopy_do_not_use_up_the_restarts() -> TestResult {
+    let dir = TempDir::new("resets");
+    let port = free_port();
+    let dest = start(
+        postcopy()
+            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--json")
+            .arg(dir.path("dest.json")),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relay = resetting_relay(format!("127.0.0.1:{port}"), 8 << 20, armed.clone())?;
+    let ctl = dir.path("src.sock");
+    let src = start(
+        postcopy()
+            .args(["migrate", "--to", &relay])
+            .args(["--mem", "128M", "--workload", "ab", "--verify", "ab"])
+            .args(["--postcopy", "manual", "--max-bandwidth", "16M"])
+            .args(["--max-restarts", "1"])
+            .arg("--control")
+            .arg(&ctl)
+            .arg("--json")
+            .arg(dir.path("src.json")),
+    );
+    let t = Instant::now();
+    loop {
+        let o = ctl_cmd(&ctl, &["start-postcopy"])?;
+        if o.status.success() {
+            break;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(30),
+            format!("start-postcopy never applied\n{}", o.describe()),
+        )?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    loop {
+        let o = ctl_cmd(&ctl, &["status", "--json"])?;
+        if o.stdout.contains("\"status\":\"postcopy-active\"") {
+            break;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(60),
+            format!("never in postcopy\n{}", o.describe()),
+        )?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    armed.store(true, std::sync::atomic::Ordering::Relaxed);
+    let out = src.finish(Duration::from_secs(180))?;
+    let r = report(&dir.path("src.json")).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    completed_ok(&r, out.status.success(), &out.describe())?;
+    let resets = events(&r, "resync")
+        .into_iter()
+        .filter(|e| e.contains("(os error"))
+        .count();
+    check(
+        resets >= 2,
+        format!(
+            "expected at least 2 resyncs for socket errors (more than --max-restarts 1): {:?}",
+            events(&r, "resync")
+        ),
+    )?;
+    let d = dest.finish(Duration::from_secs(30))?;
+    check(d.status.success(), format!("destination\n{}", d.describe()))
+}
+
+/// Before the package the same resets count against `--max-restarts`:
+/// every resync starts precopy over, so behind that middlebox 64 MiB never
+/// get across, and the migration must fail once the restarts are used up,
+/// the source guest running with its memory intact (not start precopy over
+/// for ever).
+fn link_resets_in_precopy_use_up_the_restarts() -> TestResult {
+    let dir = TempDir::new("resets-pre");
+    let port = free_port();
+    let dest = start(
+        postcopy()
+            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--json")
+            .arg(dir.path("dest.json")),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let relay = resetting_relay(format!("127.0.0.1:{port}"), 8 << 20, armed)?;
+    let out = run(
+        postcopy()
+            .args(["migrate", "--to", &relay])
+            .args(["--mem", "64M", "--workload", "ab", "--verify", "ab"])
+            .args(["--postcopy", "never", "--max-restarts", "2"])
+            .arg("--json")
+            .arg(dir.path("src.json")),
+        Duration::from_secs(120),
+    )?;
+    let r = report(&dir.path("src.json")).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    check(
+        text(&r, "status") == "failed" && text(&r, "error").contains("--max-restarts 2"),
+        format!(
+            "status {} error {}\n{}",
+            r["status"],
+            r["error"],
+            out.describe()
+        ),
+    )?;
+    check(
+        text(&r, "source_guest").starts_with("running")
+            && r["source_verify"]["mismatches"].as_u64() == Some(0),
+        format!(
+            "source guest {} memory {}",
+            r["source_guest"], r["source_verify"]
+        ),
+    )?;
+    let _ = dest.finish(Duration::from_secs(60));
+    Ok(())
 }
 
 // ---------------------------------------------------------------- fault 3
