@@ -209,6 +209,25 @@ struct Shared {
     board: Mutex<Board>,
     changed: Condvar,
     clients: AtomicUsize,
+    /// Writes owed before the process may end: replies to commands handed
+    /// to the driver, and event threads yet to send `closed`.
+    owed: AtomicUsize,
+}
+
+/// Counts one write owed in [`Shared::owed`] while it lives.
+struct Owed(Arc<Shared>);
+
+impl Owed {
+    fn new(sh: &Arc<Shared>) -> Self {
+        sh.owed.fetch_add(1, Ordering::AcqRel);
+        Owed(sh.clone())
+    }
+}
+
+impl Drop for Owed {
+    fn drop(&mut self) {
+        self.0.owed.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The listening control socket; removed when dropped.
@@ -269,6 +288,7 @@ impl ControlSocket {
             }),
             changed: Condvar::new(),
             clients: AtomicUsize::new(0),
+            owed: AtomicUsize::new(0),
         });
         let sh = shared.clone();
         std::thread::Builder::new()
@@ -366,10 +386,18 @@ impl ControlSocket {
 }
 
 impl Drop for ControlSocket {
+    /// Closes the socket, and waits (at most a client's write timeout)
+    /// until the answers owed are written: the answer to the command that
+    /// ends the supervisor (`cancel`, `quit`) and each subscriber's
+    /// `closed`, which the process ending right after would otherwise cut.
     fn drop(&mut self) {
         self.shared.board.lock().expect("board").closed = true;
         self.shared.changed.notify_all();
         let _ = std::fs::remove_file(&self.path);
+        let t = Instant::now();
+        while self.shared.owed.load(Ordering::Acquire) > 0 && t.elapsed() < WRITE_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
@@ -505,6 +533,8 @@ fn serve(conn: &UnixStream, sh: &Arc<Shared>, tx: &Sender<Event>) {
             continue;
         }
         let (id, req) = parse_request(&line);
+        // A command's answer is owed until written (see ControlSocket's drop).
+        let _owed = matches!(req, Ok(Request::Do(_))).then(|| Owed::new(sh));
         let reply = match req {
             Err(why) => reply_err(&id, &why),
             Ok(Request::Query) => {
@@ -523,9 +553,14 @@ fn serve(conn: &UnixStream, sh: &Arc<Shared>, tx: &Sender<Event>) {
             Ok(Request::Subscribe) => {
                 let (sh, w, g) = (sh.clone(), writer.clone(), gone.clone());
                 let from = sh.board.lock().expect("board").first;
+                // Counted before the thread runs: a drop meanwhile waits.
+                let owed = Owed::new(&sh);
                 let spawned = std::thread::Builder::new()
                     .name("control-events".into())
-                    .spawn(move || stream_events(&sh, &w, from, &g));
+                    .spawn(move || {
+                        stream_events(&sh, &w, from, &g);
+                        drop(owed);
+                    });
                 match spawned {
                     Ok(t) => {
                         events = Some(t);

@@ -486,8 +486,20 @@ fn idle_destination(tag: &str) -> Result<(TempDir, tests::Running, std::path::Pa
 /// next migration that arrived, whenever that was.
 fn cancel_on_an_idle_destination_ends_it() -> TestResult {
     let (dir, dest, sock) = idle_destination("ctl-idle-cancel")?;
+    let mut sub = Conn::open(&sock)?;
+    ok(&sub.call(json!({"cmd": "subscribe"}), &mut Vec::new())?)?;
+    // The answer comes although the destination ends at once (it used to
+    // be cut by the process's end, as could the subscriber's `closed`).
     let o = cli(&sock, &["cancel"])?;
     check(o.status.success(), format!("cancel\n{}", o.describe()))?;
+    let mut last = Value::Null;
+    while let Ok(v) = sub.line() {
+        last = v;
+    }
+    check(
+        last["event"] == "closed",
+        format!("the subscriber's last line: {last}"),
+    )?;
     let d = dest.finish(Duration::from_secs(30))?;
     let r = report(&dir.path("dest.json"))?;
     check(
