@@ -470,7 +470,17 @@ impl Source {
             },
             cancel: self.m.can_cancel().map_err(str::to_string),
             pause: match st {
-                S::PackageOut { tail, .. } if tail.postcopy => Ok(()),
+                S::PackageOut {
+                    tail,
+                    dest_running: true,
+                } if tail.postcopy => Ok(()),
+                // Until the destination says its guest runs, it may not
+                // have the package: a link dropped then fails it (it
+                // pauses only with the package in), and this side would
+                // wait for it for good with the guest frozen.
+                S::PackageOut { tail, .. } if tail.postcopy => Err(
+                    "the destination has not confirmed the package yet; pause applies once its guest runs".into(),
+                ),
                 S::Paused { .. } => Err("the migration is paused already".into()),
                 S::Resync {
                     from: Resume::Package { .. },

@@ -578,12 +578,13 @@ fn kept_source_says_so_only_once_settled() -> TestResult {
 }
 
 /// The destination pauses with the package in but its guest not yet run
-/// (the guest is held with SIGSTOP; the source pauses on command right
-/// after the package). A cancel there, on the socket or by SIGINT, is
-/// refused: the destination could not send the `Abort {guest_ran: false}`
-/// that lets the source resume, and the source would stay paused for good
-/// with its guest frozen (which is what happened). With the guest let go
-/// and `recover`, the migration completes with 0 mismatches.
+/// (the guest is held with SIGSTOP; the source supervisor is stopped right
+/// after the package, so the destination's link times out). A cancel
+/// there, on the socket or by SIGINT, is refused: the destination could
+/// not send the `Abort {guest_ran: false}` that lets the source resume,
+/// and the source would stay paused for good with its guest frozen (which
+/// is what happened). With both let go, the source reconnects by itself
+/// and the migration completes with 0 mismatches.
 fn destination_paused_before_its_guest_ran_keeps_the_migration() -> TestResult {
     let dir = TempDir::new("dest-paused-cancel");
     let port = free_port();
@@ -591,6 +592,7 @@ fn destination_paused_before_its_guest_ran_keeps_the_migration() -> TestResult {
     let mut dest = start(
         postcopy()
             .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--link-timeout", "2"])
             .arg("--control")
             .arg(&dctl)
             .arg("--json")
@@ -652,9 +654,24 @@ fn destination_paused_before_its_guest_ran_keeps_the_migration() -> TestResult {
     until(&sctl, "postcopy-active", &|v| {
         text(v, "status") == "postcopy-active"
     })?;
+    // The destination has the package; its guest cannot load it.
+    until(&dctl, "past precopy", &|v| {
+        !matches!(text(v, "state"), "precopy" | "preparing")
+    })?;
+    // `pause` waits for the destination's guest to run (before, the
+    // destination might not have the package): silence the source instead.
     let o = ctl_cmd(&sctl, &["pause"])?;
-    check(o.status.success(), format!("pause\n{}", o.describe()))?;
-    let d = until(&dctl, "paused", &|v| text(v, "state") == "paused")?;
+    check(
+        !o.status.success() && o.stderr.contains("not confirmed the package"),
+        format!(
+            "pause before the destination's guest runs\n{}",
+            o.describe()
+        ),
+    )?;
+    signal(src.pid(), libc::SIGSTOP);
+    let d = until(&dctl, "paused", &|v| text(v, "state") == "paused");
+    signal(src.pid(), libc::SIGCONT);
+    let d = d?;
     check(
         d["allowed"]["cancel"] != true,
         format!("the paused destination offers cancel: {}", d["allowed"]),
@@ -668,8 +685,6 @@ fn destination_paused_before_its_guest_ran_keeps_the_migration() -> TestResult {
     std::thread::sleep(Duration::from_millis(500));
     check(dest.running(), "SIGINT ended the paused destination")?;
     signal(guest, libc::SIGCONT);
-    let o = ctl_cmd(&sctl, &["recover"])?;
-    check(o.status.success(), format!("recover\n{}", o.describe()))?;
     let out = src.finish(Duration::from_secs(120))?;
     let r = report(&dir.path("src.json"))?;
     completed_ok(&r, out.status.success(), &out.describe())?;
@@ -862,7 +877,8 @@ fn link_resets_in_precopy_use_up_the_restarts() -> TestResult {
     )?;
     let r = report(&dir.path("src.json")).map_err(|e| format!("{e}\n{}", out.describe()))?;
     check(
-        text(&r, "status") == "failed" && text(&r, "error").contains("--max-restarts 2"),
+        // Either side's budget may run out first.
+        text(&r, "status") == "failed" && text(&r, "error").contains("--max-restarts"),
         format!(
             "status {} error {}\n{}",
             r["status"],
