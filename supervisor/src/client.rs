@@ -181,14 +181,24 @@ pub fn watch(args: &ClientArgs) -> ExitCode {
     };
     let mut last_line = String::new();
     let mut last_draw = Instant::now() - Duration::from_secs(1);
+    // The supervisor closes the socket when it ends: that, not a final
+    // status, ends the watch (a `--keep-guest` source shows a final status
+    // while it settles whether it keeps its guest, and then waits on).
+    let mut last_status = String::new();
+    let ended = |tty: bool, status: &str| {
+        if tty {
+            println!();
+        }
+        match status {
+            "completed" | "failed" | "cancelled" => println!("the migration ended: {status}"),
+            _ => println!("the migration's control socket closed"),
+        }
+        ExitCode::SUCCESS
+    };
     loop {
         while let Ok(ev) = rx.try_recv() {
             let Some(ev) = ev else {
-                if tty {
-                    println!();
-                }
-                println!("the migration's control socket closed");
-                return ExitCode::SUCCESS;
+                return ended(tty, &last_status);
             };
             if tty {
                 print!("\r\x1b[2K");
@@ -205,10 +215,7 @@ pub fn watch(args: &ClientArgs) -> ExitCode {
             last_draw = Instant::now();
             let v = match query.call(json!({"cmd": "query"})) {
                 Ok(v) => v,
-                Err(_) => {
-                    println!("\nthe migration's control socket closed");
-                    return ExitCode::SUCCESS;
-                }
+                Err(_) => return ended(tty, &last_status),
             };
             let text = describe(&v);
             let line: String = text
@@ -224,19 +231,7 @@ pub fn watch(args: &ClientArgs) -> ExitCode {
             }
             last_line = line;
             let _ = std::io::stdout().flush();
-            let status = str_at(&v, "status");
-            if matches!(status, "completed" | "failed" | "cancelled")
-                && v.get("allowed")
-                    .and_then(|a| a.get("retry"))
-                    .and_then(Value::as_bool)
-                    != Some(true)
-            {
-                if tty {
-                    println!();
-                }
-                println!("the migration ended: {status}");
-                return ExitCode::SUCCESS;
-            }
+            last_status = str_at(&v, "status").to_string();
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -15,7 +15,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -204,9 +204,30 @@ struct Board {
 
 struct Shared {
     side: &'static str,
+    /// The supervisor's start: `query`'s `elapsed_ms` counts from it.
+    started: Instant,
     board: Mutex<Board>,
     changed: Condvar,
     clients: AtomicUsize,
+    /// Writes owed before the process may end: replies to commands handed
+    /// to the driver, and event threads yet to send `closed`.
+    owed: AtomicUsize,
+}
+
+/// Counts one write owed in [`Shared::owed`] while it lives.
+struct Owed(Arc<Shared>);
+
+impl Owed {
+    fn new(sh: &Arc<Shared>) -> Self {
+        sh.owed.fetch_add(1, Ordering::AcqRel);
+        Owed(sh.clone())
+    }
+}
+
+impl Drop for Owed {
+    fn drop(&mut self) {
+        self.0.owed.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The listening control socket; removed when dropped.
@@ -215,7 +236,6 @@ pub struct ControlSocket {
     shared: Arc<Shared>,
     /// Report events published so far.
     published: usize,
-    started: Instant,
 }
 
 impl ControlSocket {
@@ -258,6 +278,7 @@ impl ControlSocket {
         let listener = UnixListener::bind(&path)?;
         let shared = Arc::new(Shared {
             side,
+            started,
             board: Mutex::new(Board {
                 status: json!({"side": side, "state": "starting"}),
                 allowed: Allowed::none("the migration is starting"),
@@ -267,15 +288,26 @@ impl ControlSocket {
             }),
             changed: Condvar::new(),
             clients: AtomicUsize::new(0),
+            owed: AtomicUsize::new(0),
         });
         let sh = shared.clone();
         std::thread::Builder::new()
             .name("control-socket".into())
             .spawn(move || {
-                for conn in listener.incoming().flatten() {
+                for conn in listener.incoming() {
                     if sh.board.lock().expect("board").closed {
                         break;
                     }
+                    let conn = match conn {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // Out of fds, say: the connection stays queued;
+                            // do not spin on it.
+                            log::warn!("control socket: accept failed: {e}");
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        }
+                    };
                     let n = sh.clients.fetch_add(1, Ordering::AcqRel);
                     if n >= MAX_CLIENTS {
                         sh.clients.fetch_sub(1, Ordering::AcqRel);
@@ -305,7 +337,6 @@ impl ControlSocket {
             path,
             shared,
             published: 0,
-            started,
         })
     }
 
@@ -341,7 +372,7 @@ impl ControlSocket {
             o.insert("allowed".into(), json!(status.allowed));
             o.insert(
                 "elapsed_ms".into(),
-                json!(self.started.elapsed().as_secs_f64() * 1e3),
+                json!(self.shared.started.elapsed().as_secs_f64() * 1e3),
             );
         }
         b.status = st;
@@ -375,10 +406,18 @@ impl ControlSocket {
 }
 
 impl Drop for ControlSocket {
+    /// Closes the socket, and waits (at most a client's write timeout)
+    /// until the answers owed are written: the answer to the command that
+    /// ends the supervisor (`cancel`, `quit`) and each subscriber's
+    /// `closed`, which the process ending right after would otherwise cut.
     fn drop(&mut self) {
         self.shared.board.lock().expect("board").closed = true;
         self.shared.changed.notify_all();
         let _ = std::fs::remove_file(&self.path);
+        let t = Instant::now();
+        while self.shared.owed.load(Ordering::Acquire) > 0 && t.elapsed() < WRITE_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
@@ -491,7 +530,11 @@ fn serve(conn: &UnixStream, sh: &Arc<Shared>, tx: &Sender<Event>) {
     let Ok(writer) = conn.try_clone() else { return };
     let writer = Arc::new(Mutex::new(writer));
     let mut reader = BufReader::new(conn);
-    let mut subscribed = false;
+    // The event thread of a subscription, and what tells it the client
+    // left: it must not outlive the client (each holds a thread and an fd
+    // until the next event, and an idle supervisor may see none for hours).
+    let mut events: Option<std::thread::JoinHandle<()>> = None;
+    let gone = Arc::new(AtomicBool::new(false));
     loop {
         let line = match read_line(&mut reader) {
             Ok(Some(l)) => l,
@@ -510,20 +553,43 @@ fn serve(conn: &UnixStream, sh: &Arc<Shared>, tx: &Sender<Event>) {
             continue;
         }
         let (id, req) = parse_request(&line);
+        // A command's answer is owed until written (see ControlSocket's drop).
+        let _owed = matches!(req, Ok(Request::Do(_))).then(|| Owed::new(sh));
         let reply = match req {
             Err(why) => reply_err(&id, &why),
-            Ok(Request::Query) => reply_ok(&id, sh.board.lock().expect("board").status.clone()),
-            Ok(Request::Subscribe) if subscribed => reply_err(&id, "already subscribed"),
+            Ok(Request::Query) => {
+                let mut status = sh.board.lock().expect("board").status.clone();
+                // Now, not when the driver last published (it does not
+                // while it waits for connections or keeps a guest).
+                if let Value::Object(o) = &mut status {
+                    o.insert(
+                        "elapsed_ms".into(),
+                        json!(sh.started.elapsed().as_secs_f64() * 1e3),
+                    );
+                }
+                reply_ok(&id, status)
+            }
+            Ok(Request::Subscribe) if events.is_some() => reply_err(&id, "already subscribed"),
             Ok(Request::Subscribe) => {
-                subscribed = true;
-                // Subscribers may stay quiet for the whole migration.
-                conn.set_read_timeout(None).ok();
-                let (sh, w) = (sh.clone(), writer.clone());
+                let (sh, w, g) = (sh.clone(), writer.clone(), gone.clone());
                 let from = sh.board.lock().expect("board").first;
-                let _ = std::thread::Builder::new()
+                // Counted before the thread runs: a drop meanwhile waits.
+                let owed = Owed::new(&sh);
+                let spawned = std::thread::Builder::new()
                     .name("control-events".into())
-                    .spawn(move || stream_events(&sh, &w, from));
-                reply_ok(&id, json!({"subscribed": true}))
+                    .spawn(move || {
+                        stream_events(&sh, &w, from, &g);
+                        drop(owed);
+                    });
+                match spawned {
+                    Ok(t) => {
+                        events = Some(t);
+                        // Subscribers may stay quiet for the whole migration.
+                        conn.set_read_timeout(None).ok();
+                        reply_ok(&id, json!({"subscribed": true}))
+                    }
+                    Err(e) => reply_err(&id, &format!("no thread for the events: {e}")),
+                }
             }
             Ok(Request::Do(cmd)) => {
                 let allowed = sh.board.lock().expect("board").allowed.check(&cmd);
@@ -556,15 +622,26 @@ fn serve(conn: &UnixStream, sh: &Arc<Shared>, tx: &Sender<Event>) {
         }
     }
     let _ = conn.shutdown(std::net::Shutdown::Both);
+    if let Some(t) = events {
+        gone.store(true, Ordering::Release);
+        // Under the lock: the event thread is either before its check of
+        // `gone` or waiting, and then woken.
+        drop(sh.board.lock().expect("board"));
+        sh.changed.notify_all();
+        let _ = t.join();
+    }
 }
 
 /// Writes every event from sequence number `next` on, as they come, until
-/// the socket closes or the client stops taking them.
-fn stream_events(sh: &Shared, writer: &Mutex<UnixStream>, mut next: u64) {
+/// the socket closes, the client stops taking them or it left (`gone`).
+fn stream_events(sh: &Shared, writer: &Mutex<UnixStream>, mut next: u64, gone: &AtomicBool) {
     loop {
         let (batch, missed, closed) = {
             let mut b = sh.board.lock().expect("board");
             while !b.closed && b.first + b.events.len() as u64 <= next {
+                if gone.load(Ordering::Acquire) {
+                    return;
+                }
                 b = sh
                     .changed
                     .wait_timeout(b, Duration::from_secs(1))

@@ -275,13 +275,12 @@ impl Dest {
             return self.on_command(cmd, reply);
         }
         if let Event::Interrupt(sig) = ev {
-            return if self.m.state().guest_ran() {
-                log::warn!(
-                    "signal {sig}: the guest runs here now and may be the only live copy; not cancelling"
-                );
-                Ok(())
-            } else {
-                Err(MigError::Cancelled(format!("signal {sig}")))
+            return match self.allowed().cancel {
+                Err(why) => {
+                    log::warn!("signal {sig}: not cancelling: {why}");
+                    Ok(())
+                }
+                Ok(()) => Err(MigError::Cancelled(format!("signal {sig}"))),
             };
         }
         let judged = self.m.on(&ev, self.wants_digests())?;
@@ -444,9 +443,15 @@ impl Dest {
         };
         Allowed {
             start_postcopy: source("start-postcopy"),
-            cancel: match self.m.state().guest_ran() {
-                true => Err("the guest runs here and may be the only live copy".into()),
-                false => Ok(()),
+            cancel: match self.m.state() {
+                st if st.guest_ran() => {
+                    Err("the guest runs here and may be the only live copy".into())
+                }
+                // The package is here and the link is down: only our Abort
+                // (guest_ran false) lets the source resume its frozen copy,
+                // and it could not be sent.
+                DestState::Paused { .. } => Err("the link to the source is down: the source could not learn that the guest never ran here and would keep its copy frozen for good; the source reconnects by itself (or `postcopy recover` there)".into()),
+                _ => Ok(()),
             },
             pause: source("pause"),
             recover: source("recover (the destination takes the source back on its listening address by itself)"),
@@ -986,7 +991,13 @@ impl Dest {
         if e.child() != Some("fault-handler") {
             return Err(e);
         }
-        if !e.is_link_trouble() {
+        // Link trouble is free once the package is here (see the source's
+        // on_role_failure); before it, it counts.
+        let package_here = !matches!(
+            self.m.state(),
+            DestState::Accepting | DestState::Preparing { .. } | DestState::Precopy { .. }
+        );
+        if !(e.is_link_trouble() && package_here) {
             if self.crashes >= self.args.max_restarts {
                 return Err(MigError::Setup(format!(
                     "{e}; the fault-handler failed and was restarted {} times already (--max-restarts {})",

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::control::{ControlMsg, ExitStatus, RoleInfo};
 use common::msg::{FromFaultHandler, FromGuest, FromPageServer, FromRamSender};
 
+use crate::ctlsock::Command;
 use crate::error::MigError;
 use crate::events::{Event, Gate, Reaper};
 use crate::net::Control;
@@ -318,13 +319,30 @@ impl Session {
     }
 
     /// For loops that cannot wait on events (accepting connections): takes
-    /// what has arrived without blocking. A signal ends the wait as a
-    /// cancel, a dead process or a lost peer as a failure; anything else is
-    /// kept for a later `wait`.
+    /// what has arrived without blocking. A signal or a control-socket
+    /// `cancel` ends the wait as a cancel, a dead process or a lost peer as
+    /// a failure; anything else is kept for a later `wait`. Other commands
+    /// are answered at once: kept, their client would time out and they
+    /// would act on whatever migration came next.
     pub fn poll_stop(&mut self, peer: &str) -> Result<(), MigError> {
         while let Some(ev) = self.recv(Duration::ZERO) {
             match ev {
                 Event::Interrupt(sig) => return Err(MigError::Cancelled(format!("signal {sig}"))),
+                Event::Command(Command::Cancel, reply) => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Ok(()));
+                    }
+                    return Err(MigError::Cancelled(
+                        "requested on the control socket".into(),
+                    ));
+                }
+                Event::Command(_, reply) => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(format!(
+                            "only cancel applies while waiting for the {peer}'s connections"
+                        )));
+                    }
+                }
                 ev => {
                     if let Some(other) = self.handle_common(ev, peer)? {
                         self.stash(other);

@@ -28,7 +28,7 @@ use crate::cli::SourceOpts;
 use crate::ctlsock::{Allowed, Command, ControlSocket, Setting, Status};
 use crate::error::MigError;
 use crate::events::{self, Event, Gate, Reply};
-use crate::machine::source::{SourceMachine, SourceState, SrcAction};
+use crate::machine::source::{Resume, SourceMachine, SourceState, SrcAction};
 use crate::machine::{GuestFate, Judged};
 use crate::net::{self, Control};
 use crate::policy::Policy;
@@ -265,8 +265,8 @@ pub fn migrate(opts: SourceOpts, to: String, extra: &[(&'static str, u32)]) -> R
             "the guest runs on here: `postcopy retry [--to ADDR]` migrates it again, `postcopy quit` ends it"
         );
         match src.await_retry(report) {
-            Some(r) => result = r,
-            None => return src.finish_kept(),
+            Ok(r) => result = r,
+            Err(why) => return src.finish_kept(why),
         }
     }
 }
@@ -429,6 +429,11 @@ impl Source {
                     set: Ok(()),
                     ..Allowed::none(KEPT)
                 },
+                // Still settling the guest's fate (`conclude`): whether it
+                // is kept is not known yet; "over" would be wrong if it is.
+                false if self.opts.keep_guest => Allowed::none(
+                    "the attempt is ending (--keep-guest: retry applies once the guest is seen running here)",
+                ),
                 false => Allowed::none("the migration is over"),
             };
         }
@@ -442,24 +447,39 @@ impl Source {
                     Err("the postcopy policy was set to never".into())
                 }
                 _ if in_precopy => Ok(()),
+                S::Paused {
+                    from: Resume::Precopy { .. },
+                    ..
+                }
+                | S::Resync {
+                    from: Resume::Precopy { .. },
+                    ..
+                } => Err(
+                    "the data roles are being replaced (resync); start-postcopy applies once precopy runs again".into(),
+                ),
                 S::Paused { .. } | S::Resync { .. } => {
-                    Err("the migration is already in postcopy (recovering)".into())
+                    Err("the package was sent; the migration is recovering its link".into())
                 }
                 _ => Err("the migration is already switching to postcopy or past precopy".into()),
             },
             cancel: self.m.can_cancel().map_err(str::to_string),
             pause: match st {
-                // Once the destination runs the guest: before that a pause
-                // could cut the package short, leaving the destination
-                // without a guest and the source frozen.
                 S::PackageOut {
                     tail,
                     dest_running: true,
                 } if tail.postcopy => Ok(()),
+                // Until the destination says its guest runs, it may not
+                // have the package: a link dropped then fails it (it
+                // pauses only with the package in), and this side would
+                // wait for it for good with the guest frozen.
                 S::PackageOut { tail, .. } if tail.postcopy => Err(
-                    "the destination has not started the guest yet; pause once it runs".into(),
+                    "the destination has not confirmed the package yet; pause applies once its guest runs".into(),
                 ),
                 S::Paused { .. } => Err("the migration is paused already".into()),
+                S::Resync {
+                    from: Resume::Package { .. },
+                    ..
+                } => Err("the migration is recovering (resync); pause applies once postcopy runs again".into()),
                 _ => Err(
                     "pause applies in postcopy, while the destination still needs pages from here"
                         .into(),
@@ -1157,7 +1177,11 @@ impl Source {
         let Some(name @ ("ram-sender" | "page-server")) = e.child() else {
             return Err(e);
         };
-        if !e.is_link_trouble() {
+        // Link trouble is free once the package is out (a postcopy
+        // migration that gives up strands the guest); before it, it counts:
+        // failing is safe there (the guest runs on here), and a link that
+        // resets every stream would start precopy over for ever.
+        if !(e.is_link_trouble() && self.m.state().package_out()) {
             let crashes = self.crashes.entry(name).or_default();
             if *crashes >= self.opts.max_restarts {
                 return Err(MigError::Setup(format!(
@@ -1547,8 +1571,9 @@ impl Source {
 
     /// `--keep-guest`, after an attempt that left the guest running here:
     /// waits for `retry` (runs the next attempt and returns its result) or
-    /// `quit` / a signal / the guest's end (None).
-    fn await_retry(&mut self, report: Report) -> Option<Result<(), MigError>> {
+    /// `quit` / a signal / the guest's end (`Err`: how the guest ends, for
+    /// the report's `source_guest`).
+    fn await_retry(&mut self, report: Report) -> Result<Result<(), MigError>, String> {
         self.attempts.push(crate::report::Attempt {
             migration_id: report.migration_id.clone(),
             status: report.status.clone(),
@@ -1569,15 +1594,15 @@ impl Source {
                     }
                     if let Err(e) = self.new_attempt(to) {
                         log::error!("cannot start another attempt: {e}");
-                        return None;
+                        return Err(format!("ended: no other attempt could start ({e})"));
                     }
-                    return Some(self.run_attempt());
+                    return Ok(self.run_attempt());
                 }
                 Event::Command(Command::Quit, reply) => {
                     if let Some(r) = reply {
                         let _ = r.send(Ok(()));
                     }
-                    return None;
+                    return Err("ended by quit".into());
                 }
                 Event::Command(Command::Set(setting), reply) => {
                     let r = self.apply(setting);
@@ -1590,19 +1615,19 @@ impl Source {
                 }
                 Event::Interrupt(sig) => {
                     log::info!("signal {sig}: ending with the kept guest");
-                    return None;
+                    return Err(format!("ended by signal {sig}"));
                 }
                 Event::Exited { pid, status } => {
                     if let Some(p) = self.s.exited(pid, status) {
                         log::error!("{} (pid {pid}) ended: {status}", p.name);
                         if p.name == "postcopy-guest" {
-                            return None;
+                            return Err(format!("gone: it ended while kept ({status})"));
                         }
                     }
                 }
                 Event::ChannelClosed("postcopy-guest") => {
                     log::error!("the kept guest stopped talking to the supervisor");
-                    return None;
+                    return Err("gone: it stopped talking to the supervisor while kept".into());
                 }
                 _ => {}
             }
@@ -1610,8 +1635,9 @@ impl Source {
     }
 
     /// Ends a supervisor that kept its guest: the guest goes now. Returns
-    /// the last attempt's report.
-    fn finish_kept(mut self) -> Report {
+    /// the last attempt's report, its `source_guest` saying how the guest
+    /// ended (`how`).
+    fn finish_kept(mut self, how: String) -> Report {
         self.s.set_quitting("postcopy-guest");
         if let Some(c) = &self.guest {
             let _ = c.send(ToGuest::Quit);
@@ -1619,7 +1645,7 @@ impl Source {
         self.guest = None;
         self.s.reap_all(Duration::from_secs(5));
         let mut report = self.last_report.take().unwrap_or_default();
-        report.source_guest = Some("ended by quit".into());
+        report.source_guest = Some(how);
         report.attempts = self.attempts.clone();
         report.attempts.pop();
         report
@@ -1651,6 +1677,9 @@ impl Source {
             format!("attempt {} to {}", self.attempts.len() + 1, self.to),
         );
         self.times = Times::default();
+        // The report's timeline and the live figures are this attempt's.
+        self.telemetry = Telemetry::new("source", self.s.started, self.opts.guest.mem_bytes);
+        self.round_left = None;
         self.saved_state = None;
         self.last_round = None;
         self.final_sync = None;

@@ -29,6 +29,14 @@ fn main() {
             "pause_then_recover_on_command",
             pause_then_recover_on_command,
         ),
+        plain(
+            "cancel_on_an_idle_destination_ends_it",
+            cancel_on_an_idle_destination_ends_it,
+        ),
+        plain(
+            "subscribers_that_leave_leave_nothing_behind",
+            subscribers_that_leave_leave_nothing_behind,
+        ),
     ];
     libtest_mimic::run(&args, trials).exit();
 }
@@ -434,5 +442,114 @@ fn pause_then_recover_on_command() -> TestResult {
     check(
         kinds.contains(&"pause") && kinds.contains(&"recover"),
         format!("events {kinds:?}"),
+    )
+}
+
+/// An `incoming` with its control socket, waiting for a migration that
+/// does not come (nothing connects to its port).
+fn idle_destination(tag: &str) -> Result<(TempDir, tests::Running, std::path::PathBuf), String> {
+    let dir = TempDir::new(tag);
+    let sock = dir.path("dest.sock");
+    let dest = start(
+        postcopy()
+            .args([
+                "incoming",
+                "--listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .arg("--control")
+            .arg(&sock)
+            .arg("--json")
+            .arg(dir.path("dest.json")),
+    );
+    // Once the socket is there, the destination says what applies (a
+    // moment after it binds the socket).
+    let mut c = Conn::open(&sock)?;
+    let t = Instant::now();
+    loop {
+        let v = ok(&c.call(json!({"cmd": "query"}), &mut Vec::new())?)?.clone();
+        if v["allowed"]["cancel"] == true {
+            break;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(30),
+            format!("the idle destination never offered cancel: {v}"),
+        )?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((dir, dest, sock))
+}
+
+/// `cancel` on a destination that waits for its source (the docs: cancel
+/// applies there until the guest ran) ends it at once, cancelled. It used
+/// to sit unanswered until the client gave up, and then cancelled the
+/// next migration that arrived, whenever that was.
+fn cancel_on_an_idle_destination_ends_it() -> TestResult {
+    let (dir, dest, sock) = idle_destination("ctl-idle-cancel")?;
+    let mut sub = Conn::open(&sock)?;
+    ok(&sub.call(json!({"cmd": "subscribe"}), &mut Vec::new())?)?;
+    // The answer comes although the destination ends at once (it used to
+    // be cut by the process's end, as could the subscriber's `closed`).
+    let o = cli(&sock, &["cancel"])?;
+    check(o.status.success(), format!("cancel\n{}", o.describe()))?;
+    let mut last = Value::Null;
+    while let Ok(v) = sub.line() {
+        last = v;
+    }
+    check(
+        last["event"] == "closed",
+        format!("the subscriber's last line: {last}"),
+    )?;
+    let d = dest.finish(Duration::from_secs(30))?;
+    let r = report(&dir.path("dest.json"))?;
+    check(
+        text(&r, "status") == "cancelled" && !d.status.success(),
+        format!(
+            "destination after cancel: {}\n{}",
+            r["status"],
+            d.describe()
+        ),
+    )
+}
+
+/// Open file descriptors of process `pid`.
+fn fds(pid: u32) -> Result<usize, String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .map_err(|e| format!("/proc/{pid}/fd: {e}"))
+}
+
+/// Clients that subscribe and go, hundreds of them, on a supervisor that
+/// has no events to send (a destination waiting for its source): each
+/// subscription's thread and fd must go with its client. They stayed
+/// until the next event, so a few thousand `postcopy watch` runs left the
+/// destination unable to accept its migration ("Too many open files" at
+/// the usual limit of 1024).
+fn subscribers_that_leave_leave_nothing_behind() -> TestResult {
+    let (_dir, mut dest, sock) = idle_destination("ctl-subs")?;
+    let before = fds(dest.pid())?;
+    for i in 0..300 {
+        let mut c = Conn::open(&sock)?;
+        ok(&c.call(json!({"cmd": "subscribe"}), &mut Vec::new())?)
+            .map_err(|e| format!("subscription {i}: {e}"))?;
+    }
+    // The client threads notice their clients left; give them time.
+    let t = Instant::now();
+    loop {
+        let now = fds(dest.pid())?;
+        if now <= before + 4 {
+            break;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(30),
+            format!("{now} fds open after 300 subscribers left (before: {before})"),
+        )?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    check(dest.running(), "the destination ended")?;
+    let o = cli(&sock, &["status"])?;
+    check(
+        o.status.success() && o.stdout.contains("destination: setup"),
+        format!("status after the subscribers\n{}", o.describe()),
     )
 }

@@ -50,6 +50,26 @@ fn main() {
             cancel_in_precopy_keeps_the_guest,
         ),
         plain(
+            "kept_guest_stays_through_unreachable_retries",
+            kept_guest_stays_through_unreachable_retries,
+        ),
+        plain(
+            "kept_source_says_so_only_once_settled",
+            kept_source_says_so_only_once_settled,
+        ),
+        plain(
+            "destination_paused_before_its_guest_ran_keeps_the_migration",
+            destination_paused_before_its_guest_ran_keeps_the_migration,
+        ),
+        plain(
+            "link_resets_in_postcopy_do_not_use_up_the_restarts",
+            link_resets_in_postcopy_do_not_use_up_the_restarts,
+        ),
+        plain(
+            "link_resets_in_precopy_use_up_the_restarts",
+            link_resets_in_precopy_use_up_the_restarts,
+        ),
+        plain(
             "dead_return_path_prevents_the_switch",
             dead_return_path_prevents_the_switch,
         ),
@@ -248,12 +268,17 @@ fn ctl_cmd(ctl: &std::path::Path, args: &[&str]) -> Result<tests::Outcome, Strin
 /// Waits until the kept source's control socket says its attempt ended
 /// and a retry applies; returns its `query` answer (the report's fields).
 fn await_kept(k: &mut Kept) -> Result<Value, String> {
+    await_retry_offered(&mut k.src, &k.ctl)
+}
+
+/// [`await_kept`] for source `src` with control socket `ctl`.
+fn await_retry_offered(src: &mut tests::Running, ctl: &std::path::Path) -> Result<Value, String> {
     let t = Instant::now();
     loop {
-        if !k.src.running() {
+        if !src.running() {
             return Err("the source ended instead of keeping its guest".into());
         }
-        let o = ctl_cmd(&k.ctl, &["status", "--json"])?;
+        let o = ctl_cmd(ctl, &["status", "--json"])?;
         if let Ok(v) = serde_json::from_str::<Value>(&o.stdout) {
             if v["allowed"]["retry"] == Value::Bool(true) {
                 return Ok(v);
@@ -302,6 +327,28 @@ fn kept_then_migrated_again(mut k: Kept) -> TestResult {
     let r = report(&k.dir.path("src.json"))?;
     completed_ok(&r, out.status.success(), &out.describe())
         .map_err(|e| format!("the second migration of the kept guest: {e}"))?;
+    // The report is the last attempt's, its timeline too: every sample is
+    // from after its `retry` event (it used to hold the first attempt's
+    // samples as well, bytes falling back to 0 in the middle).
+    let retry_at = r["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["kind"] == "retry")
+        .and_then(|e| e["t_ms"].as_f64())
+        .ok_or_else(|| format!("no retry event: {}", r["events"]))?;
+    let samples = r["timeline"].as_array().cloned().unwrap_or_default();
+    check(
+        !samples.is_empty()
+            && samples
+                .iter()
+                .all(|s| s["t_ms"].as_f64().is_some_and(|t| t >= retry_at)),
+        format!(
+            "timeline of the retried attempt (retry at {retry_at} ms): first sample {}, {} samples",
+            samples.first().cloned().unwrap_or_default(),
+            samples.len()
+        ),
+    )?;
     check(
         r["attempts"][0]["status"] == "cancelled"
             && r["attempts"][0]["migration_id"] != r["migration_id"],
@@ -377,6 +424,478 @@ fn cancel_in_precopy_keeps_the_guest() -> TestResult {
     let k = kept_migration("cancel-pre")?;
     signal(k.src.pid(), libc::SIGINT);
     kept_then_migrated_again(k)
+}
+
+/// `migrate --keep-guest` to a port nobody listens on: the attempt fails
+/// in setup and the guest is kept; a retry to another such port fails the
+/// same way and the guest is still kept, running, retryable, with the
+/// first attempt listed and `elapsed_ms` moving while it waits. When the
+/// kept guest dies, the supervisor ends and its report says the guest is
+/// gone (it used to say "ended by quit").
+fn kept_guest_stays_through_unreachable_retries() -> TestResult {
+    let dir = TempDir::new("kept-unreachable");
+    let ctl = dir.path("ctl.sock");
+    let mut src = start(
+        postcopy()
+            .args(["migrate", "--to", &format!("127.0.0.1:{}", free_port())])
+            .args(["--mem", "16M", "--workload", "ab", "--verify", "ab"])
+            .arg("--keep-guest")
+            .arg("--control")
+            .arg(&ctl)
+            .arg("--json")
+            .arg(dir.path("src.json")),
+    );
+    let first = await_retry_offered(&mut src, &ctl)?;
+    check(
+        text(&first, "status") == "failed"
+            && text(&first, "error").contains("cannot connect")
+            && text(&first, "source_guest").starts_with("running"),
+        format!(
+            "first attempt: {} {} {}",
+            first["status"], first["error"], first["source_guest"]
+        ),
+    )?;
+    let guest = children(src.pid(), "postcopy-guest");
+    check(guest.len() == 1, format!("guest processes {guest:?}"))?;
+    let o = ctl_cmd(
+        &ctl,
+        &["retry", "--to", &format!("127.0.0.1:{}", free_port())],
+    )?;
+    check(o.status.success(), format!("retry: {}", o.describe()))?;
+    // Until the retry's attempt is over, retry is not offered.
+    let t = Instant::now();
+    let second = loop {
+        let v = await_retry_offered(&mut src, &ctl)?;
+        if v["migration_id"] != first["migration_id"] {
+            break v;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(60),
+            "the retry never started",
+        )?;
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    check(
+        text(&second, "status") == "failed"
+            && text(&second, "source_guest").starts_with("running")
+            && second["attempts"].as_array().map(Vec::len) == Some(1)
+            && second["attempts"][0]["migration_id"] == first["migration_id"],
+        format!(
+            "second attempt: {} {} attempts {}",
+            second["status"], second["source_guest"], second["attempts"]
+        ),
+    )?;
+    check(
+        children(src.pid(), "postcopy-guest") == guest,
+        "the kept guest is not the same process",
+    )?;
+    let elapsed = |v: &Value| v["elapsed_ms"].as_f64().unwrap_or(0.0);
+    std::thread::sleep(Duration::from_millis(300));
+    let later = await_retry_offered(&mut src, &ctl)?;
+    check(
+        elapsed(&later) > elapsed(&second),
+        format!(
+            "elapsed_ms stands still while kept: {} then {}",
+            elapsed(&second),
+            elapsed(&later)
+        ),
+    )?;
+    signal(guest[0], libc::SIGKILL);
+    let out = src.finish(Duration::from_secs(30))?;
+    let r = report(&dir.path("src.json")).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    check(
+        !out.status.success() && text(&r, "source_guest").starts_with("gone"),
+        format!(
+            "after the kept guest died: source_guest {}\n{}",
+            r["source_guest"],
+            out.describe()
+        ),
+    )
+}
+
+/// While a `--keep-guest` source settles its guest after a cancel, its
+/// `query` never says the migration is over (an orchestrator or `postcopy
+/// watch` would give up on a guest that is about to be kept), and `watch`
+/// follows the kept source until `quit` ends it.
+fn kept_source_says_so_only_once_settled() -> TestResult {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let k = kept_migration("kept-settle")?;
+    let watch = start(postcopy().arg("watch").arg("--control").arg(&k.ctl));
+    let conn = UnixStream::connect(&k.ctl).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut lines = BufReader::new(&conn);
+    let mut ask = |req: &str| -> Result<Value, String> {
+        (&conn)
+            .write_all(format!("{req}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut l = String::new();
+        lines.read_line(&mut l).map_err(|e| e.to_string())?;
+        serde_json::from_str(&l).map_err(|e| format!("{e}: {l:?}"))
+    };
+    let c = k.ctl.clone();
+    let cancel = std::thread::spawn(move || ctl_cmd(&c, &["cancel"]));
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let v = ask(r#"{"cmd":"query"}"#)?["result"].clone();
+        let retry = v["allowed"]["retry"].clone();
+        if retry == true {
+            break;
+        }
+        let status = text(&v, "status").to_string();
+        if matches!(status.as_str(), "cancelled" | "failed") {
+            seen.push(retry.to_string());
+            check(
+                retry != "the migration is over",
+                format!("{status}, but retry: {retry}"),
+            )?;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(60),
+            format!("no retry offered after the cancel (seen {seen:?})"),
+        )?;
+    }
+    let o = cancel.join().map_err(|_| "cancel thread")??;
+    check(o.status.success(), format!("cancel\n{}", o.describe()))?;
+    // Well after the guest was kept, the watch goes on.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut watch = watch;
+    check(watch.running(), "watch ended while the guest is kept")?;
+    let o = ctl_cmd(&k.ctl, &["quit"])?;
+    check(o.status.success(), format!("quit\n{}", o.describe()))?;
+    let w = watch.finish(Duration::from_secs(30))?;
+    check(
+        w.status.success() && w.stdout.contains("the migration ended: cancelled"),
+        format!("watch\n{}", w.describe()),
+    )?;
+    let out = k.src.finish(Duration::from_secs(30))?;
+    let r = report(&k.dir.path("src.json"))?;
+    check(
+        text(&r, "source_guest") == "ended by quit",
+        format!("source_guest {}\n{}", r["source_guest"], out.describe()),
+    )
+}
+
+/// The destination pauses with the package in but its guest not yet run
+/// (the guest is held with SIGSTOP; the source supervisor is stopped right
+/// after the package, so the destination's link times out). A cancel
+/// there, on the socket or by SIGINT, is refused: the destination could
+/// not send the `Abort {guest_ran: false}` that lets the source resume,
+/// and the source would stay paused for good with its guest frozen (which
+/// is what happened). With both let go, the source reconnects by itself
+/// and the migration completes with 0 mismatches.
+fn destination_paused_before_its_guest_ran_keeps_the_migration() -> TestResult {
+    let dir = TempDir::new("dest-paused-cancel");
+    let port = free_port();
+    let dctl = dir.path("dest.sock");
+    let mut dest = start(
+        postcopy()
+            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--link-timeout", "2"])
+            .arg("--control")
+            .arg(&dctl)
+            .arg("--json")
+            .arg(dir.path("dest.json")),
+    );
+    let sctl = dir.path("src.sock");
+    let src = start(
+        postcopy()
+            .args(["migrate", "--to", &format!("127.0.0.1:{port}")])
+            .args(["--mem", "64M", "--workload", "ab", "--postcopy", "manual"])
+            .args(["--verify", "ab", "--max-bandwidth", "32M"])
+            .args(["--max-postcopy-bandwidth", "8M"])
+            .arg("--control")
+            .arg(&sctl)
+            .arg("--json")
+            .arg(dir.path("src.json")),
+    );
+    let status = |ctl: &std::path::Path| -> Result<Value, String> {
+        let o = ctl_cmd(ctl, &["status", "--json"])?;
+        serde_json::from_str(&o.stdout).map_err(|e| format!("{e}: {}", o.describe()))
+    };
+    let until = |ctl: &std::path::Path, what: &str, pred: &dyn Fn(&Value) -> bool| {
+        let t = Instant::now();
+        loop {
+            // The socket may not be there yet.
+            let v = status(ctl);
+            if let Ok(v) = &v {
+                if pred(v) {
+                    return Ok(v.clone());
+                }
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                return Err(format!("never {what}: {v:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Precopy runs: the destination guest has said it is ready; stopped
+    // now, it cannot load the package.
+    until(&sctl, "in precopy", &|v| text(v, "state") == "precopy")?;
+    let t = Instant::now();
+    let guest = loop {
+        if let Some(&g) = children(dest.pid(), "postcopy-guest").first() {
+            break g;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(30),
+            "the destination guest never started",
+        )?;
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    signal(guest, libc::SIGSTOP);
+    let o = ctl_cmd(&sctl, &["start-postcopy"])?;
+    check(
+        o.status.success(),
+        format!("start-postcopy\n{}", o.describe()),
+    )?;
+    until(&sctl, "postcopy-active", &|v| {
+        text(v, "status") == "postcopy-active"
+    })?;
+    // The destination has the package; its guest cannot load it.
+    until(&dctl, "past precopy", &|v| {
+        !matches!(text(v, "state"), "precopy" | "preparing")
+    })?;
+    // `pause` waits for the destination's guest to run (before, the
+    // destination might not have the package): silence the source instead.
+    let o = ctl_cmd(&sctl, &["pause"])?;
+    check(
+        !o.status.success() && o.stderr.contains("not confirmed the package"),
+        format!(
+            "pause before the destination's guest runs\n{}",
+            o.describe()
+        ),
+    )?;
+    signal(src.pid(), libc::SIGSTOP);
+    let d = until(&dctl, "paused", &|v| text(v, "state") == "paused");
+    signal(src.pid(), libc::SIGCONT);
+    let d = d?;
+    check(
+        d["allowed"]["cancel"] != true,
+        format!("the paused destination offers cancel: {}", d["allowed"]),
+    )?;
+    let o = ctl_cmd(&dctl, &["cancel"])?;
+    check(
+        !o.status.success() && o.stderr.contains("link to the source is down"),
+        format!("cancel on the paused destination\n{}", o.describe()),
+    )?;
+    signal(dest.pid(), libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(500));
+    check(dest.running(), "SIGINT ended the paused destination")?;
+    signal(guest, libc::SIGCONT);
+    let out = src.finish(Duration::from_secs(120))?;
+    let r = report(&dir.path("src.json"))?;
+    completed_ok(&r, out.status.success(), &out.describe())?;
+    let d = dest.finish(Duration::from_secs(30))?;
+    check(d.status.success(), format!("destination\n{}", d.describe()))
+}
+
+/// A TCP relay to `to` that, once `armed`, resets every main stream (told
+/// by its hello) after it carried `limit` more bytes towards `to`: a
+/// middlebox that cuts long streams while new connections get through.
+/// Returns its address; it runs until the test process ends.
+fn resetting_relay(
+    to: String,
+    limit: u64,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<String, String> {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| e.to_string())?
+        .to_string();
+    fn reset(s: &TcpStream) {
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on a socket this test owns, with a linger
+        // struct of the size given.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &l as *const libc::linger as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    std::thread::spawn(move || {
+        for mut inbound in listener.incoming().flatten() {
+            let mut hello = [0u8; HELLO_LEN];
+            if inbound.read_exact(&mut hello).is_err() {
+                continue;
+            }
+            let Ok(mut outbound) = TcpStream::connect(&to) else {
+                continue;
+            };
+            if outbound.write_all(&hello).is_err() {
+                continue;
+            }
+            let (Ok(mut back_r), Ok(mut back_w)) = (outbound.try_clone(), inbound.try_clone())
+            else {
+                continue;
+            };
+            let main = hello[6] == MAIN;
+            let armed = armed.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut carried = 0u64;
+                while let Ok(n) = inbound.read(&mut buf) {
+                    if n == 0 || outbound.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    if main && armed.load(Ordering::Relaxed) {
+                        carried += n as u64;
+                        if carried > limit {
+                            reset(&inbound);
+                            reset(&outbound);
+                            return;
+                        }
+                    }
+                }
+                let _ = outbound.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = back_r.read(&mut buf) {
+                    if n == 0 || back_w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = back_w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// In postcopy, behind a middlebox that resets the main stream after every
+/// 8 MiB, the roles see `Connection reset by peer` or `Broken pipe`: link
+/// trouble, which must not use up `--max-restarts` (1 here). Each resync
+/// resumes from the destination's received pages, and the migration
+/// completes with 0 mismatches. It used to fail after the package on the
+/// second reset: the source kept its guest frozen and the destination
+/// tore its running guest down, the guest lost on both hosts.
+fn link_resets_in_postcopy_do_not_use_up_the_restarts() -> TestResult {
+    let dir = TempDir::new("resets");
+    let port = free_port();
+    let dest = start(
+        postcopy()
+            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--json")
+            .arg(dir.path("dest.json")),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relay = resetting_relay(format!("127.0.0.1:{port}"), 8 << 20, armed.clone())?;
+    let ctl = dir.path("src.sock");
+    let src = start(
+        postcopy()
+            .args(["migrate", "--to", &relay])
+            .args(["--mem", "128M", "--workload", "ab", "--verify", "ab"])
+            .args(["--postcopy", "manual", "--max-bandwidth", "16M"])
+            .args(["--max-restarts", "1"])
+            .arg("--control")
+            .arg(&ctl)
+            .arg("--json")
+            .arg(dir.path("src.json")),
+    );
+    let t = Instant::now();
+    loop {
+        let o = ctl_cmd(&ctl, &["start-postcopy"])?;
+        if o.status.success() {
+            break;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(30),
+            format!("start-postcopy never applied\n{}", o.describe()),
+        )?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    loop {
+        let o = ctl_cmd(&ctl, &["status", "--json"])?;
+        if o.stdout.contains("\"status\":\"postcopy-active\"") {
+            break;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(60),
+            format!("never in postcopy\n{}", o.describe()),
+        )?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    armed.store(true, std::sync::atomic::Ordering::Relaxed);
+    let out = src.finish(Duration::from_secs(180))?;
+    let r = report(&dir.path("src.json")).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    completed_ok(&r, out.status.success(), &out.describe())?;
+    let resets = events(&r, "resync")
+        .into_iter()
+        .filter(|e| e.contains("(os error"))
+        .count();
+    check(
+        resets >= 2,
+        format!(
+            "expected at least 2 resyncs for socket errors (more than --max-restarts 1): {:?}",
+            events(&r, "resync")
+        ),
+    )?;
+    let d = dest.finish(Duration::from_secs(30))?;
+    check(d.status.success(), format!("destination\n{}", d.describe()))
+}
+
+/// Before the package the same resets count against `--max-restarts`:
+/// every resync starts precopy over, so behind that middlebox 64 MiB never
+/// get across, and the migration must fail once the restarts are used up,
+/// the source guest running with its memory intact (not start precopy over
+/// for ever).
+fn link_resets_in_precopy_use_up_the_restarts() -> TestResult {
+    let dir = TempDir::new("resets-pre");
+    let port = free_port();
+    let dest = start(
+        postcopy()
+            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--json")
+            .arg(dir.path("dest.json")),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let relay = resetting_relay(format!("127.0.0.1:{port}"), 8 << 20, armed)?;
+    let out = run(
+        postcopy()
+            .args(["migrate", "--to", &relay])
+            .args(["--mem", "64M", "--workload", "ab", "--verify", "ab"])
+            .args(["--postcopy", "never", "--max-restarts", "2"])
+            .arg("--json")
+            .arg(dir.path("src.json")),
+        Duration::from_secs(120),
+    )?;
+    let r = report(&dir.path("src.json")).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    check(
+        // Either side's budget may run out first.
+        text(&r, "status") == "failed" && text(&r, "error").contains("--max-restarts"),
+        format!(
+            "status {} error {}\n{}",
+            r["status"],
+            r["error"],
+            out.describe()
+        ),
+    )?;
+    check(
+        text(&r, "source_guest").starts_with("running")
+            && r["source_verify"]["mismatches"].as_u64() == Some(0),
+        format!(
+            "source guest {} memory {}",
+            r["source_guest"], r["source_verify"]
+        ),
+    )?;
+    let _ = dest.finish(Duration::from_secs(60));
+    Ok(())
 }
 
 // ---------------------------------------------------------------- fault 3
