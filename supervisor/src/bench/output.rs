@@ -16,7 +16,10 @@ const FIGURES: &[(&str, &str)] = &[
         "postcopy_phase_ms",
         "postcopy phase (stop → every page in), ms",
     ),
-    ("blocktime_ms", "blocktime (time every vCPU was blocked, QEMU's definition), ms"),
+    (
+        "blocktime_ms",
+        "blocktime (time every vCPU was blocked, QEMU's definition), ms",
+    ),
     ("page_requests", "page requests"),
     (
         "fault_p50_us",
