@@ -182,6 +182,22 @@ impl Chaos {
     }
 }
 
+/// One `--chaos` step for a driver: if a kill of one of `mine` is due in
+/// `phase`, notes it in `report` (event `chaos`) and kills the role (as a
+/// crash would, SIGKILL).
+pub fn fire(
+    chaos: Option<&mut Chaos>,
+    mine: &[&str],
+    phase: Option<Phase>,
+    s: &mut crate::session::Session,
+    report: &mut crate::report::Report,
+) {
+    if let Some((role, phase)) = chaos.and_then(|c| c.tick(mine, phase)) {
+        report.note(s.started, "chaos", format!("killing {role} in {phase:?}"));
+        s.kill(role);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

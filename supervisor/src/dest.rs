@@ -543,18 +543,13 @@ impl Dest {
     /// Kills the fault-handler if `--chaos` says it is time.
     fn chaos_tick(&mut self) {
         let phase = self.chaos_phase();
-        if let Some((role, phase)) = self
-            .chaos
-            .as_mut()
-            .and_then(|c| c.tick(&["fault-handler"], phase))
-        {
-            self.report.note(
-                self.s.started,
-                "chaos",
-                format!("killing {role} in {phase:?}"),
-            );
-            self.s.kill(role);
-        }
+        chaos::fire(
+            self.chaos.as_mut(),
+            &["fault-handler"],
+            phase,
+            &mut self.s,
+            &mut self.report,
+        );
     }
 
     /// Takes what the driver needs from an event the machine allowed.

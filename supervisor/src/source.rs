@@ -673,18 +673,13 @@ impl Source {
     /// Kills a data role of ours if `--chaos` says it is time.
     fn chaos_tick(&mut self) {
         let phase = self.chaos_phase();
-        if let Some((role, phase)) = self
-            .chaos
-            .as_mut()
-            .and_then(|c| c.tick(&["ram-sender", "page-server"], phase))
-        {
-            self.report.note(
-                self.s.started,
-                "chaos",
-                format!("killing {role} in {phase:?}"),
-            );
-            self.s.kill(role);
-        }
+        chaos::fire(
+            self.chaos.as_mut(),
+            &["ram-sender", "page-server"],
+            phase,
+            &mut self.s,
+            &mut self.report,
+        );
     }
 
     /// Takes what the report needs from an event the machine allowed.
