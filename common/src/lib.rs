@@ -13,6 +13,7 @@ pub mod logging;
 pub mod mem;
 pub mod msg;
 pub mod peer_text;
+pub mod priority;
 pub mod role;
 pub mod sandbox;
 pub mod state;

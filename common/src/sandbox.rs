@@ -655,7 +655,8 @@ fn is_pipe(fd: RawFd) -> bool {
 /// the network; threads started later inherit the filter.
 ///
 /// In order: RLIMIT_CORE 0, RLIMIT_NOFILE [`RLIMIT_NOFILE`], RLIMIT_NPROC
-/// [`RLIMIT_NPROC`]; as root, a new empty network namespace and a private
+/// [`RLIMIT_NPROC`], RLIMIT_NICE 0 (no thread can raise its priority once
+/// unprivileged, see [`crate::priority`]); as root, a new empty network namespace and a private
 /// mount namespace with an empty read-only root (the role must still be
 /// single-threaded); the uid/gid from [`ROLE_IDS_ENV`] (groups cleared,
 /// parent-death signal re-armed); no_new_privs; a panic hook that only prints;
@@ -668,6 +669,7 @@ pub fn enter(policy: &Policy) -> Result<(), SandboxError> {
     set_limit(libc::RLIMIT_CORE, "RLIMIT_CORE", 0)?;
     set_limit(libc::RLIMIT_NOFILE, "RLIMIT_NOFILE", RLIMIT_NOFILE)?;
     set_limit(libc::RLIMIT_NPROC, "RLIMIT_NPROC", RLIMIT_NPROC)?;
+    set_limit(libc::RLIMIT_NICE, "RLIMIT_NICE", 0)?;
     let isolated = isolate()?;
     if let Some((uid, gid)) = ids {
         drop_to(uid, gid)?;

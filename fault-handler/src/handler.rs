@@ -174,6 +174,10 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
     let ret = SendHalf::new(TcpStream::from(fds.take("return")?), return_tls.as_deref())?;
     let urgent = RecvHalf::new(TcpStream::from(fds.take("urgent")?), urgent_tls.as_deref())?;
     drop(fds);
+    // The threads on a fault's path (commands, which starts the fault
+    // thread, and the urgent reader) inherit nice -10, set while still
+    // privileged; this thread goes back to 0 below (common::priority).
+    common::priority::make_urgent();
     // Every fd is held and mapped: the sandbox goes on before the first
     // frame is read and before any thread starts.
     common::sandbox::enter(&crate::seccomp::POLICY)?;
@@ -241,6 +245,8 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
             })
             .expect("spawn urgent reader");
     }
+    // Bulk pages: at the guest's priority, below the fault path's.
+    common::priority::make_bulk();
     match h.read_main(main, resume == HandlerStart::Postcopy) {
         Ok(()) => {
             // Stay alive until Quit arrives on the command thread.

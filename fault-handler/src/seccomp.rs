@@ -10,6 +10,9 @@ use common::{arg_eq, ioctl, syscall};
 /// fallocate mode of a discard: punch a hole, keep the size.
 const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 
+/// setpriority's `who` for the calling thread.
+const SELF: i32 = 0;
+
 pub static SYSCALLS: &[Syscall] = &[
     syscall!(
         SYS_recvfrom,
@@ -29,6 +32,11 @@ pub static SYSCALLS: &[Syscall] = &[
     syscall!(
         SYS_poll,
         "waits for faults with a timeout, so it sees completion"
+    ),
+    syscall!(
+        SYS_setpriority,
+        arg_eq!(1, SELF),
+        "the main-stream reader drops back to nice 0 from the -10 it inherits (RLIMIT_NICE 0: lowering a priority is all it can do)"
     ),
     syscall!(
         SYS_getrandom,

@@ -1,13 +1,17 @@
-//! The page-server answers the destination's page requests: each requested
-//! page whose `sent` bit it wins is read from the frozen source memory and
-//! sent at once on the urgent connection, never queued behind bulk pages. A
-//! page whose bit is already set is on its way on the main stream.
+//! The page-server answers the destination's page requests: every requested
+//! page is read from the frozen source memory and sent at once on the urgent
+//! connection, never queued behind bulk pages. That includes a page whose
+//! `sent` bit the push won already: its copy on the main stream may sit
+//! behind megabytes of other pages (in our socket buffer, the link, the
+//! destination's), and since the source guest is stopped for the whole of
+//! postcopy both copies are the same bytes; whichever arrives second finds
+//! the page placed (`EEXIST`) and only wakes waiters.
 
 use std::io::Write;
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 
-use common::bitmap::{BitmapError, SharedBitmap};
+use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
 use common::clock::monotonic_ns;
 use common::counters::{Counter, CountersError, SharedCounters};
 use common::mem::{is_zero, reopen_read_only, Access, Mapping, MemError};
@@ -19,6 +23,11 @@ use common::wire::{
     page_times_frame, pages_prefix, zero_frame, ConnKind, Frame, FrameReader, WireError,
     FRAME_HEADER_LEN, MAX_PAGES_PER_FRAME, PAGES_PREFIX_LEN, PAGE_TIMES_LEN,
 };
+
+/// A request at most this many pages after the previous one is "in
+/// order" for the read-ahead: 256 pages (1 MiB), room for a guest that
+/// touched the previous read-ahead and some pages the push delivered.
+const SEQUENTIAL_GAP: u64 = 256;
 
 /// A PAGE_TIMES frame, whole.
 const TIMES_LEN: usize = FRAME_HEADER_LEN + PAGE_TIMES_LEN;
@@ -48,6 +57,7 @@ pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeErro
         layout,
         return_tls,
         urgent_tls,
+        prefetch,
     } = match link.recv()? {
         ToPageServer::Start(s) => s,
         ToPageServer::Quit => return Ok(()),
@@ -61,6 +71,9 @@ pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeErro
     let urgent = SendHalf::new(TcpStream::from(fds.take("urgent")?), urgent_tls.as_deref())?;
     let counters = SharedCounters::open(fds.take("counters")?.as_fd())?;
     drop(fds);
+    // Every thread of this role is on a fault's path: nice -10 for the
+    // process, set while still privileged (common::priority).
+    common::priority::make_urgent();
     // Every fd is held and mapped: the sandbox goes on before the first
     // request is read and before the command thread starts.
     common::sandbox::enter(&crate::seccomp::POLICY)?;
@@ -82,6 +95,9 @@ pub fn run(link: RoleLink<ToPageServer, FromPageServer>) -> Result<(), ServeErro
         layout,
         mem,
         sent,
+        answered: Bitmap::new(layout.pages()),
+        prefetch: u64::from(prefetch),
+        last_asked: None,
         urgent,
         counters,
         stats: ServerStats::default(),
@@ -122,6 +138,12 @@ struct Server {
     layout: MemLayout,
     mem: Mapping,
     sent: SharedBitmap,
+    /// Pages this process has sent on urgent: each goes out here once.
+    answered: Bitmap,
+    /// Read-ahead after each request, in pages ([`ServerSetup::prefetch`]).
+    prefetch: u64,
+    /// The last page of the previous request (the read-ahead's "in order").
+    last_asked: Option<u64>,
     urgent: SendHalf,
     /// What went out, where the supervisor reads it even after a Quit
     /// ended this process mid-request.
@@ -142,25 +164,76 @@ impl Server {
         let mut run: Option<(u64, u32)> = None;
         for page in range.pages() {
             let p = page.get();
-            if self.sent.test_and_set(p) {
-                run = match run {
-                    Some((first, n)) if first + u64::from(n) == p && n < MAX_PAGES_PER_FRAME => {
-                        Some((first, n + 1))
-                    }
-                    Some((first, n)) => {
-                        self.send(first, n, range.first().get(), read_ns)?;
-                        Some((p, 1))
-                    }
-                    None => Some((p, 1)),
-                };
-            } else {
+            if !self.answered.set(p) {
+                // Answered once already: a destination asks once per page,
+                // and whatever it asks, at most guest memory goes out here.
+                continue;
+            }
+            if !self.sent.test_and_set(p) {
+                // Claimed by the push already: sent again (see the module
+                // docs), at the cost of one duplicate page on the wire.
                 self.stats.pages_in_flight += 1;
             }
+            run = match run {
+                Some((first, n)) if first + u64::from(n) == p && n < MAX_PAGES_PER_FRAME => {
+                    Some((first, n + 1))
+                }
+                Some((first, n)) => {
+                    self.send(first, n, range.first().get(), read_ns)?;
+                    Some((p, 1))
+                }
+                None => Some((p, 1)),
+            };
         }
         if let Some((first, n)) = run {
             self.send(first, n, range.first().get(), read_ns)?;
         }
-        Ok(())
+        self.read_ahead(range.end())
+    }
+
+    /// Read-ahead after a request that ended at `from`: the pages from
+    /// `from` on, up to [`ServerSetup::prefetch`] of them and never past
+    /// guest memory, as one run behind the answer. A guest that touches
+    /// memory in order asks for them next, and the push's copies would
+    /// wait behind its queue.
+    ///
+    /// Which pages: after a request that follows the previous one in order
+    /// (at most [`SEQUENTIAL_GAP`] pages further on), every page this
+    /// process has not sent yet, those the push claimed included: the push
+    /// follows the guest (the hint), so its copies of the pages just ahead
+    /// are the ones still queued behind older bulk, and a duplicate is the
+    /// same bytes. After any other request only pages nobody claimed yet,
+    /// stopping at the first claimed one: no duplicate for a guest that
+    /// jumps around.
+    fn read_ahead(&mut self, from: u64) -> Result<(), ServeError> {
+        let asked = from - 1;
+        let sequential = self
+            .last_asked
+            .is_some_and(|l| asked > l && asked - l <= SEQUENTIAL_GAP);
+        self.last_asked = Some(asked);
+        let end = (from + self.prefetch).min(self.layout.pages());
+        let mut n = 0u64;
+        while from + n < end {
+            let p = from + n;
+            if self.answered.get(p) {
+                break;
+            }
+            let won = self.sent.test_and_set(p);
+            if !won && !sequential {
+                break;
+            }
+            if !won {
+                self.stats.pages_in_flight += 1;
+            }
+            self.answered.set(p);
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.stats.pages_prefetched += n;
+        // No request starts here: no PAGE_TIMES.
+        self.send(from, n as u32, u64::MAX, 0)
     }
 
     /// Sends pages `first..first+count`; if `first` is the first page of

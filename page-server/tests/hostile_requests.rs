@@ -131,6 +131,11 @@ impl Source {
     /// Starts a page-server over memory holding [`page_bytes`], with the
     /// pages in `already_sent` marked as on their way on the main stream.
     fn start(already_sent: &[u64]) -> Source {
+        Source::start_with(already_sent, 0)
+    }
+
+    /// [`Source::start`] with a read-ahead of `prefetch` pages.
+    fn start_with(already_sent: &[u64], prefetch: u32) -> Source {
         let memfd = create_memfd("guest", layout().mem_bytes()).expect("memfd");
         for p in 0..PAGES {
             if !is_zero_page(p) {
@@ -157,6 +162,7 @@ impl Source {
                 layout: layout(),
                 return_tls: None,
                 urgent_tls: None,
+                prefetch,
             }))
             .expect("send Start");
         child
@@ -348,18 +354,25 @@ fn unsent_pages_go_out_on_urgent_once_with_their_bytes() {
 fn each_answered_request_carries_its_source_times() {
     let mut s = Source::start(&[21]);
     let before = monotonic_ns();
-    // Data, a zero page, and a request whose first page is on the main
-    // stream (no times: the page-server does not answer for it).
+    // Data, a zero page, a request whose first page the push claimed (sent
+    // here all the same), and one whose first page was answered already
+    // (no times: the page-server does not answer for it again).
     s.request(11, 1);
     assert_pages(&s.expect_urgent(), 11, 1);
     s.request(3, 1);
     assert_zero(&s.expect_urgent(), 3, 1);
+    s.request(21, 1);
+    assert_pages(&s.expect_urgent(), 21, 1);
     s.request(21, 2);
     assert_pages(&s.expect_urgent(), 22, 1);
     s.expect_quiet_urgent();
     let after = monotonic_ns();
     let timed: Vec<u64> = s.times.iter().map(|t| t.0).collect();
-    assert_eq!(timed, [11, 3], "times follow the answers to 11 and 3 only");
+    assert_eq!(
+        timed,
+        [11, 3, 21],
+        "times follow the answers to 11, 3 and the first 21 only"
+    );
     for &(page, read, sent) in &s.times {
         assert!(
             before <= read && read <= sent && sent <= after,
@@ -369,19 +382,25 @@ fn each_answered_request_carries_its_source_times() {
 }
 
 #[test]
-fn pages_already_sent_are_not_sent_again() {
+fn pages_the_push_claimed_are_answered_without_waiting_for_it() {
     let mut s = Source::start(&[21, 30, 31, 32]);
 
-    // 21 is on the main stream: the run splits around it.
+    // 21 was claimed by the push, but its copy may wait behind megabytes of
+    // bulk pages: it goes out here too, in the one run.
     s.request(20, 4);
     let f = s.expect_urgent();
-    assert_pages(&f, 20, 1);
-    let f = s.expect_urgent();
-    assert_pages(&f, 22, 2);
+    assert_pages(&f, 20, 4);
 
-    // All of 30..33 are on the main stream: nothing at all. The marker
-    // request after it must be the very next frame on the connection.
+    // All of 30..33 were claimed by the push: answered all the same.
     s.request(30, 3);
+    let f = s.expect_urgent();
+    assert_pages(&f, 30, 3);
+
+    // Each page goes out on urgent once, however often it is asked for:
+    // 31 again sends nothing, and the marker request after it must be the
+    // very next frame on the connection.
+    s.request(31, 1);
+    s.request(22, 2);
     s.request(50, 1);
     let f = s.expect_urgent();
     assert_pages(&f, 50, 1);
@@ -392,10 +411,52 @@ fn pages_already_sent_are_not_sent_again() {
     s.write(&empty_frame(FrameType::PostcopyDone));
     match s.recv() {
         FromPageServer::PostcopyDone(stats) => {
-            assert_eq!(stats.requests, 3, "{stats:?}");
-            assert_eq!(stats.pages_urgent, 4, "{stats:?}");
+            assert_eq!(stats.requests, 5, "{stats:?}");
+            assert_eq!(stats.pages_urgent, 8, "{stats:?}");
             assert_eq!(stats.pages_in_flight, 4, "{stats:?}");
             assert_eq!(stats.zero_pages, 0, "{stats:?}");
+        }
+        other => panic!("expected PostcopyDone, got {other:?}"),
+    }
+}
+
+#[test]
+fn read_ahead_follows_an_answer_up_to_the_first_claimed_page() {
+    let mut s = Source::start_with(&[18, 60], 4);
+    // 15's answer (with its times), then 16 and 17: 18 is the push's.
+    s.request(15, 1);
+    assert_pages(&s.expect_urgent(), 15, 1);
+    assert_pages(&s.expect_urgent(), 16, 2);
+    // Read-ahead stops at the end of guest memory.
+    s.request(PAGES - 2, 1);
+    assert_pages(&s.expect_urgent(), PAGES - 2, 1);
+    assert_pages(&s.expect_urgent(), PAGES - 1, 1);
+    // 16 went out as read-ahead: asking for it sends nothing, and nothing
+    // after it either (17 and 18 are claimed); the marker comes next, with
+    // its own read-ahead.
+    s.request(16, 1);
+    s.request(50, 1);
+    assert_pages(&s.expect_urgent(), 50, 1);
+    assert_pages(&s.expect_urgent(), 51, 4);
+    // In order after 50: the read-ahead no longer stops at a page the push
+    // claimed (60: its copy may still be queued), only at one sent here.
+    s.request(56, 1);
+    assert_pages(&s.expect_urgent(), 56, 1);
+    assert_pages(&s.expect_urgent(), 57, 4);
+    s.expect_quiet_urgent();
+    let timed: Vec<u64> = s.times.iter().map(|t| t.0).collect();
+    assert_eq!(
+        timed,
+        [15, PAGES - 2, 50, 56],
+        "read-ahead carries no times"
+    );
+    s.write(&empty_frame(FrameType::PostcopyDone));
+    match s.recv() {
+        FromPageServer::PostcopyDone(stats) => {
+            assert_eq!(stats.requests, 5, "{stats:?}");
+            assert_eq!(stats.pages_urgent, 4 + 11, "{stats:?}");
+            assert_eq!(stats.pages_prefetched, 11, "{stats:?}");
+            assert_eq!(stats.pages_in_flight, 1, "{stats:?}");
         }
         other => panic!("expected PostcopyDone, got {other:?}"),
     }
@@ -405,13 +466,14 @@ fn pages_already_sent_are_not_sent_again() {
 fn postcopy_done_reports_what_was_served() {
     let mut s = Source::start(&[60, 61]);
     let mut wire_bytes = 0;
-    // Data, zero, already sent, and a run around a sent page whose zero
-    // page (59) travels as data inside its run.
+    // Data, zero, claimed by the push, and a run around pages answered
+    // already (60, 61: not sent twice here) whose zero page (59) travels as
+    // data inside its run.
     s.request(11, 3);
     s.request(3, 1);
     s.request(60, 2);
     s.request(57, 6);
-    for (first, count) in [(11, 3), (3, 1), (57, 3), (62, 1)] {
+    for (first, count) in [(11, 3), (3, 1), (60, 2), (57, 3), (62, 1)] {
         let f = s.expect_urgent();
         if count == 1 && is_zero_page(first) {
             assert_zero(&f, first, count);
@@ -423,19 +485,20 @@ fn postcopy_done_reports_what_was_served() {
     s.expect_quiet_urgent();
     assert_eq!(
         wire_bytes,
-        4 * PAGES_PREFIX_LEN as u64 + 7 * PAGE_SIZE as u64
+        5 * PAGES_PREFIX_LEN as u64 + 9 * PAGE_SIZE as u64
     );
-    // Each request whose first page went out here has its times (60's
-    // went on the main stream; 62 does not start its request).
+    // Each request whose first page went out here has its times (62 does
+    // not start its request).
     let timed: Vec<u64> = s.times.iter().map(|t| t.0).collect();
-    assert_eq!(timed, [11, 3, 57]);
-    wire_bytes += 3 * (FRAME_HEADER_LEN + PAGE_TIMES_LEN) as u64;
+    assert_eq!(timed, [11, 3, 60, 57]);
+    wire_bytes += 4 * (FRAME_HEADER_LEN + PAGE_TIMES_LEN) as u64;
     s.write(&empty_frame(FrameType::PostcopyDone));
     let want = ServerStats {
         requests: 4,
-        pages_urgent: 8,
+        pages_urgent: 10,
         zero_pages: 1,
-        pages_in_flight: 4,
+        pages_in_flight: 2,
+        pages_prefetched: 0,
         bytes: wire_bytes,
     };
     let stats = match s.recv() {
@@ -452,7 +515,7 @@ fn postcopy_done_reports_what_was_served() {
             c(Counter::UrgentZeroPages),
             c(Counter::UrgentBytes)
         ],
-        [4, 7, 1, wire_bytes],
+        [4, 9, 1, wire_bytes],
         "shared counters"
     );
 

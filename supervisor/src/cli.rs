@@ -248,6 +248,13 @@ pub struct MigrationArgs {
     /// at least 1M). Requested pages are never limited.
     #[arg(long, value_parser = bandwidth_arg, default_value = "0")]
     pub max_postcopy_bandwidth: u64,
+    /// Postcopy read-ahead: after answering a page request, the source also
+    /// sends up to this many of the following pages on the urgent
+    /// connection (0 = none, at most 256). Off by default: a guest that
+    /// walks memory in order then keeps pace with it and blocks more often
+    /// (docs/protocol.md, REQUEST).
+    #[arg(long, default_value_t = common::msg::PREFETCH_PAGES, value_parser = clap::value_parser!(u32).range(0..=256))]
+    pub prefetch_pages: u32,
     /// How to check the destination's memory afterwards.
     #[arg(long, value_enum, default_value = "auto")]
     pub verify: VerifyArg,
@@ -424,6 +431,8 @@ pub struct SourceOpts {
     /// Main-stream caps before and after the switch, bytes/s; 0 = none.
     pub max_bandwidth: u64,
     pub max_postcopy_bandwidth: u64,
+    /// `--prefetch-pages`: the page-server's read-ahead, pages.
+    pub prefetch_pages: u32,
     pub warmup: Duration,
     pub verify: VerifyMethod,
     pub verify_ranges: Vec<(u64, u64)>,
@@ -716,6 +725,7 @@ impl SourceOpts {
             downtime_limit: Duration::from_millis(m.downtime_limit),
             max_bandwidth: m.max_bandwidth,
             max_postcopy_bandwidth: m.max_postcopy_bandwidth,
+            prefetch_pages: m.prefetch_pages,
             warmup: Duration::from_millis(g.warmup_ms),
             verify,
             verify_ranges,

@@ -167,6 +167,9 @@ pub struct Report {
     pub max_bandwidth: u64,
     /// Main-stream cap after it, bytes/s (0 = none).
     pub max_postcopy_bandwidth: u64,
+    /// The page-server's read-ahead after each request, pages
+    /// (`--prefetch-pages`).
+    pub prefetch_pages: u32,
     pub total_time_ms: f64,
     pub setup_time_ms: f64,
     pub downtime_ms: Option<f64>,

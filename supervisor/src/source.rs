@@ -1119,6 +1119,7 @@ impl Source {
             layout: self.layout,
             return_tls: ret.tls.clone().map(Box::new),
             urgent_tls: urgent.tls.clone().map(Box::new),
+            prefetch: self.opts.prefetch_pages,
         }))?;
         server.send_fds(&[
             ("memory", self.memfd.as_fd()),
@@ -1771,6 +1772,7 @@ fn new_report(opts: &SourceOpts, id: MigrationId) -> Report {
         downtime_limit_ms: opts.downtime_limit.as_millis() as u64,
         max_bandwidth: opts.max_bandwidth,
         max_postcopy_bandwidth: opts.max_postcopy_bandwidth,
+        prefetch_pages: opts.prefetch_pages,
         verify: VerifyReport::none("not reached"),
         ..Default::default()
     };

@@ -1676,6 +1676,7 @@ fn roles_are_sandboxed() -> TestResult {
                     top.as_deref().is_none_or(|r| r != Path::new("/")),
                     format!("{name} (pid {pid}) still has the host's / as its root"),
                 )?;
+                check_role_nice(name, pid)?;
                 match check_role_fds(name, pid, root, tcp, kinds, ro) {
                     Ok(true) => {}
                     // Ending, or gone: judged, but not a full view.
@@ -1708,6 +1709,52 @@ fn roles_are_sandboxed() -> TestResult {
             checked.contains(&name),
             format!("never saw {name} running with its sandbox on and all its fds"),
         )?;
+    }
+    Ok(())
+}
+
+/// The fault path outranks bulk work for the CPU (common::priority): every
+/// page-server thread and the fault-handler's urgent reader at nice -10,
+/// the ram-sender and the fault-handler's main-stream reader (its main
+/// thread) at 0. Threads that vanish while we look are skipped.
+fn check_role_nice(name: &str, pid: u32) -> TestResult {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Ok(());
+    };
+    let tasks: Vec<_> = tasks.flatten().collect();
+    // The fault-handler's main thread drops to 0 right after starting the
+    // urgent reader; once the fault thread exists that is long done.
+    let settled = tasks.iter().any(|t| {
+        std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "faults")
+    });
+    for task in tasks {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // comm is in parentheses and may hold spaces: fields after it.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map_or("", |(_, c)| c);
+        // After ")": state is field 3, nice is field 19.
+        let nice: i32 = rest
+            .split_whitespace()
+            .nth(16)
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("{name} (pid {pid}) stat without a nice field: {stat}"))?;
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let want = match (name, comm) {
+            ("page-server", _) | ("fault-handler", "urgent" | "faults") => Some(-10),
+            ("ram-sender", _) => Some(0),
+            ("fault-handler", _) if settled && tid == pid.to_string() => Some(0),
+            _ => None,
+        };
+        if let Some(want) = want {
+            check(
+                nice == want,
+                format!("{name} (pid {pid}) thread {comm:?} ({tid}) runs at nice {nice}, expected {want}"),
+            )?;
+        }
     }
     Ok(())
 }

@@ -38,6 +38,8 @@ pub struct Settings {
     pub max_bandwidth: u64,
     /// Postcopy push cap, bytes/s, 0 = none.
     pub max_postcopy_bandwidth: u64,
+    /// `--prefetch-pages`: the page-server's read-ahead (ours only).
+    pub prefetch_pages: u32,
 }
 
 /// The settings of the side-by-side table (and of the QEMU anchor):
@@ -49,6 +51,7 @@ pub const AS_QEMU_ANCHOR: Settings = Settings {
     downtime_limit_ms: 1,
     max_bandwidth: 128 << 20,
     max_postcopy_bandwidth: 0,
+    prefetch_pages: common::msg::PREFETCH_PAGES,
 };
 
 /// Postcopy for certain, after the 2nd dirty sync, no caps: the push then
@@ -60,6 +63,7 @@ pub const ALWAYS_POSTCOPY: Settings = Settings {
     downtime_limit_ms: 1,
     max_bandwidth: 0,
     max_postcopy_bandwidth: 0,
+    prefetch_pages: common::msg::PREFETCH_PAGES,
 };
 
 /// Precopy only, no caps.
@@ -69,6 +73,7 @@ pub const PRECOPY_ONLY: Settings = Settings {
     downtime_limit_ms: 300,
     max_bandwidth: 0,
     max_postcopy_bandwidth: 0,
+    prefetch_pages: common::msg::PREFETCH_PAGES,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -137,6 +142,18 @@ pub fn all() -> Vec<Scenario> {
             LinkKind::Loopback,
             "side by side with QEMU: pause, postcopy phase, blocktime, requests, CPU",
         ),
+        Scenario {
+            settings: Settings {
+                prefetch_pages: 16,
+                ..AS_QEMU_ANCHOR
+            },
+            with_qemu: false,
+            ..kvm(
+                "kvm-loopback-read-ahead",
+                LinkKind::Loopback,
+                "kvm-loopback with 16 pages of read-ahead (--prefetch-pages 16): what it costs or gains",
+            )
+        },
         kvm(
             "kvm-veth",
             LinkKind::Veth,
@@ -210,6 +227,7 @@ pub fn select(names: &[String], quick: bool, with_8g: bool) -> Result<Vec<Scenar
     } else {
         &[
             "kvm-loopback",
+            "kvm-loopback-read-ahead",
             "kvm-veth",
             "kvm-relay",
             "load-256M",
@@ -268,6 +286,8 @@ impl Scenario {
         push(&s.max_bandwidth.to_string());
         push("--max-postcopy-bandwidth");
         push(&s.max_postcopy_bandwidth.to_string());
+        push("--prefetch-pages");
+        push(&s.prefetch_pages.to_string());
         a
     }
 
@@ -290,7 +310,7 @@ impl Scenario {
             }
         };
         format!(
-            "{guest}, {} MiB, {}; postcopy {}{}, downtime limit {} ms, precopy cap {}, postcopy cap {}",
+            "{guest}, {} MiB, {}; postcopy {}{}, downtime limit {} ms, precopy cap {}, postcopy cap {}, read-ahead {} pages",
             self.mem_bytes >> 20,
             self.link.name(),
             s.postcopy,
@@ -299,7 +319,8 @@ impl Scenario {
                 .unwrap_or_default(),
             s.downtime_limit_ms,
             cap(s.max_bandwidth),
-            cap(s.max_postcopy_bandwidth)
+            cap(s.max_postcopy_bandwidth),
+            s.prefetch_pages
         )
     }
 }
