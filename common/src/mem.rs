@@ -214,6 +214,15 @@ impl Mapping {
         }
     }
 
+    /// A raw pointer to `len` bytes at `offset`, for the kernel to read
+    /// (sendmsg from the mapping); panics if the range is outside. Never
+    /// make a Rust reference of it: other processes write this memory.
+    pub fn ptr_at(&self, offset: usize, len: usize) -> *const u8 {
+        self.check(offset, len);
+        // SAFETY: the range is inside the mapping (checked above).
+        unsafe { self.ptr.as_ptr().add(offset) }
+    }
+
     /// Copies one page out.
     pub fn read_page(&self, page: PageIndex, out: &mut [u8]) {
         debug_assert_eq!(out.len(), PAGE_SIZE);

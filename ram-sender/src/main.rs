@@ -5,6 +5,7 @@ mod limiter;
 mod pagemap;
 mod seccomp;
 mod sender;
+mod zerocopy;
 
 fn main() {
     common::role::role_main::<_, _, _, _>("ram-sender", sender::run)

@@ -7,12 +7,14 @@ use std::io::Write;
 use std::net::TcpStream;
 
 use common::tls::SendHalf;
+
+use crate::zerocopy;
 use std::os::fd::AsFd;
 use std::time::Instant;
 
 use common::bitmap::{Bitmap, BitmapError, SharedBitmap};
 use common::counters::{Counter, CountersError, SharedCounters};
-use common::mem::{is_zero, reopen_read_only, Access, Mapping, MemError};
+use common::mem::{reopen_read_only, Access, Mapping, MemError};
 use common::msg::{
     FinalSync, FromRamSender, PushStats, RoundStats, SendProgress, SenderSetup, SenderStart,
     ToRamSender,
@@ -52,10 +54,6 @@ pub enum SendError {
     Tls(#[from] common::tls::TlsError),
     #[error("unexpected command {cmd} while {phase}")]
     Unexpected { cmd: String, phase: &'static str },
-}
-
-fn data_at(i: usize) -> usize {
-    PAGES_PREFIX_LEN + i * PAGE_SIZE
 }
 
 /// Shortest time between two dirty syncs in precopy.
@@ -575,20 +573,16 @@ impl Sender {
         self.emit(first, &zero, None, true)
     }
 
-    /// Reads pages into the frame buffer; says which are zero.
+    /// Says which of the pages are zero, reading them in place (the data
+    /// goes out from the mapping, see [`crate::zerocopy`]).
     fn load(&mut self, first: u64, count: u32) -> Vec<bool> {
         debug_assert!((1..=MAX_PAGES_PER_FRAME).contains(&count));
-        let n = count as usize;
-        self.mem.read(
-            (first as usize) * PAGE_SIZE,
-            &mut self.buf[data_at(0)..data_at(n)],
-        );
-        (0..n)
-            .map(|i| is_zero(&self.buf[data_at(i)..data_at(i + 1)]))
+        (0..count as usize)
+            .map(|i| zerocopy::page_is_zero(&self.mem, (first as usize + i) * PAGE_SIZE))
             .collect()
     }
 
-    /// Writes the loaded pages as frames: maximal runs of pages that are
+    /// Writes the pages as frames: maximal runs of pages that are
     /// alike (zero or not) and, with `won`, that this role owns.
     fn emit(
         &mut self,
@@ -622,15 +616,18 @@ impl Sender {
                 self.out.write_all(&frame)?;
                 self.count(frame.len() as u64, 0, (j - i) as u64);
             } else {
-                // The prefix goes right before page i, over the tail of page
-                // i-1, which was sent already, is a zero page or is not ours.
-                let start = data_at(i) - PAGES_PREFIX_LEN;
-                self.buf[start..data_at(i)].copy_from_slice(&pages_prefix(range));
-                let len = (data_at(j) - start) as u64;
+                let len = (PAGES_PREFIX_LEN + (j - i) * PAGE_SIZE) as u64;
                 if paced {
                     self.limiter.take(len);
                 }
-                self.out.write_all(&self.buf[start..data_at(j)])?;
+                zerocopy::send_run(
+                    &mut self.out,
+                    &pages_prefix(range),
+                    &self.mem,
+                    (first as usize + i) * PAGE_SIZE,
+                    (j - i) * PAGE_SIZE,
+                    &mut self.buf,
+                )?;
                 self.count(len, (j - i) as u64, 0);
             }
             self.totals.wire_us += t.elapsed().as_micros() as u64;

@@ -104,6 +104,16 @@ struct Dest {
     crashes: u32,
     /// When the control socket's figures were last published.
     published: Instant,
+    /// When the link was lost, while paused.
+    paused_at: Option<Instant>,
+}
+
+/// How long a destination paused in precopy waits for the source:
+/// three link timeouts, at least 30 s. The source comes back only if it
+/// had handed the package over (it then retries every 0.5–5 s); one that
+/// lost the link before that failed and resumed its guest.
+fn precopy_pause_limit(link_timeout: Duration) -> Duration {
+    (link_timeout * 3).max(Duration::from_secs(30))
 }
 
 /// What the live figures are made of now (snapshot.rs), borrowing only the
@@ -181,6 +191,7 @@ pub fn incoming(args: IncomingArgs) -> Report {
         ctl: None,
         published: Instant::now(),
         crashes: 0,
+        paused_at: None,
     };
     d.chaos = d.args.chaos.clone();
     d.ctl = ControlSocket::open(
@@ -210,6 +221,14 @@ impl EventLoop for Dest {
             return Ok(());
         }
         if matches!(self.m.state(), DestState::Paused { .. }) {
+            let limit = precopy_pause_limit(self.link_timeout());
+            let waited = self.paused_at.map_or(Duration::ZERO, |t| t.elapsed());
+            if self.m.paused_before_package() && waited > limit {
+                return Err(MigError::PeerLost(format!(
+                    "the link was lost in precopy and the source did not come back within {:.0} s: it lost the link before handing over the package (and runs its guest on), or it is gone",
+                    limit.as_secs_f64()
+                )));
+            }
             return self.accept_control();
         }
         self.chaos_tick();
@@ -334,6 +353,7 @@ impl Dest {
         }
         // No pages can come while paused; the clock starts again after.
         self.s.expect_data(false);
+        self.paused_at = Some(Instant::now());
         self.report.note(
             self.s.started,
             "pause",
@@ -384,6 +404,7 @@ impl Dest {
         self.control =
             Some(Control::new(stream, self.s.tx.clone()).map_err(|e| MigError::io("control", e))?);
         self.s.peer_heard = Instant::now();
+        self.paused_at = None;
         self.m.link_back();
         self.report.note(
             self.s.started,
@@ -450,7 +471,17 @@ impl Dest {
                 // The package is here and the link is down: only our Abort
                 // (guest_ran false) lets the source resume its frozen copy,
                 // and it could not be sent.
-                DestState::Paused { .. } => Err("the link to the source is down: the source could not learn that the guest never ran here and would keep its copy frozen for good; the source reconnects by itself (or `postcopy recover` there)".into()),
+                DestState::Paused { .. } => Err(format!(
+                    "the link to the source is down: the source could not learn that the guest never ran here and would keep its copy frozen for good; the source reconnects by itself (or `postcopy recover` there){}",
+                    if self.m.paused_before_package() {
+                        format!(
+                            "; paused in precopy, this side gives up by itself {:.0} s after the loss",
+                            precopy_pause_limit(self.link_timeout()).as_secs_f64()
+                        )
+                    } else {
+                        String::new()
+                    }
+                )),
                 _ => Ok(()),
             },
             pause: source("pause"),

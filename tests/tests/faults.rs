@@ -70,6 +70,14 @@ fn main() {
             link_resets_in_precopy_use_up_the_restarts,
         ),
         plain(
+            "link_lost_with_the_package_in_flight_resumes_precopy",
+            link_lost_with_the_package_in_flight_resumes_precopy,
+        ),
+        plain(
+            "destination_paused_in_precopy_gives_up_in_time",
+            destination_paused_in_precopy_gives_up_in_time,
+        ),
+        plain(
             "dead_return_path_prevents_the_switch",
             dead_return_path_prevents_the_switch,
         ),
@@ -896,6 +904,247 @@ fn link_resets_in_precopy_use_up_the_restarts() -> TestResult {
     )?;
     let _ = dest.finish(Duration::from_secs(60));
     Ok(())
+}
+
+/// A TCP relay to `to` that goes dark when the first main stream carries
+/// a frame of type `eat` (read frame by frame): that frame is not
+/// forwarded, and from then on no connection open at that moment carries
+/// a byte either way for `dark`, after which the relay resets them all.
+/// Connections opened later are carried normally, and a second frame of
+/// that type passes. A link that dies at exactly that frame, every time.
+/// Returns its address; it runs until the test process ends.
+fn dark_at_frame_relay(to: String, eat: u8, dark: Duration) -> Result<String, String> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| e.to_string())?
+        .to_string();
+    // The generation of connections that goes dark, and whether it did.
+    let eaten = Arc::new(AtomicBool::new(false));
+    let dark_gen = Arc::new(AtomicU64::new(u64::MAX));
+    let generation = Arc::new(AtomicU64::new(0));
+    fn reset(s: &TcpStream) {
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on a socket this test owns, with a linger
+        // struct of the size given.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &l as *const libc::linger as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    // Once this connection's generation went dark: wait it out, reset.
+    let go_dark = move |gen: u64, dark_gen: &AtomicU64, a: &TcpStream, b: &TcpStream| -> bool {
+        if dark_gen.load(Ordering::SeqCst) != gen {
+            return false;
+        }
+        std::thread::sleep(dark);
+        reset(a);
+        reset(b);
+        true
+    };
+    std::thread::spawn(move || {
+        for mut inbound in listener.incoming().flatten() {
+            let mut hello = [0u8; HELLO_LEN];
+            if inbound.read_exact(&mut hello).is_err() {
+                continue;
+            }
+            let Ok(mut outbound) = TcpStream::connect(&to) else {
+                continue;
+            };
+            if outbound.write_all(&hello).is_err() {
+                continue;
+            }
+            let (Ok(mut back_r), Ok(mut back_w)) = (outbound.try_clone(), inbound.try_clone())
+            else {
+                continue;
+            };
+            // A control hello starts a new generation (a reconnect).
+            if hello[6] == 1 {
+                generation.fetch_add(1, Ordering::SeqCst);
+            }
+            let gen = generation.load(Ordering::SeqCst);
+            let main = hello[6] == MAIN;
+            let (eaten, dark_gen2) = (eaten.clone(), dark_gen.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    if main && !eaten.load(Ordering::SeqCst) {
+                        // Frame by frame until the one to eat.
+                        let mut head = [0u8; 8];
+                        if inbound.read_exact(&mut head).is_err() {
+                            break;
+                        }
+                        if head[0] == eat {
+                            eaten.store(true, Ordering::SeqCst);
+                            dark_gen2.store(gen, Ordering::SeqCst);
+                            go_dark(gen, &dark_gen2, &inbound, &outbound);
+                            return;
+                        }
+                        let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+                        let mut payload = vec![0u8; len as usize];
+                        if inbound.read_exact(&mut payload).is_err() {
+                            break;
+                        }
+                        if go_dark(gen, &dark_gen2, &inbound, &outbound) {
+                            return;
+                        }
+                        if outbound.write_all(&head).is_err()
+                            || outbound.write_all(&payload).is_err()
+                        {
+                            break;
+                        }
+                        continue;
+                    }
+                    let Ok(n) = inbound.read(&mut buf) else { break };
+                    if go_dark(gen, &dark_gen2, &inbound, &outbound) {
+                        return;
+                    }
+                    if n == 0 || outbound.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = outbound.shutdown(std::net::Shutdown::Write);
+            });
+            let dark_gen3 = dark_gen.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = back_r.read(&mut buf) {
+                    if go_dark(gen, &dark_gen3, &back_r, &back_w) {
+                        return;
+                    }
+                    if n == 0 || back_w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = back_w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+const PACKAGE: u8 = 0x05;
+const ROUND: u8 = 0x03;
+
+/// The link dies with the package in flight: the source has handed it
+/// over (its guest stays frozen: the destination might run it), but the
+/// destination, still in precopy, never gets it. It used to fail there,
+/// and the source stayed paused for good with its guest frozen. Now the
+/// destination pauses too, the source comes back after the dark spell,
+/// learns from the resync that the package never arrived, resumes its
+/// guest in precopy, and the migration completes with 0 mismatches.
+fn link_lost_with_the_package_in_flight_resumes_precopy() -> TestResult {
+    let dir = TempDir::new("package-lost");
+    let port = free_port();
+    let dest = start(
+        postcopy()
+            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--link-timeout", "2"])
+            .arg("--json")
+            .arg(dir.path("dst.json")),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let relay = dark_at_frame_relay(format!("127.0.0.1:{port}"), PACKAGE, Duration::from_secs(5))?;
+    let out = run(
+        postcopy()
+            .args(["migrate", "--to", &relay])
+            .args(["--mem", "64M", "--workload", "ab", "--verify", "ab"])
+            .args(["--postcopy", "manual", "--postcopy-after-syncs", "2"])
+            .args(["--max-bandwidth", "64M", "--link-timeout", "2"])
+            .arg("--json")
+            .arg(dir.path("src.json")),
+        Duration::from_secs(120),
+    )?;
+    let dst = dest.finish(Duration::from_secs(30))?;
+    let both = format!("{}\ndestination:\n{}", out.describe(), dst.describe());
+    let r = report(&dir.path("src.json")).map_err(|e| format!("{e}\n{both}"))?;
+    completed_ok(&r, out.status.success(), &both)?;
+    check(
+        !events(&r, "pause").is_empty()
+            && events(&r, "state").iter().any(|e| e == "resync -> precopy"),
+        format!(
+            "the source did not pause and go back to precopy: {}\n{both}",
+            r["events"]
+        ),
+    )?;
+    let d = report(&dir.path("dst.json"))?;
+    check(
+        !events(&d, "pause").is_empty(),
+        format!("the destination did not pause: {}", d["events"]),
+    )?;
+    check(dst.status.success(), format!("destination failed\n{both}"))
+}
+
+/// The link dies in precopy (a ROUND eaten), before any package: the
+/// source fails and runs its guest on; the destination pauses, as it
+/// cannot tell this from a package in flight, and gives up by itself after
+/// its bound (30 s with a 2 s link timeout), naming why.
+fn destination_paused_in_precopy_gives_up_in_time() -> TestResult {
+    let dir = TempDir::new("precopy-lost");
+    let port = free_port();
+    let dest = start(
+        postcopy()
+            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--link-timeout", "2"])
+            .arg("--json")
+            .arg(dir.path("dst.json")),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let relay = dark_at_frame_relay(format!("127.0.0.1:{port}"), ROUND, Duration::from_secs(4))?;
+    let t = Instant::now();
+    let out = run(
+        postcopy()
+            .args(["migrate", "--to", &relay])
+            .args(["--mem", "64M", "--workload", "ab", "--verify", "ab"])
+            .args(["--postcopy", "manual", "--max-bandwidth", "64M"])
+            .args(["--link-timeout", "2"])
+            .arg("--json")
+            .arg(dir.path("src.json")),
+        Duration::from_secs(60),
+    )?;
+    let r = report(&dir.path("src.json")).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    check(
+        text(&r, "status") == "failed"
+            && text(&r, "source_guest").starts_with("running")
+            && r["source_verify"]["mismatches"].as_u64() == Some(0),
+        format!(
+            "source: status {} guest {} memory {}\n{}",
+            r["status"],
+            r["source_guest"],
+            r["source_verify"],
+            out.describe()
+        ),
+    )?;
+    let dst = dest.finish(Duration::from_secs(60))?;
+    let waited = t.elapsed();
+    let d = report(&dir.path("dst.json"))?;
+    check(
+        !dst.status.success()
+            && text(&d, "error").contains("did not come back within 30 s")
+            && !events(&d, "pause").is_empty(),
+        format!(
+            "destination: error {} events {}\n{}",
+            d["error"],
+            d["events"],
+            dst.describe()
+        ),
+    )?;
+    check(
+        waited < Duration::from_secs(75),
+        format!("the destination took {waited:?} to give up"),
+    )
 }
 
 // ---------------------------------------------------------------- fault 3

@@ -45,7 +45,10 @@ pub enum DestState {
     AwaitFinish,
     /// The link to the source is lost after the package: the guest goes
     /// on with the pages it has (threads that fault wait), until the
-    /// source connects again; then `resume` goes on.
+    /// source connects again; then `resume` goes on. Or lost in precopy,
+    /// where the package may have been on its way: the source, which may
+    /// have handed it over and keeps its guest frozen, must learn that it
+    /// never arrived (a resync back to precopy); that wait is bounded.
     Paused { resume: Box<DestState> },
     /// Over: completed, failed or cancelled. `guest_ran`: the guest was
     /// started here before the end.
@@ -286,12 +289,21 @@ impl DestMachine {
         }
     }
 
-    /// The link to the source is lost: once the package is here (the guest
-    /// may run the only copy) the migration pauses (true); before it, it
-    /// fails (false).
+    /// True while paused in precopy: the package never arrived here.
+    pub fn paused_before_package(&self) -> bool {
+        matches!(&self.state, DestState::Paused { resume } if matches!(**resume, DestState::Precopy { .. }))
+    }
+
+    /// The link to the source is lost: from precopy on (the package may be
+    /// here, or on its way) the migration pauses (true); before precopy, or
+    /// once every page is here, it fails (false).
     pub fn pause(&mut self) -> bool {
         match self.state {
-            DestState::Listening
+            // The package may be on its way: a source that handed it over
+            // pauses and comes back; the driver bounds the wait (a source
+            // that lost the link before the package fails and does not).
+            DestState::Precopy { .. }
+            | DestState::Listening
             | DestState::Loading { .. }
             | DestState::Starting { .. }
             | DestState::Running { .. } => {
