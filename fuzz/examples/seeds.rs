@@ -111,6 +111,7 @@ fn main() {
         postcopy: PostcopyMode::Auto,
         verify: VerifyMethod::Ab,
         verify_ranges: vec![(1 << 20, 2 << 20)],
+        streams: 2,
     };
     let msgs = vec![
         ControlMsg::Setup(setup),

@@ -167,6 +167,10 @@ pub struct Report {
     pub max_bandwidth: u64,
     /// Main-stream cap after it, bytes/s (0 = none).
     pub max_postcopy_bandwidth: u64,
+    /// Bulk streams (TCP connections carrying pages), the main stream
+    /// included (`--streams`; 0 on the destination until the source's
+    /// Setup says).
+    pub streams: u32,
     pub total_time_ms: f64,
     pub setup_time_ms: f64,
     pub downtime_ms: Option<f64>,

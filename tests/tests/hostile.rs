@@ -193,6 +193,7 @@ fn setup(id: MigrationId) -> SetupRequest {
         postcopy: PostcopyMode::Never,
         verify: VerifyMethod::None,
         verify_ranges: vec![],
+        streams: 1,
     }
 }
 
