@@ -13,7 +13,7 @@ const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 pub static SYSCALLS: &[Syscall] = &[
     syscall!(
         SYS_recvfrom,
-        "pages from the main stream and the urgent connection"
+        "pages from the main stream, the bulk streams and the urgent connection"
     ),
     syscall!(
         SYS_sendto,
