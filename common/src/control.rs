@@ -11,7 +11,7 @@ use crate::guest::{
 use crate::msg::{PostcopyStats, RecvProgress};
 use crate::peer_text::escape_in_place;
 use crate::types::{MemLayout, MigrationId, PAGE_SIZE};
-use crate::wire::{decode_message, Frame, FrameReader, WireError};
+use crate::wire::{decode_message, Frame, FrameReader, WireError, MAX_STREAMS};
 
 /// Most digests one [`ControlMsg::SourceDigests`] carries (8 MiB of them).
 pub const DIGESTS_PER_MESSAGE: usize = 1 << 20;
@@ -78,6 +78,10 @@ pub struct SetupRequest {
     /// [`MAX_VERIFY_RANGES`]).
     #[serde(deserialize_with = "bounded::<_, _, MAX_VERIFY_RANGES>")]
     pub verify_ranges: Vec<(u64, u64)>,
+    /// Bulk streams, the main stream included (1..=[`MAX_STREAMS`]): the
+    /// source opens `streams - 1` bulk-stream connections beside the main
+    /// stream.
+    pub streams: u32,
 }
 
 /// Why a [`SetupRequest`] cannot be served; each names the wrong value.
@@ -115,6 +119,8 @@ pub enum SetupError {
     TooManyVerifyRanges(usize),
     #[error("verify range {0:#x}-{1:#x} does not fit guest memory of {2:#x} bytes")]
     VerifyRange(u64, u64, u64),
+    #[error("{0} bulk streams is outside 1..={MAX_STREAMS}")]
+    Streams(u32),
 }
 
 impl SetupRequest {
@@ -123,6 +129,9 @@ impl SetupRequest {
     pub fn check(&self) -> Result<(), SetupError> {
         if self.page_size as usize != PAGE_SIZE {
             return Err(SetupError::PageSize(self.page_size));
+        }
+        if !(1..=MAX_STREAMS).contains(&self.streams) {
+            return Err(SetupError::Streams(self.streams));
         }
         let g = &self.guest;
         MemLayout::new(g.mem_bytes).map_err(|e| SetupError::Memory(e.to_string()))?;
@@ -582,6 +591,7 @@ mod tests {
             postcopy: PostcopyMode::Auto,
             verify: VerifyMethod::Ab,
             verify_ranges: vec![(0, 8 << 20), (8 << 20, 16 << 20)],
+            streams: 1,
         }
     }
 

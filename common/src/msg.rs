@@ -103,6 +103,11 @@ pub struct SenderSetup {
     pub resume: SenderStart,
     /// With TLS: the main stream's session, continued here.
     pub main_tls: Option<Box<Session>>,
+    /// Bulk streams, the main stream included (fds `bulk1` ..
+    /// `bulk{streams-1}` come beside `main`).
+    pub streams: u32,
+    /// With TLS: each extra bulk stream's own session, stream 1 first.
+    pub bulk_tls: Vec<Option<Box<Session>>>,
 }
 
 /// Where a ram-sender starts (docs/state-machine.md, "Restart and
@@ -326,6 +331,11 @@ pub struct HandlerSetup {
     pub main_tls: Option<Box<Session>>,
     pub return_tls: Option<Box<Session>>,
     pub urgent_tls: Option<Box<Session>>,
+    /// Bulk streams, the main stream included (fds `bulk1` ..
+    /// `bulk{streams-1}` come beside `main`).
+    pub streams: u32,
+    /// With TLS: each extra bulk stream's own session, stream 1 first.
+    pub bulk_tls: Vec<Option<Box<Session>>>,
 }
 
 /// Where a fault-handler starts.
@@ -470,3 +480,10 @@ impl RoleOutput for FromFaultHandler {
         FromFaultHandler::Error(text)
     }
 }
+
+/// The fd names of the bulk streams, index = stream number (stream 0, the
+/// main stream, is handed as `main`).
+pub const BULK_FD_NAMES: [&str; crate::wire::MAX_STREAMS as usize] = [
+    "main", "bulk1", "bulk2", "bulk3", "bulk4", "bulk5", "bulk6", "bulk7", "bulk8", "bulk9",
+    "bulk10", "bulk11", "bulk12", "bulk13", "bulk14", "bulk15",
+];

@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// First four bytes of every hello and hello reply.
 pub const MAGIC: [u8; 4] = *b"PCPY";
 /// The protocol version this build speaks. Peers must speak exactly this one.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Length of a [`Hello`] on the wire.
 pub const HELLO_LEN: usize = 32;
 /// Length of a [`HelloReply`] on the wire.
@@ -42,6 +42,19 @@ pub const MAX_CONTROL_LEN: u32 = 16 << 20;
 /// Largest PACKAGE payload: the saved state of a 64-vCPU KVM guest is about
 /// 1 MiB.
 pub const MAX_PACKAGE_LEN: u32 = 16 << 20;
+/// Most bulk streams (the main stream included) a migration may use.
+pub const MAX_STREAMS: u32 = 16;
+/// Pages per pinning chunk: every page of chunk `c` (pages `c*256 ..
+/// c*256+255`) travels on stream `c % streams`, so all copies of a page
+/// share one TCP stream and arrive in the order they were sent. One chunk
+/// is one PAGES frame at most (1 MiB).
+pub const STREAM_CHUNK_PAGES: u64 = MAX_PAGES_PER_FRAME as u64;
+
+/// The stream (0 = the main stream) that carries page `page` when a
+/// migration runs `streams` bulk streams.
+pub fn stream_of(page: u64, streams: u32) -> u32 {
+    ((page / STREAM_CHUNK_PAGES) % u64::from(streams.max(1))) as u32
+}
 
 /// What a connection carries; named in its hello.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +67,10 @@ pub enum ConnKind {
     ReturnPath,
     /// page-server → fault-handler: requested pages, never queued behind bulk.
     Urgent,
+    /// ram-sender → fault-handler: extra bulk stream number `n` (1 ≤ n <
+    /// the agreed stream count; the main stream is stream 0). Carries the
+    /// pages pinned to it, FENCE barriers and its own EOS.
+    Bulk(u8),
 }
 
 impl ConnKind {
@@ -63,6 +80,7 @@ impl ConnKind {
             ConnKind::Main => 2,
             ConnKind::ReturnPath => 3,
             ConnKind::Urgent => 4,
+            ConnKind::Bulk(_) => 5,
         }
     }
 
@@ -72,6 +90,7 @@ impl ConnKind {
             2 => ConnKind::Main,
             3 => ConnKind::ReturnPath,
             4 => ConnKind::Urgent,
+            5 => ConnKind::Bulk(0),
             _ => return None,
         })
     }
@@ -82,8 +101,16 @@ impl ConnKind {
             ConnKind::Control => matches!(ty, T::Control),
             ConnKind::Main => matches!(
                 ty,
-                T::Pages | T::Zero | T::Round | T::Discard | T::Mark | T::Package | T::Eos
+                T::Pages
+                    | T::Zero
+                    | T::Round
+                    | T::Discard
+                    | T::Mark
+                    | T::Package
+                    | T::Eos
+                    | T::Fence
             ),
+            ConnKind::Bulk(_) => matches!(ty, T::Pages | T::Zero | T::Fence | T::Eos),
             ConnKind::ReturnPath => matches!(ty, T::Request | T::PostcopyDone),
             ConnKind::Urgent => matches!(ty, T::Pages | T::Zero | T::PageTimes),
         }
@@ -92,11 +119,15 @@ impl ConnKind {
 
 impl fmt::Display for ConnKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let ConnKind::Bulk(n) = self {
+            return write!(f, "bulk-stream {n}");
+        }
         f.write_str(match self {
             ConnKind::Control => "control",
             ConnKind::Main => "main-stream",
             ConnKind::ReturnPath => "return-path",
             ConnKind::Urgent => "urgent",
+            ConnKind::Bulk(_) => unreachable!("written above"),
         })
     }
 }
@@ -176,6 +207,8 @@ pub enum WireError {
     BadKind(u8),
     #[error("hello has nonzero reserved bytes")]
     BadHelloReserved,
+    #[error("bulk-stream hello names stream {0}, outside 1..{MAX_STREAMS}")]
+    BadStreamIndex(u8),
     #[error(
         "peer refused our {kind} hello: {status} (peer speaks protocol version {peer_version})"
     )]
@@ -262,6 +295,9 @@ impl Hello {
         b[0..4].copy_from_slice(&MAGIC);
         b[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         b[6] = self.kind.code();
+        if let ConnKind::Bulk(n) = self.kind {
+            b[7] = n;
+        }
         b[8..24].copy_from_slice(&self.migration.0);
         b
     }
@@ -280,9 +316,19 @@ impl Hello {
                 theirs: version,
             });
         }
-        let kind = ConnKind::from_code(b[6]).ok_or(WireError::BadKind(b[6]))?;
-        if b[7] != 0 || b[24..32].iter().any(|&x| x != 0) {
+        let mut kind = ConnKind::from_code(b[6]).ok_or(WireError::BadKind(b[6]))?;
+        if b[24..32].iter().any(|&x| x != 0) {
             return Err(WireError::BadHelloReserved);
+        }
+        // Byte 7 is the stream index of a bulk stream, zero for every
+        // other kind.
+        match kind {
+            ConnKind::Bulk(_) if b[7] == 0 || u32::from(b[7]) >= MAX_STREAMS => {
+                return Err(WireError::BadStreamIndex(b[7]))
+            }
+            ConnKind::Bulk(_) => kind = ConnKind::Bulk(b[7]),
+            _ if b[7] != 0 => return Err(WireError::BadHelloReserved),
+            _ => {}
         }
         let migration = MigrationId(b[8..24].try_into().expect("16 bytes"));
         Ok(Hello { kind, migration })
@@ -406,6 +452,7 @@ pub enum FrameType {
     Eos,
     Mark,
     PageTimes,
+    Fence,
     Request,
     PostcopyDone,
     Control,
@@ -422,6 +469,7 @@ impl FrameType {
             FrameType::Eos => 0x06,
             FrameType::Mark => 0x07,
             FrameType::PageTimes => 0x08,
+            FrameType::Fence => 0x09,
             FrameType::Request => 0x10,
             FrameType::PostcopyDone => 0x11,
             FrameType::Control => 0x20,
@@ -438,6 +486,7 @@ impl FrameType {
             0x06 => FrameType::Eos,
             0x07 => FrameType::Mark,
             0x08 => FrameType::PageTimes,
+            0x09 => FrameType::Fence,
             0x10 => FrameType::Request,
             0x11 => FrameType::PostcopyDone,
             0x20 => FrameType::Control,
@@ -457,6 +506,7 @@ impl fmt::Display for FrameType {
             FrameType::Eos => "EOS",
             FrameType::Mark => "MARK",
             FrameType::PageTimes => "PAGE_TIMES",
+            FrameType::Fence => "FENCE",
             FrameType::Request => "REQUEST",
             FrameType::PostcopyDone => "POSTCOPY_DONE",
             FrameType::Control => "CONTROL",
@@ -543,6 +593,17 @@ pub fn mark_frame(id: u64) -> [u8; FRAME_HEADER_LEN + 8] {
     let mut b = [0u8; FRAME_HEADER_LEN + 8];
     b[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(FrameType::Mark, 8));
     b[FRAME_HEADER_LEN..].copy_from_slice(&id.to_le_bytes());
+    b
+}
+
+/// A whole FENCE frame: barrier number `seq` (section "Parallel bulk
+/// streams" of docs/protocol.md). Written on every stream; the
+/// destination applies nothing after the main stream's FENCE `seq` until
+/// every stream has delivered everything before its own FENCE `seq`.
+pub fn fence_frame(seq: u64) -> [u8; FRAME_HEADER_LEN + 8] {
+    let mut b = [0u8; FRAME_HEADER_LEN + 8];
+    b[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(FrameType::Fence, 8));
+    b[FRAME_HEADER_LEN..].copy_from_slice(&seq.to_le_bytes());
     b
 }
 
@@ -643,6 +704,8 @@ pub enum Frame<'a> {
     /// Report back (on the control connection) once everything before this
     /// frame has been processed.
     Mark { id: u64 },
+    /// Barrier `seq` across the bulk streams.
+    Fence { seq: u64 },
     /// The device-state package.
     Package(Package),
     /// End of the main stream: every page has been sent.
@@ -672,6 +735,7 @@ impl Frame<'_> {
             Frame::Round { .. } => FrameType::Round,
             Frame::Discard { .. } => FrameType::Discard,
             Frame::Mark { .. } => FrameType::Mark,
+            Frame::Fence { .. } => FrameType::Fence,
             Frame::PageTimes { .. } => FrameType::PageTimes,
             Frame::Package(_) => FrameType::Package,
             Frame::Eos => FrameType::Eos,
@@ -793,6 +857,9 @@ impl<R: Read> FrameReader<R> {
             FrameType::Mark => Frame::Mark {
                 id: u64::from_le_bytes(p[0..8].try_into().expect("8")),
             },
+            FrameType::Fence => Frame::Fence {
+                seq: u64::from_le_bytes(p[0..8].try_into().expect("8")),
+            },
             FrameType::PageTimes => {
                 let raw = u64::from_le_bytes(p[0..8].try_into().expect("8"));
                 let page = layout
@@ -819,7 +886,7 @@ fn check_len(ty: FrameType, len: u32) -> Result<(), WireError> {
                 && len as usize <= RANGE_LEN + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE
         }
         FrameType::Zero | FrameType::Request => len as usize == RANGE_LEN,
-        FrameType::Round | FrameType::Mark => len == 8,
+        FrameType::Round | FrameType::Mark | FrameType::Fence => len == 8,
         FrameType::PageTimes => len as usize == PAGE_TIMES_LEN,
         FrameType::Discard => {
             len > 0
@@ -836,7 +903,7 @@ fn check_len(ty: FrameType, len: u32) -> Result<(), WireError> {
         let expected = match ty {
             FrameType::Pages => format!("{RANGE_LEN} + 4096 × (1..={MAX_PAGES_PER_FRAME})"),
             FrameType::Zero | FrameType::Request => RANGE_LEN.to_string(),
-            FrameType::Round | FrameType::Mark => "8".into(),
+            FrameType::Round | FrameType::Mark | FrameType::Fence => "8".into(),
             FrameType::PageTimes => PAGE_TIMES_LEN.to_string(),
             FrameType::Discard => format!(
                 "a nonzero multiple of {RANGE_LEN} up to {}",
@@ -986,6 +1053,59 @@ mod tests {
             migration: id,
         };
         assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn bulk_hello_carries_its_stream_index() {
+        let id = MigrationId([7; 16]);
+        let h = Hello {
+            kind: ConnKind::Bulk(3),
+            migration: id,
+        };
+        let b = h.encode();
+        assert_eq!((b[6], b[7]), (5, 3));
+        assert_eq!(Hello::decode(&b).unwrap(), h);
+        assert_eq!(ConnKind::Bulk(3).to_string(), "bulk-stream 3");
+        for bad in [0u8, MAX_STREAMS as u8, 255] {
+            let mut b = b;
+            b[7] = bad;
+            assert!(matches!(
+                Hello::decode(&b),
+                Err(WireError::BadStreamIndex(n)) if n == bad
+            ));
+        }
+        // Byte 7 stays reserved for every other kind.
+        let mut b = Hello {
+            kind: ConnKind::Main,
+            migration: id,
+        }
+        .encode();
+        b[7] = 1;
+        assert!(matches!(
+            Hello::decode(&b),
+            Err(WireError::BadHelloReserved)
+        ));
+    }
+
+    #[test]
+    fn bulk_stream_carries_pages_fences_and_its_end_only() {
+        let mut bytes = fence_frame(9).to_vec();
+        bytes.extend(empty_frame(FrameType::Eos));
+        bytes.extend(round_frame(1));
+        let mut r = reader(bytes, ConnKind::Bulk(1));
+        assert_eq!(r.next_frame().unwrap(), Frame::Fence { seq: 9 });
+        assert_eq!(r.next_frame().unwrap(), Frame::Eos);
+        assert!(matches!(
+            r.next_frame(),
+            Err(WireError::FrameNotAllowed {
+                ty: FrameType::Round,
+                ..
+            })
+        ));
+        assert_eq!(stream_of(255, 3), 0);
+        assert_eq!(stream_of(256, 3), 1);
+        assert_eq!(stream_of(3 * 256, 3), 0);
+        assert_eq!(stream_of(12345, 1), 0);
     }
 
     #[test]

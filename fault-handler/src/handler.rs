@@ -25,7 +25,8 @@ use common::tls::{RecvHalf, SendHalf};
 use common::types::{MemLayout, PageRange, RemoteAddr, PAGE_SIZE};
 use common::uffd::{Placed, Uffd, UffdError};
 use common::wire::{
-    empty_frame, request_frame, ConnKind, Frame, FrameReader, FrameType, WireError,
+    empty_frame, request_frame, stream_of, ConnKind, Frame, FrameReader, FrameType, WireError,
+    STREAM_CHUNK_PAGES,
 };
 use ipc_channel::ipc::IpcSender;
 
@@ -90,6 +91,43 @@ struct Counters {
     rounds: AtomicU32,
     main_bytes: Arc<AtomicU64>,
     urgent_bytes: Arc<AtomicU64>,
+    /// One per extra bulk stream (stream 1 first).
+    bulk_bytes: Vec<Arc<AtomicU64>>,
+}
+
+/// Where the extra bulk streams stand against the main stream's FENCE
+/// barriers (docs/protocol.md, "Parallel bulk streams").
+#[derive(Default)]
+struct FenceState {
+    /// Per extra stream (stream 1 first): the last FENCE it delivered;
+    /// everything before it on that stream is placed.
+    arrived: Vec<u64>,
+    /// Per extra stream: its EOS arrived; it carries nothing more.
+    ended: Vec<bool>,
+    /// The main stream applied what depended on FENCEs up to this one: the
+    /// extra streams may go past it.
+    released: u64,
+}
+
+#[derive(Default)]
+struct Fences {
+    state: Mutex<FenceState>,
+    changed: Condvar,
+}
+
+impl Fences {
+    fn update(&self, f: impl FnOnce(&mut FenceState)) {
+        f(&mut self.state.lock().expect("fences"));
+        self.changed.notify_all();
+    }
+
+    /// Waits until `ready` holds.
+    fn wait(&self, ready: impl Fn(&FenceState) -> bool) {
+        let mut g = self.state.lock().expect("fences");
+        while !ready(&g) {
+            g = self.changed.wait(g).expect("fences");
+        }
+    }
 }
 
 struct Handler {
@@ -114,6 +152,11 @@ struct Handler {
     fault_path: Mutex<FaultPathRecorder>,
     ret: Mutex<SendHalf>,
     counters: Counters,
+    /// Bulk streams, the main stream included.
+    streams: u32,
+    fences: Fences,
+    /// The device-state package arrived (on the main stream).
+    package_seen: AtomicBool,
     done: AtomicBool,
     /// Started again after the package: serving faults begins with a wake
     /// of the whole range.
@@ -149,7 +192,10 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
         main_tls,
         return_tls,
         urgent_tls,
+        streams,
+        bulk_tls,
     } = setup;
+    let streams = streams.clamp(1, common::wire::MAX_STREAMS);
     // Never mapped here: pages go in with pwrite (precopy) or through the
     // userfaultfd (postcopy), so nothing can fault a page in by accident.
     let memfd = fds.take("memory")?;
@@ -173,6 +219,13 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
     let main = RecvHalf::new(TcpStream::from(fds.take("main")?), main_tls.as_deref())?;
     let ret = SendHalf::new(TcpStream::from(fds.take("return")?), return_tls.as_deref())?;
     let urgent = RecvHalf::new(TcpStream::from(fds.take("urgent")?), urgent_tls.as_deref())?;
+    let mut bulk = Vec::new();
+    for (stream, tls) in
+        (1..streams as usize).zip(bulk_tls.into_iter().chain(std::iter::repeat_with(|| None)))
+    {
+        let fd = fds.take(common::msg::BULK_FD_NAMES[stream])?;
+        bulk.push(RecvHalf::new(TcpStream::from(fd), tls.as_deref())?);
+    }
     drop(fds);
     // The threads on a fault's path (commands, which starts the fault
     // thread, and the urgent reader) inherit nice -10, set while still
@@ -214,7 +267,20 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
         shared,
         fault_path: Mutex::new(FaultPathRecorder::default()),
         ret: Mutex::new(ret),
-        counters: Counters::default(),
+        counters: Counters {
+            bulk_bytes: (1..streams).map(|_| Arc::default()).collect(),
+            ..Counters::default()
+        },
+        streams,
+        fences: Fences {
+            state: Mutex::new(FenceState {
+                arrived: vec![0; streams as usize - 1],
+                ended: vec![false; streams as usize - 1],
+                released: 0,
+            }),
+            changed: Condvar::new(),
+        },
+        package_seen: AtomicBool::new(resume == HandlerStart::Postcopy),
         done: AtomicBool::new(false),
         tx: link.tx.clone(),
     });
@@ -247,6 +313,18 @@ pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), Handl
     }
     // Bulk pages: at the guest's priority, below the fault path's.
     common::priority::make_bulk();
+    for (i, stream) in bulk.into_iter().enumerate() {
+        let h = h.clone();
+        let n = i as u8 + 1;
+        std::thread::Builder::new()
+            .name(format!("bulk{n}"))
+            .spawn(move || {
+                if let Err(e) = h.read_bulk(n, stream) {
+                    h.fatal(e);
+                }
+            })
+            .expect("spawn bulk-stream reader");
+    }
     match h.read_main(main, resume == HandlerStart::Postcopy) {
         Ok(()) => {
             // Stay alive until Quit arrives on the command thread.
@@ -269,7 +347,13 @@ impl Handler {
         RecvProgress {
             pages_received: self.received.count(),
             bytes: self.counters.main_bytes.load(Ordering::Relaxed)
-                + self.counters.urgent_bytes.load(Ordering::Relaxed),
+                + self.counters.urgent_bytes.load(Ordering::Relaxed)
+                + self
+                    .counters
+                    .bulk_bytes
+                    .iter()
+                    .map(|b| b.load(Ordering::Relaxed))
+                    .sum::<u64>(),
             rounds: self.counters.rounds.load(Ordering::Relaxed),
             discarded: self.counters.discarded.load(Ordering::Relaxed),
             discard_us: self.counters.discard_us.load(Ordering::Relaxed),
@@ -359,6 +443,10 @@ impl Handler {
         }
         let mut package_seen = package_seen;
         let mut counted = 0;
+        // The FENCE whose dependent frames (DISCARD, PACKAGE) are being
+        // applied: the extra streams wait at it.
+        let mut held: Option<u64> = None;
+        let mut last_fence = 0u64;
         loop {
             let frame = reader.next_frame();
             counted = self.count_bytes(&self.counters.main_bytes, counted);
@@ -388,7 +476,42 @@ impl Handler {
                     frame.frame_type()
                 )));
             }
+            match &frame {
+                Frame::Discard { .. } | Frame::Package(_) => {
+                    if self.streams > 1 && held.is_none() {
+                        return Err(HandlerError::Protocol(format!(
+                            "{} on the main stream without a FENCE before it ({} bulk streams)",
+                            frame.frame_type(),
+                            self.streams
+                        )));
+                    }
+                }
+                Frame::Pages { range, .. } | Frame::Zero { range } => {
+                    self.check_pinned(&frame, *range, 0)?;
+                    self.release(&mut held);
+                }
+                _ => self.release(&mut held),
+            }
             match frame {
+                Frame::Fence { seq } => {
+                    if seq != last_fence + 1 || self.streams == 1 {
+                        return Err(HandlerError::Protocol(format!(
+                            "FENCE {seq} on the main stream, expected {} ({} bulk streams)",
+                            if self.streams == 1 {
+                                "none".to_string()
+                            } else {
+                                (last_fence + 1).to_string()
+                            },
+                            self.streams
+                        )));
+                    }
+                    last_fence = seq;
+                    // Every copy sent before this barrier, on any stream,
+                    // is placed before what follows it here.
+                    self.fences
+                        .wait(|f| f.arrived.iter().zip(&f.ended).all(|(&a, &e)| a >= seq || e));
+                    held = Some(seq);
+                }
                 Frame::Pages { range, data } => self.place(range, Some(data), Via::Main)?,
                 Frame::Zero { range } => self.place(range, None, Via::Main)?,
                 Frame::Round { sync } => self.counters.rounds.store(sync, Ordering::Relaxed),
@@ -398,6 +521,7 @@ impl Handler {
                 Frame::Discard { ranges } => self.discard(&ranges)?,
                 Frame::Package(pkg) => {
                     package_seen = true;
+                    self.package_seen.store(true, Ordering::Release);
                     let listen = pkg.listen;
                     if listen {
                         if self.uffd.is_none() {
@@ -430,8 +554,12 @@ impl Handler {
                             g = self.mode_changed.wait(g).expect("mode lock");
                         }
                     }
+                    // The extra streams carry the push (or their EOS) now.
+                    self.release(&mut held);
                 }
                 Frame::Eos => {
+                    // Every stream ends before the main stream does.
+                    self.fences.wait(|f| f.ended.iter().all(|&e| e));
                     let mode = *self.mode.read().expect("mode");
                     if mode == Mode::Postcopy {
                         // Completion comes when the last page is placed,
@@ -448,6 +576,125 @@ impl Handler {
                     return Ok(());
                 }
                 other => unreachable!("main stream yielded {other:?}"),
+            }
+            if last_progress.elapsed() >= Duration::from_millis(200) {
+                last_progress = Instant::now();
+                self.send(FromFaultHandler::Progress(self.progress()))?;
+            }
+        }
+    }
+
+    /// Pinning (docs/protocol.md, "Parallel bulk streams"): a page only
+    /// ever travels on its own stream, so no older copy of it can overtake
+    /// a newer one; a frame stays inside one chunk.
+    fn check_pinned(
+        &self,
+        frame: &Frame,
+        range: PageRange,
+        stream: u32,
+    ) -> Result<(), HandlerError> {
+        if self.streams == 1 {
+            return Ok(());
+        }
+        let first = range.first().get();
+        let last = range.end() - 1;
+        if stream_of(first, self.streams) != stream
+            || first / STREAM_CHUNK_PAGES != last / STREAM_CHUNK_PAGES
+        {
+            let conn = if stream == 0 {
+                ConnKind::Main
+            } else {
+                ConnKind::Bulk(stream as u8)
+            };
+            return Err(HandlerError::Protocol(format!(
+                "{} {range} on the {conn} connection: those pages travel on stream {} of {}",
+                frame.frame_type(),
+                stream_of(first, self.streams),
+                self.streams
+            )));
+        }
+        Ok(())
+    }
+
+    /// The main stream is past the frames that depended on FENCE `held`:
+    /// the extra streams may go on.
+    fn release(&self, held: &mut Option<u64>) {
+        if let Some(seq) = held.take() {
+            self.fences.update(|f| f.released = seq);
+        }
+    }
+
+    /// Reads extra bulk stream `n`: pages pinned to it, FENCEs, its EOS.
+    fn read_bulk(self: &Arc<Self>, n: u8, stream: RecvHalf) -> Result<(), HandlerError> {
+        let conn = ConnKind::Bulk(n);
+        let i = usize::from(n) - 1;
+        let bytes = self.counters.bulk_bytes[i].clone();
+        let mut reader = FrameReader::new(stream, conn, self.layout).counting_into(bytes.clone());
+        let wire = |source| HandlerError::Wire { conn, source };
+        if self.package_seen.load(Ordering::Acquire) {
+            // A postcopy restart: as on the main stream, pages wait for the
+            // guest's registration.
+            let mut g = self.mode_lock.lock().expect("mode lock");
+            while *self.mode.read().expect("mode") != Mode::Postcopy {
+                g = self.mode_changed.wait(g).expect("mode lock");
+            }
+        }
+        let mut last_fence = 0u64;
+        let mut counted = 0;
+        let mut last_progress = Instant::now();
+        loop {
+            let frame = reader.next_frame();
+            counted = self.count_bytes(&bytes, counted);
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) if self.done.load(Ordering::Acquire) => {
+                    if !e.is_disconnect() {
+                        log::warn!("{conn} after completion: {e}");
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(wire(e)),
+            };
+            match frame {
+                Frame::Pages { range, .. } | Frame::Zero { range } => {
+                    self.check_pinned(&frame, range, u32::from(n))?;
+                    if self.package_seen.load(Ordering::Acquire)
+                        && *self.mode.read().expect("mode") != Mode::Postcopy
+                    {
+                        return Err(HandlerError::Protocol(format!(
+                            "{} on {conn} after the device-state package",
+                            frame.frame_type()
+                        )));
+                    }
+                    if self.done.load(Ordering::Acquire) {
+                        // Every page is in and guest memory unregistered:
+                        // nothing left to place.
+                        continue;
+                    }
+                    let data = match &frame {
+                        Frame::Pages { data, .. } => Some(*data),
+                        _ => None,
+                    };
+                    self.place(range, data, Via::Main)?;
+                }
+                Frame::Fence { seq } => {
+                    if seq != last_fence + 1 {
+                        return Err(HandlerError::Protocol(format!(
+                            "FENCE {seq} on {conn}, expected {}",
+                            last_fence + 1
+                        )));
+                    }
+                    last_fence = seq;
+                    self.fences.update(|f| f.arrived[i] = seq);
+                    // Nothing after the barrier until the main stream has
+                    // applied what depends on it.
+                    self.fences.wait(|f| f.released >= seq);
+                }
+                Frame::Eos => {
+                    self.fences.update(|f| f.ended[i] = true);
+                    return Ok(());
+                }
+                other => unreachable!("{conn} yielded {other:?}"),
             }
             if last_progress.elapsed() >= Duration::from_millis(200) {
                 last_progress = Instant::now();

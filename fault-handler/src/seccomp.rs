@@ -16,7 +16,7 @@ const SELF: i32 = 0;
 pub static SYSCALLS: &[Syscall] = &[
     syscall!(
         SYS_recvfrom,
-        "pages from the main stream and the urgent connection"
+        "pages from the main stream, the bulk streams and the urgent connection"
     ),
     syscall!(
         SYS_sendto,

@@ -24,15 +24,16 @@ use common::msg::{
 use common::types::{MemLayout, PageRange, PAGE_SIZE};
 use common::uffd::{Uffd, POSTCOPY_FEATURES};
 use common::wire::{
-    discard_frames, empty_frame, frame_header, message_frame, pages_prefix, round_frame,
-    zero_frame, ConnKind, Frame, FrameReader, FrameType, Package, WireError, FRAME_HEADER_LEN,
-    RANGE_LEN,
+    discard_frames, empty_frame, fence_frame, frame_header, message_frame, pages_prefix,
+    round_frame, zero_frame, ConnKind, Frame, FrameReader, FrameType, Package, WireError,
+    FRAME_HEADER_LEN, RANGE_LEN,
 };
 use ipc_channel::ipc::IpcReceiver;
 use ipc_channel::TryRecvError;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use supervisor::spawn::{spawn_exe, Child};
+use supervisor::verify::compare_digests;
 
 /// Longest wait for anything the role is expected to do.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -121,6 +122,8 @@ struct Dest {
     main: TcpStream,
     /// Our end of the urgent connection: we are the page-server.
     urgent: TcpStream,
+    /// Our ends of the extra bulk streams (stream 1 first).
+    bulk: Vec<TcpStream>,
     /// Our end of the return path: the role's requests arrive here.
     ret: FrameReader<TcpStream>,
     reaped: bool,
@@ -136,6 +139,12 @@ impl Dest {
 
     /// As `start`, for a guest of `vcpus` threads (blocktime).
     fn start_vcpus(pages: u64, postcopy: bool, vcpus: u32) -> Dest {
+        Dest::start_streams(pages, postcopy, vcpus, 1)
+    }
+
+    /// As `start_vcpus`, with `streams` bulk streams (the main one
+    /// included).
+    fn start_streams(pages: u64, postcopy: bool, vcpus: u32, streams: u32) -> Dest {
         let layout = MemLayout::new(pages * PAGE_SIZE as u64).expect("layout");
         let len = layout.mem_bytes() as usize;
         let memfd = create_memfd("guest", layout.mem_bytes()).expect("memfd");
@@ -150,6 +159,7 @@ impl Dest {
         let (main, main_theirs) = tcp_pair();
         let (ret, ret_theirs) = tcp_pair();
         let (urgent, urgent_theirs) = tcp_pair();
+        let (bulk, bulk_theirs): (Vec<_>, Vec<_>) = (1..streams).map(|_| tcp_pair()).unzip();
 
         let exe = Path::new(env!("CARGO_BIN_EXE_fault-handler"));
         let mut child: Child<ToFaultHandler, FromFaultHandler> =
@@ -166,6 +176,8 @@ impl Dest {
                 main_tls: None,
                 return_tls: None,
                 urgent_tls: None,
+                streams,
+                bulk_tls: vec![],
             }))
             .expect("send Start");
         let mut fds = vec![
@@ -176,13 +188,16 @@ impl Dest {
             ("urgent", urgent_theirs.as_fd()),
             ("counters", counters_fd.as_fd()),
         ];
+        for (n, b) in bulk_theirs.iter().enumerate() {
+            fds.push((common::msg::BULK_FD_NAMES[n + 1], b.as_fd()));
+        }
         if postcopy {
             fds.push(("uffd", uffd.as_fd()));
         }
         fds.push(("digests", digests_fd.as_fd()));
         child.send_fds(&fds).expect("send fds");
         // The role holds its own copies now; ours would hide its exit.
-        drop((main_theirs, ret_theirs, urgent_theirs));
+        drop((main_theirs, ret_theirs, urgent_theirs, bulk_theirs));
         Dest {
             layout,
             child,
@@ -194,6 +209,7 @@ impl Dest {
             digests,
             main,
             urgent,
+            bulk,
             ret: FrameReader::new(ret, ConnKind::ReturnPath, layout),
             reaped: false,
             counters,
@@ -211,6 +227,11 @@ impl Dest {
         std::io::Write::write_all(&mut self.main, bytes).expect("write the main stream");
     }
 
+    /// Writes on extra bulk stream `n` (1-based, like the wire).
+    fn send_bulk(&mut self, n: usize, bytes: &[u8]) {
+        std::io::Write::write_all(&mut self.bulk[n - 1], bytes).expect("write a bulk stream");
+    }
+
     fn send_urgent(&mut self, bytes: &[u8]) {
         std::io::Write::write_all(&mut self.urgent, bytes).expect("write the urgent connection");
     }
@@ -226,6 +247,20 @@ impl Dest {
                 Err(TryRecvError::Empty) => {
                     panic!("fault-handler said nothing within {PATIENCE:?}")
                 }
+                Err(TryRecvError::IpcError(e)) => panic!("fault-handler channel: {e:?}"),
+            }
+        }
+    }
+
+    /// Nothing but progress reaches the supervisor for a while.
+    fn expect_silence(&self) {
+        let deadline = Instant::now() + QUIET;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.try_recv_timeout(left) {
+                Ok(FromFaultHandler::Progress(_)) => continue,
+                Ok(m) => panic!("expected nothing yet, got {m:?}"),
+                Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::IpcError(e)) => panic!("fault-handler channel: {e:?}"),
             }
         }
@@ -929,4 +964,159 @@ fn zero_frame_over_the_cap_is_refused() {
         "{text}"
     );
     assert_only_placed(&d, &[0]);
+}
+
+// ---------------------------------------------------------------- bulk streams
+
+/// Guest memory of the two-stream tests: pages 0..256 are pinned to the
+/// main stream (stream 0), 256..512 to bulk stream 1.
+const TWO_STREAM_PAGES: u64 = 512;
+/// A page of bulk stream 1, sent in precopy and dirtied since.
+const STALE: u64 = 300;
+
+/// What the source's frozen memory holds at the end: version 1 of every
+/// page, version 2 of STALE.
+fn frozen(p: u64) -> Vec<u8> {
+    page_bytes(p, if p == STALE { 2 } else { 1 })
+}
+
+/// The digest check the destination supervisor runs, against `frozen`.
+fn digest_mismatches(d: &Dest) -> Vec<u64> {
+    let source: Vec<u64> = (0..d.layout.pages())
+        .map(|p| page_digest(&frozen(p)))
+        .collect();
+    compare_digests(&source, &d.digests).mismatch_pages
+}
+
+/// The switchover as the main stream carries it with two streams: its
+/// precopy pages, the barrier, the discard of STALE, the package.
+fn two_stream_main(d: &Dest) -> Vec<u8> {
+    let mut main = pages_frame(d.range(0, 256), 1);
+    main.extend(fence_frame(1));
+    main.extend(discard_frames(&[d.range(STALE, 1)]));
+    main.extend(package_frame(true));
+    main
+}
+
+/// After the package: the push of STALE's fresh copy on its own stream, the
+/// ends of both streams, completion.
+fn push_and_end(d: &mut Dest) -> PostcopyStats {
+    d.listen();
+    let mut push = pages_frame(d.range(STALE, 1), 2);
+    push.extend(empty_frame(FrameType::Eos));
+    d.send_bulk(1, &push);
+    d.send_main(&empty_frame(FrameType::Eos));
+    d.expect_postcopy_done().0
+}
+
+#[test]
+fn fence_holds_the_discard_until_every_stream_is_in() {
+    let mut d = Dest::start_streams(TWO_STREAM_PAGES, true, 1, 2);
+    d.send_main(&two_stream_main(&d));
+    // The main stream waits at its FENCE: bulk stream 1 has delivered
+    // nothing yet, so the discard must not be applied.
+    d.expect_silence();
+    // Stream 1's precopy pages, STALE's old copy among them, come late,
+    // before that stream's FENCE.
+    let mut bulk = pages_frame(d.range(256, 256), 1);
+    bulk.extend(fence_frame(1));
+    d.send_bulk(1, &bulk);
+    let progress = d.expect_package(true);
+    assert_eq!(progress.pages_received, TWO_STREAM_PAGES - 1);
+    assert!(!d.received.get(STALE), "the discard came before the copy");
+    assert_eq!(d.digest(STALE), 0);
+    assert!(d.memfd_page(STALE) == zero_page());
+    let stats = push_and_end(&mut d);
+    assert_eq!(stats.pages_background, 1, "{stats:?}");
+    d.assert_memory(frozen);
+    assert_eq!(digest_mismatches(&d), Vec::<u64>::new());
+    d.quit();
+}
+
+#[test]
+fn a_copy_that_slips_past_its_fence_is_caught_by_the_digest_check() {
+    // The sender's half of the rule: every copy queued on a stream before a
+    // barrier is written before that stream's FENCE. A sender that breaks
+    // it (here STALE's precopy copy goes out after the FENCE) looks like an
+    // honest push on the wire: the stale copy lands after the discard, the
+    // fresh one then finds the page present, and only the end-to-end digest
+    // check sees it. This is the ordering the barrier exists for.
+    let mut d = Dest::start_streams(TWO_STREAM_PAGES, true, 1, 2);
+    d.send_main(&two_stream_main(&d));
+    let mut bulk = pages_frame(d.range(256, (STALE - 256) as u32), 1);
+    bulk.extend(fence_frame(1));
+    bulk.extend(pages_frame(d.range(STALE, (512 - STALE) as u32), 1));
+    d.send_bulk(1, &bulk);
+    d.expect_package(true);
+    push_and_end(&mut d);
+    assert!(
+        d.memfd_page(STALE) == page_bytes(STALE, 1),
+        "the stale copy should have won here"
+    );
+    assert_eq!(digest_mismatches(&d), vec![STALE]);
+    d.quit();
+}
+
+/// Feeds `bulk` to bulk stream 1 of a fresh two-stream fault-handler;
+/// returns the error it reported (it must exit non-zero).
+fn hostile_bulk(bulk: &[u8]) -> (String, Dest) {
+    let mut d = Dest::start_streams(TWO_STREAM_PAGES, true, 1, 2);
+    d.send_bulk(1, bulk);
+    let text = match d.recv() {
+        FromFaultHandler::Error(text) => text,
+        other => panic!("expected an Error, got {other:?}"),
+    };
+    let status = d.wait_exit();
+    assert!(
+        matches!(status, WaitStatus::Exited(_, code) if code != 0),
+        "fault-handler must exit non-zero after {text:?}, got {status:?}"
+    );
+    (text, d)
+}
+
+#[test]
+fn page_on_a_stream_it_is_not_pinned_to_is_refused() {
+    // Page 10 travels on the main stream: a copy of it on stream 1 could
+    // overtake a newer one there.
+    let (text, d) = hostile_bulk(&pages_frame(
+        MemLayout::new(TWO_STREAM_PAGES * PAGE_SIZE as u64)
+            .unwrap()
+            .range(10, 1)
+            .unwrap(),
+        1,
+    ));
+    assert!(
+        text.contains("on the bulk-stream 1 connection: those pages travel on stream 0 of 2"),
+        "{text}"
+    );
+    assert!(!d.received.get(10));
+}
+
+#[test]
+fn discard_without_a_fence_is_refused_with_several_streams() {
+    let (text, d) = {
+        let mut d = Dest::start_streams(TWO_STREAM_PAGES, true, 1, 2);
+        let mut main = pages_frame(d.range(0, 4), 1);
+        main.extend(discard_frames(&[d.range(0, 1)]));
+        d.send_main(&main);
+        let text = match d.recv() {
+            FromFaultHandler::Error(text) => text,
+            other => panic!("expected an Error, got {other:?}"),
+        };
+        (text, d)
+    };
+    assert!(
+        text.contains("DISCARD on the main stream without a FENCE before it (2 bulk streams)"),
+        "{text}"
+    );
+    assert!(d.received.get(0), "nothing was discarded");
+}
+
+#[test]
+fn fence_out_of_order_is_refused() {
+    let (text, _d) = hostile_bulk(&fence_frame(2));
+    assert!(
+        text.contains("FENCE 2 on bulk-stream 1, expected 1"),
+        "{text}"
+    );
 }

@@ -10,7 +10,7 @@ use common::guest::{GuestConfig, GuestKind, Workload};
 use common::types::{MemLayout, MigrationId, PAGE_SIZE};
 use common::wire::{
     discard_frames, empty_frame, frame_header, mark_frame, message_frame, pages_prefix,
-    request_frame, round_frame, zero_frame, ConnKind, FrameType, Hello, HelloReply, HelloStatus,
+    fence_frame, request_frame, round_frame, zero_frame, ConnKind, FrameType, Hello, HelloReply, HelloStatus,
     Package, PROTOCOL_VERSION,
 };
 use guest::kvm::devices::DeviceState;
@@ -27,7 +27,7 @@ fn main() {
     let l = MemLayout::new(64 * PAGE_SIZE as u64).expect("layout");
     let id = MigrationId([0x42; 16]);
 
-    // Frames: selector byte (kind in bits 0-1, guest size in bits 2-3),
+    // Frames: selector byte (kind = sel % 5, guest size = sel / 5 % 3),
     // then a stream. Main stream, small guest.
     let mut main = vec![1u8];
     main.extend_from_slice(&pages_prefix(l.range(3, 2).expect("range")));
@@ -58,7 +58,14 @@ fn main() {
     let mut control = vec![0u8];
     control.extend(message_frame(FrameType::Control, &ControlMsg::Heartbeat, "c").expect("enc"));
     write("frame", "control", &control);
-    let mut big = vec![1u8 | (2 << 2)];
+    let mut bulk = vec![4u8];
+    bulk.extend_from_slice(&pages_prefix(l.range(9, 1).expect("range")));
+    bulk.extend(std::iter::repeat_n(0x22, PAGE_SIZE));
+    bulk.extend_from_slice(&fence_frame(1));
+    bulk.extend_from_slice(&empty_frame(FrameType::Eos));
+    write("frame", "bulk", &bulk);
+    // The main stream of a 1 TiB guest.
+    let mut big = vec![1u8 + 5 * 2];
     big.extend_from_slice(&frame_header(FrameType::Zero, 16));
     big.extend_from_slice(&0u64.to_le_bytes());
     big.extend_from_slice(&1024u32.to_le_bytes());
@@ -71,6 +78,7 @@ fn main() {
         ConnKind::Main,
         ConnKind::ReturnPath,
         ConnKind::Urgent,
+        ConnKind::Bulk(1),
     ]
     .into_iter()
     .enumerate()
@@ -111,6 +119,7 @@ fn main() {
         postcopy: PostcopyMode::Auto,
         verify: VerifyMethod::Ab,
         verify_ranges: vec![(1 << 20, 2 << 20)],
+        streams: 2,
     };
     let msgs = vec![
         ControlMsg::Setup(setup),

@@ -17,8 +17,9 @@ fuzz_target!(|data: &[u8]| {
         ConnKind::Main,
         ConnKind::ReturnPath,
         ConnKind::Urgent,
-    ][usize::from(sel & 3)];
-    let mem = [64 * PAGE_SIZE as u64, 1 << 30, 1 << 40][usize::from((sel >> 2) % 3)];
+        ConnKind::Bulk(1),
+    ][usize::from(sel % 5)];
+    let mem = [64 * PAGE_SIZE as u64, 1 << 30, 1 << 40][usize::from((sel / 5) % 3)];
     let layout = MemLayout::new(mem).expect("valid size");
     let mut r = FrameReader::new(Cursor::new(rest), conn, layout);
     while let Ok(f) = r.next_frame() {

@@ -1,10 +1,11 @@
 //! `ram-sender`: the source role that iterates the dirty bitmap and streams
-//! pages to the destination on the main stream.
+//! pages to the destination on the main stream (and any extra bulk streams).
 
 mod limiter;
 mod pagemap;
 mod seccomp;
 mod sender;
+mod streams;
 mod zerocopy;
 
 fn main() {

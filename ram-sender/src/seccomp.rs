@@ -12,7 +12,7 @@ use crate::pagemap::PAGEMAP_SCAN;
 pub static SYSCALLS: &[Syscall] = &[
     syscall!(
         SYS_sendto,
-        "pages, round marks, the package and EOS on the main stream"
+        "pages, round marks, fences, the package and EOS on the main stream and the bulk streams"
     ),
     syscall!(
         SYS_fcntl,

@@ -3,7 +3,6 @@
 //! completion (send the rest, the package, EOS) or switchover (discard set,
 //! package, then the background push of every page not yet sent).
 
-use std::io::Write;
 use std::net::TcpStream;
 
 use common::tls::SendHalf;
@@ -23,12 +22,14 @@ use common::role::{LinkError, RoleLink};
 use common::types::{MemLayout, PageRange, RemoteAddr, PAGE_SIZE};
 use common::uffd::{Uffd, UffdError};
 use common::wire::{
-    discard_frames, empty_frame, mark_frame, message_frame, pages_prefix, round_frame, zero_frame,
-    FrameType, Package, WireError, MAX_PAGES_PER_FRAME, PAGES_PREFIX_LEN,
+    discard_frames, empty_frame, mark_frame, message_frame, pages_prefix, round_frame, stream_of,
+    zero_frame, FrameType, Package, WireError, MAX_PAGES_PER_FRAME, PAGES_PREFIX_LEN,
+    STREAM_CHUNK_PAGES,
 };
 
 use crate::limiter::Caps;
 use crate::pagemap::{Pagemap, ScanError};
+use crate::streams::Streams;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -136,7 +137,7 @@ struct Sender {
     pagemap: Pagemap,
     uffd: Uffd,
     sent: SharedBitmap,
-    out: SendHalf,
+    out: Streams,
     limiter: Caps,
     phase: Phase,
     counters: SharedCounters,
@@ -170,13 +171,23 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
         max_postcopy_bandwidth,
         resume,
         main_tls,
+        streams,
+        bulk_tls,
     } = setup;
     // Read-only for good: not even mprotect can make this mapping writable.
     let memfd = reopen_read_only(fds.take("memory")?.as_fd())?;
     let mem = Mapping::new(memfd.as_fd(), layout.mem_bytes() as usize, Access::ReadOnly)?;
     let sent_fd = fds.take("sent")?;
     let sent = SharedBitmap::open(sent_fd.as_fd(), layout.pages())?;
-    let out = SendHalf::new(TcpStream::from(fds.take("main")?), main_tls.as_deref())?;
+    let main = SendHalf::new(TcpStream::from(fds.take("main")?), main_tls.as_deref())?;
+    let mut extra = Vec::new();
+    for (stream, tls) in (1..streams.clamp(1, common::wire::MAX_STREAMS) as usize)
+        .zip(bulk_tls.into_iter().chain(std::iter::repeat_with(|| None)))
+    {
+        let fd = fds.take(common::msg::BULK_FD_NAMES[stream])?;
+        extra.push(SendHalf::new(TcpStream::from(fd), tls.as_deref())?);
+    }
+    let out = Streams::new(main);
     let counters = SharedCounters::open(fds.take("counters")?.as_fd())?;
     let mut s = Sender {
         layout,
@@ -202,6 +213,7 @@ pub fn run(link: RoleLink<ToRamSender, FromRamSender>) -> Result<(), SendError> 
     drop(fds);
     // Every fd is held and mapped: nothing from here on needs more.
     common::sandbox::enter(&crate::seccomp::POLICY)?;
+    s.out.start(extra);
     let result = match resume {
         SenderStart::Precopy => s.precopy(),
         SenderStart::Push => {
@@ -314,7 +326,7 @@ impl Sender {
     /// One pass over the dirty set. Between frames it looks for commands: a
     /// switchover or quit ends the round early.
     fn precopy_round(&mut self) -> Result<RoundEnd, SendError> {
-        let runs: Vec<(u64, u64)> = self.dirty.runs(u64::from(MAX_PAGES_PER_FRAME)).collect();
+        let runs = chunked(self.dirty.runs(u64::from(MAX_PAGES_PER_FRAME)));
         self.round_left = self.dirty.count();
         for (first, count) in runs {
             match self.link.try_recv() {
@@ -351,7 +363,7 @@ impl Sender {
         let before = (self.totals.bytes, self.totals.pages, self.totals.zero_pages);
         let t = Instant::now();
         let dirty_pages = self.dirty.count();
-        let runs: Vec<(u64, u64)> = self.dirty.runs(u64::from(MAX_PAGES_PER_FRAME)).collect();
+        let runs = chunked(self.dirty.runs(u64::from(MAX_PAGES_PER_FRAME)));
         for (first, count) in runs {
             self.send_run(first, count as u32)?;
             for p in first..first + count {
@@ -359,7 +371,7 @@ impl Sender {
                 self.sent.test_and_set(p);
             }
         }
-        self.out.flush()?;
+        self.out.flush_main()?;
         log::info!("final sync found {found} new dirty pages; sent {dirty_pages}");
         self.link.send(FromRamSender::FinalSyncDone(FinalSync {
             sync_count: self.sync_count,
@@ -375,8 +387,12 @@ impl Sender {
             send_us: t.elapsed().as_micros() as u64,
         }))?;
         let pkg = self.await_package()?;
+        // Every page before the package must be in before it is loaded.
+        self.fence()?;
         let bytes = self.send_package(&pkg)?;
+        self.end_extras()?;
         self.write(&empty_frame(FrameType::Eos))?;
+        self.out.flush_main()?;
         self.link.send(FromRamSender::PackageSent { bytes })?;
         self.await_quit()
     }
@@ -393,6 +409,9 @@ impl Sender {
         let t = Instant::now();
         let before = self.totals.bytes;
         let dirty_pages = self.dirty.count();
+        // One barrier for the discard set and the package: every precopy
+        // copy is in before a page is dropped or the guest runs.
+        self.fence()?;
         let discard_pages = self.discard_stale()?;
         log::info!("switchover: {dirty_pages} dirty pages, {discard_pages} to discard");
         self.link.send(FromRamSender::FinalSyncDone(FinalSync {
@@ -442,11 +461,12 @@ impl Sender {
     /// Postcopy is decided but the guest still runs: drop what is stale
     /// now, while it costs no downtime, then wait for the switchover.
     fn prediscard(&mut self) -> Result<(), SendError> {
+        self.fence()?;
         let pages = self.discard_stale()?;
         self.marks += 1;
         let mark = self.marks;
         self.write(&mark_frame(mark))?;
-        self.out.flush()?;
+        self.out.flush_main()?;
         log::info!("early discard of {pages} stale pages");
         self.link
             .send(FromRamSender::PreDiscarded { pages, mark })?;
@@ -500,8 +520,13 @@ impl Sender {
             else {
                 break;
             };
+            // A run stays inside one pinning chunk: one stream.
             let mut count = 1u64;
-            while first + count < pages && count < PUSH_RUN && !self.sent.get(first + count) {
+            while first + count < pages
+                && count < PUSH_RUN
+                && !(first + count).is_multiple_of(STREAM_CHUNK_PAGES)
+                && !self.sent.get(first + count)
+            {
                 count += 1;
             }
             self.push_run(first, count as u32)?;
@@ -509,8 +534,9 @@ impl Sender {
             self.round_left = pages - self.sent.count();
             self.maybe_progress()?;
         }
+        self.end_extras()?;
         self.write(&empty_frame(FrameType::Eos))?;
-        self.out.flush()?;
+        self.out.flush_main()?;
         let stats = PushStats {
             pages: self.totals.pages - before.1,
             zero_pages: self.totals.zero_pages - before.2,
@@ -560,8 +586,8 @@ impl Sender {
 
     fn send_package(&mut self, pkg: &Package) -> Result<u64, SendError> {
         let frame = message_frame(FrameType::Package, pkg, "device-state package")?;
-        self.out.write_all(&frame)?;
-        self.out.flush()?;
+        self.out.write(0, &frame)?;
+        self.out.flush_main()?;
         self.count(frame.len() as u64, 0, 0);
         Ok(frame.len() as u64)
     }
@@ -592,6 +618,8 @@ impl Sender {
         paced: bool,
     ) -> Result<(), SendError> {
         let n = zero.len();
+        let stream = stream_of(first, self.out.count());
+        debug_assert_eq!(stream, stream_of(first + n as u64 - 1, self.out.count()));
         let mine = |i: usize| won.is_none_or(|w| w[i]);
         let mut i = 0usize;
         while i < n {
@@ -613,15 +641,15 @@ impl Sender {
                 if paced {
                     self.limiter.take(frame.len() as u64);
                 }
-                self.out.write_all(&frame)?;
+                self.out.write(stream, &frame)?;
                 self.count(frame.len() as u64, 0, (j - i) as u64);
             } else {
                 let len = (PAGES_PREFIX_LEN + (j - i) * PAGE_SIZE) as u64;
                 if paced {
                     self.limiter.take(len);
                 }
-                zerocopy::send_run(
-                    &mut self.out,
+                self.out.write_run(
+                    stream,
                     &pages_prefix(range),
                     &self.mem,
                     (first as usize + i) * PAGE_SIZE,
@@ -654,16 +682,32 @@ impl Sender {
         self.emit(first, &zero, Some(&won), false)
     }
 
+    /// Writes frames that only the main stream carries.
     fn write(&mut self, bytes: &[u8]) -> Result<(), SendError> {
         let t = Instant::now();
         self.limiter.take(bytes.len() as u64);
-        self.out.write_all(bytes)?;
+        self.out.write(0, bytes)?;
         self.count(bytes.len() as u64, 0, 0);
         self.totals.wire_us += t.elapsed().as_micros() as u64;
         Ok(())
     }
 
-    /// Accounts what was just written to the main stream: here and in the
+    /// A barrier across the bulk streams (nothing with one stream).
+    fn fence(&mut self) -> Result<(), SendError> {
+        let bytes = self.out.fence()?;
+        self.count(bytes, 0, 0);
+        Ok(())
+    }
+
+    /// The extra bulk streams end (EOS on each), and everything queued on
+    /// them is handed to their sockets.
+    fn end_extras(&mut self) -> Result<(), SendError> {
+        let bytes = self.out.end_extras()?;
+        self.count(bytes, 0, 0);
+        Ok(())
+    }
+
+    /// Accounts what was just written to the bulk streams: here and in the
     /// shared counters the supervisor reads.
     fn count(&mut self, bytes: u64, pages: u64, zero_pages: u64) {
         self.totals.bytes += bytes;
@@ -725,5 +769,46 @@ impl Sender {
             }))?;
         }
         Ok(())
+    }
+}
+
+/// Splits runs at pinning-chunk boundaries, so each run goes on one stream
+/// (`stream_of` its first page).
+fn chunked(runs: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (mut first, mut count) in runs {
+        while count > 0 {
+            let room = STREAM_CHUNK_PAGES - first % STREAM_CHUNK_PAGES;
+            let n = count.min(room);
+            out.push((first, n));
+            first += n;
+            count -= n;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_never_cross_a_pinning_chunk() {
+        let runs = chunked([(250u64, 10u64), (512, 256), (1000, 600)].into_iter());
+        assert_eq!(
+            runs,
+            vec![
+                (250, 6),
+                (256, 4),
+                (512, 256),
+                (1000, 24),
+                (1024, 256),
+                (1280, 256),
+                (1536, 64)
+            ]
+        );
+        for (first, count) in runs {
+            assert_eq!(stream_of(first, 3), stream_of(first + count - 1, 3));
+        }
     }
 }

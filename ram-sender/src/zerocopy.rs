@@ -3,7 +3,8 @@
 //! kernel with `sendmsg` pointing into the mapping (the frame prefix in
 //! the first iovec), so no user-space copy is made on the source. With
 //! TLS the record must be sealed in user space: the run is copied into the
-//! frame buffer first, as before.
+//! frame buffer first, as before. Extra bulk streams (`--streams`) get a
+//! copy too, in their writer's queue (crate::streams).
 //!
 //! The guest may write a page while it is checked or sent (precopy): the
 //! copy on the wire is then torn or stale, which the dirty log catches and

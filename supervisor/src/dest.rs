@@ -72,6 +72,8 @@ struct Dest {
     /// sessions until it takes them.
     conns: Vec<(ConnKind, OwnedFd)>,
     conn_tls: Vec<(ConnKind, TlsSession)>,
+    /// Bulk streams agreed at setup, the main stream included.
+    streams: u32,
     /// Where the sources' connections arrive (kept for resyncs).
     listener: Option<net::Acceptor>,
     id: MigrationId,
@@ -172,6 +174,7 @@ pub fn incoming(args: IncomingArgs) -> Report {
         received: None,
         counters: None,
         conns: Vec::new(),
+        streams: 1,
         conn_tls: Vec::new(),
         listener: None,
         id: MigrationId([0; 16]),
@@ -804,6 +807,8 @@ impl Dest {
         self.report.guest = g.kind.to_string();
         self.report.workload = g.workload.name().to_string();
         self.report.vcpus = g.vcpus;
+        self.streams = req.streams;
+        self.report.streams = req.streams;
         self.report.mem_bytes = g.mem_bytes;
         self.telemetry.set_mem_bytes(g.mem_bytes);
         self.report.postcopy_mode = req.postcopy.to_string();
@@ -891,7 +896,8 @@ impl Dest {
         })
     }
 
-    /// The three data connections, then hand them to the fault-handler.
+    /// The data connections (main, return path, urgent, the extra bulk
+    /// streams), then hand them to the fault-handler.
     fn accept_data(
         &mut self,
         listener: &mut net::Acceptor,
@@ -900,15 +906,19 @@ impl Dest {
     ) -> Result<(), MigError> {
         let mut got: Vec<(ConnKind, OwnedFd)> = Vec::new();
         self.conn_tls.clear();
-        // The source opens all three right after SetupAccepted: one link
+        // The source opens them all right after SetupAccepted: one link
         // timeout for all of them, however the peer keeps talking meanwhile.
         let link_timeout = self.link_timeout();
         let deadline = Instant::now() + link_timeout;
+        // Main stream, return path, urgent connection, and one connection
+        // per extra bulk stream.
+        let want = 3 + (self.streams as usize - 1);
         let what = format!(
-            "data connection (all three are due within the {} s link timeout after setup)",
+            "data connection (all {want} are due within the {} s link timeout after setup)",
             link_timeout.as_secs()
         );
-        while got.len() < 3 {
+        let streams = self.streams;
+        while got.len() < want {
             let s = &mut self.s;
             let (h, stream) = listener.accept(
                 Some(deadline),
@@ -918,6 +928,9 @@ impl Dest {
                     if h.migration != id {
                         HelloStatus::UnknownMigration
                     } else if h.kind == ConnKind::Control || got.iter().any(|(k, _)| *k == h.kind) {
+                        HelloStatus::Unexpected
+                    } else if matches!(h.kind, ConnKind::Bulk(n) if u32::from(n) >= streams) {
+                        // Only streams 1..N-1 were agreed at setup.
                         HelloStatus::Unexpected
                     } else {
                         HelloStatus::Ok
@@ -979,13 +992,17 @@ impl Dest {
             main_tls: session(ConnKind::Main),
             return_tls: session(ConnKind::ReturnPath),
             urgent_tls: session(ConnKind::Urgent),
+            streams: self.streams,
+            bulk_tls: (1..self.streams)
+                .map(|n| session(ConnKind::Bulk(n as u8)))
+                .collect(),
         }))?;
         let fd = |k: ConnKind| {
             self.conns
                 .iter()
                 .find(|(kind, _)| *kind == k)
                 .map(|(_, f)| f.as_fd())
-                .expect("all three accepted")
+                .expect("all accepted")
         };
         let memfd = self.memfd.as_ref().expect("prepared");
         let mut fds = vec![
@@ -999,6 +1016,12 @@ impl Dest {
                 self.counters.as_ref().expect("prepared").1.as_fd(),
             ),
         ];
+        for n in 1..self.streams {
+            fds.push((
+                common::msg::BULK_FD_NAMES[n as usize],
+                fd(ConnKind::Bulk(n as u8)),
+            ));
+        }
         if postcopy {
             fds.push(("uffd", self.held[1].as_fd()));
         }

@@ -606,7 +606,7 @@ mod tests {
             kinds.push(h.kind);
         }
         assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
-        kinds.sort_by_key(|k| *k as u8);
+        kinds.sort_by_key(|k| k.to_string());
         assert_eq!(kinds, vec![ConnKind::Main, ConnKind::Urgent]);
         // Each got its reply: accepted.
         let mut reply = [0u8; 16];

@@ -170,6 +170,10 @@ pub struct Report {
     /// The page-server's read-ahead after each request, pages
     /// (`--prefetch-pages`).
     pub prefetch_pages: u32,
+    /// Bulk streams (TCP connections carrying pages), the main stream
+    /// included (`--streams`; 0 on the destination until the source's
+    /// Setup says).
+    pub streams: u32,
     pub total_time_ms: f64,
     pub setup_time_ms: f64,
     pub downtime_ms: Option<f64>,

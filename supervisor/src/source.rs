@@ -874,11 +874,13 @@ impl Source {
                     .into(),
             ));
         }
-        for (conn, what) in
-            self.conns
-                .iter()
-                .zip(["main stream", "return path", "urgent connection"])
-        {
+        for (i, conn) in self.conns.iter().enumerate() {
+            let what = match i {
+                0 => "main stream".to_string(),
+                1 => "return path".to_string(),
+                2 => "urgent connection".to_string(),
+                n => format!("bulk stream {}", n - 2),
+            };
             if let Some(why) = net::closed(conn) {
                 return Err(MigError::Setup(format!(
                     "the {what} to the destination is {why}: postcopy could not run; not switching"
@@ -1029,7 +1031,7 @@ impl Source {
         Ok(())
     }
 
-    /// Control handshake, then the three data connections and the roles.
+    /// Control handshake, then the data connections and the roles.
     fn setup(&mut self) -> Result<(), MigError> {
         let ctrl = net::connect(
             &self.opts.transport,
@@ -1051,6 +1053,7 @@ impl Source {
             postcopy: self.opts.postcopy,
             verify: self.opts.verify,
             verify_ranges: self.opts.verify_ranges.clone(),
+            streams: self.opts.streams,
         }))?;
         self.m.setup_sent()?;
         let answer = self.wait(
@@ -1081,7 +1084,7 @@ impl Source {
         self.start_data_roles(SenderStart::Precopy)
     }
 
-    /// Opens the three data connections and starts the ram-sender and the
+    /// Opens the data connections and starts the ram-sender and the
     /// page-server on them, with the shared bitmaps and counters: at setup,
     /// and again after a resync (the same fds, fresh connections).
     fn start_data_roles(&mut self, start: SenderStart) -> Result<(), MigError> {
@@ -1098,6 +1101,14 @@ impl Source {
         net::limit_unsent(&main.stream, 256 << 10);
         let ret = connect(ConnKind::ReturnPath)?;
         let urgent = connect(ConnKind::Urgent)?;
+        // The extra bulk streams, each its own connection (and with TLS its
+        // own session), like the main stream.
+        let mut bulk = Vec::new();
+        for n in 1..self.opts.streams {
+            let c = connect(ConnKind::Bulk(n as u8))?;
+            net::limit_unsent(&c.stream, 256 << 10);
+            bulk.push(c);
+        }
 
         let mut sender: Child<ToRamSender, FromRamSender> = spawn::spawn("ram-sender")?;
         self.watch_role("ram-sender", sender.pid);
@@ -1135,16 +1146,28 @@ impl Source {
             max_postcopy_bandwidth: self.opts.max_postcopy_bandwidth,
             resume: start,
             main_tls: main.tls.clone().map(Box::new),
+            streams: self.opts.streams,
+            bulk_tls: bulk.iter().map(|c| c.tls.clone().map(Box::new)).collect(),
         }))?;
-        sender.send_fds(&[
+        let mut fds = vec![
             ("memory", self.memfd.as_fd()),
             ("pagemap", self.guest_fds[1].as_fd()),
             ("uffd", self.guest_fds[0].as_fd()),
             ("sent", self.held[0].as_fd()),
             ("main", main.as_fd()),
             ("counters", self.held[1].as_fd()),
-        ])?;
-        self.conns = vec![main.stream, ret.stream, urgent.stream];
+        ];
+        for (n, c) in bulk.iter().enumerate() {
+            fds.push((common::msg::BULK_FD_NAMES[n + 1], c.as_fd()));
+        }
+        sender.send_fds(&fds)?;
+        drop(fds);
+        // Main stream, return path, urgent connection, then the extra bulk
+        // streams in order.
+        self.conns = [main.stream, ret.stream, urgent.stream]
+            .into_iter()
+            .chain(bulk.into_iter().map(|c| c.stream))
+            .collect();
         self.sender = Some(sender);
         self.server = Some(server);
         self.s.sender_heard = Instant::now();
@@ -1773,6 +1796,7 @@ fn new_report(opts: &SourceOpts, id: MigrationId) -> Report {
         max_bandwidth: opts.max_bandwidth,
         max_postcopy_bandwidth: opts.max_postcopy_bandwidth,
         prefetch_pages: opts.prefetch_pages,
+        streams: opts.streams,
         verify: VerifyReport::none("not reached"),
         ..Default::default()
     };

@@ -90,8 +90,16 @@ fn main() {
             kill_each_role_in_each_phase_kvm,
         ),
         plain(
+            "kill_sender_and_handler_with_three_streams",
+            kill_sender_and_handler_with_three_streams,
+        ),
+        plain(
             "link_down_5s_in_postcopy_recovers",
             link_down_5s_in_postcopy_recovers,
+        ),
+        plain(
+            "link_down_in_postcopy_with_three_streams_recovers",
+            link_down_in_postcopy_with_three_streams_recovers,
         ),
         plain(
             "link_down_30s_recovered_by_command",
@@ -1274,8 +1282,13 @@ const ROLES: [&str; 3] = ["ram-sender", "page-server", "fault-handler"];
 /// that point: every migration completes with 0 mismatches and the
 /// restart counted.
 fn kill_matrix(guest: &[&str]) -> TestResult {
-    for role in ROLES {
-        for phase in PHASES {
+    kill_roles(guest, &ROLES, &PHASES)
+}
+
+/// [`kill_matrix`] over the given roles and phases.
+fn kill_roles(guest: &[&str], roles: &[&str], phases: &[&str]) -> TestResult {
+    for &role in roles {
+        for &phase in phases {
             let delay = match phase {
                 "precopy" => "+300ms",
                 "switchover" => "",
@@ -1318,6 +1331,26 @@ fn kill_each_role_in_each_phase_process() -> TestResult {
 
 fn kill_each_role_in_each_phase_kvm() -> TestResult {
     kill_matrix(&["--guest", "kvm"])
+}
+
+/// With three bulk streams, the roles that hold them (ram-sender: the
+/// writers; fault-handler: the readers) die mid-precopy and mid-postcopy:
+/// every stream is opened again with the successor, nothing is lost.
+fn kill_sender_and_handler_with_three_streams() -> TestResult {
+    kill_roles(
+        &[
+            "--guest",
+            "process",
+            "--workload",
+            "ab",
+            "--vcpus",
+            "2",
+            "--streams",
+            "3",
+        ],
+        &["ram-sender", "fault-handler"],
+        &["precopy", "postcopy"],
+    )
 }
 
 /// Kills drawn at random (seeded), three per migration, until at least 50
@@ -1404,31 +1437,34 @@ struct Cut {
 }
 
 fn postcopy_between_hosts(tag: &str) -> Result<Cut, String> {
+    postcopy_between_hosts_with(tag, &[])
+}
+
+/// [`postcopy_between_hosts`] with more arguments for the source.
+fn postcopy_between_hosts_with(tag: &str, more: &[&str]) -> Result<Cut, String> {
     let hosts = TwoHosts::new(tag)?;
     let dir = TempDir::new(tag);
     let sock = dir.path("cmd.sock");
     let port = free_port();
     let (dst, addr) = hosts.incoming(port, &["--link-timeout", "2"], &dir.path("dst.json"));
+    let mut args = vec![
+        "--mem",
+        "256M",
+        "--workload",
+        "idle",
+        "--postcopy",
+        "manual",
+        "--max-postcopy-bandwidth",
+        "16M",
+        "--link-timeout",
+        "2",
+        "--control",
+        sock.to_str().expect("utf-8 path"),
+    ];
+    args.extend(more);
     let src = start(
         hosts
-            .migrate(
-                &addr,
-                &[
-                    "--mem",
-                    "256M",
-                    "--workload",
-                    "idle",
-                    "--postcopy",
-                    "manual",
-                    "--max-postcopy-bandwidth",
-                    "16M",
-                    "--link-timeout",
-                    "2",
-                    "--control",
-                    sock.to_str().expect("utf-8 path"),
-                ],
-                &dir.path("src.json"),
-            )
+            .migrate(&addr, &args, &dir.path("src.json"))
             .stdin(std::process::Stdio::null()),
     );
     // Switch as soon as precopy runs; the push then takes ~16 s.
@@ -1495,6 +1531,20 @@ fn link_down_5s_in_postcopy_recovers() -> TestResult {
     std::thread::sleep(Duration::from_secs(5));
     c.hosts.restore()?;
     recovered(c).map(drop)
+}
+
+/// The same cut with three bulk streams: the recovery replaces all of
+/// them, and the push goes on over three fresh streams.
+fn link_down_in_postcopy_with_three_streams_recovers() -> TestResult {
+    let c = postcopy_between_hosts_with("cut5s3", &["--streams", "3"])?;
+    c.hosts.cut()?;
+    std::thread::sleep(Duration::from_secs(5));
+    c.hosts.restore()?;
+    let r = recovered(c)?;
+    check(
+        r["streams"].as_u64() == Some(3),
+        format!("streams {}", r["streams"]),
+    )
 }
 
 /// A 30 s cut, far beyond the 2 s link timeout: the paused migration does

@@ -53,6 +53,10 @@ fn main() {
             heartbeats_without_pages_release_the_destination,
         ),
         t(
+            "bad_bulk_stream_hellos_are_refused_and_the_migration_goes_on",
+            bad_bulk_stream_hellos_are_refused_and_the_migration_goes_on,
+        ),
+        t(
             "destination_that_only_heartbeats_releases_the_source",
             destination_that_only_heartbeats_releases_the_source,
         ),
@@ -193,6 +197,7 @@ fn setup(id: MigrationId) -> SetupRequest {
         postcopy: PostcopyMode::Never,
         verify: VerifyMethod::None,
         verify_ranges: vec![],
+        streams: 1,
     }
 }
 
@@ -342,6 +347,79 @@ fn heartbeats_without_pages_release_the_destination() -> TestResult {
         Duration::from_secs(10),
         "sent nothing on the main stream",
         2,
+    )
+}
+
+/// A source that agreed on 2 bulk streams opens bulk-stream hellos that
+/// do not fit: stream 5 (≥ N), stream 0 (the main stream's number, never a
+/// bulk stream's), and stream 1 twice. Each is refused with status 5 and
+/// logged; the destination keeps accepting, takes the real connections
+/// and starts its fault-handler (which then, as no pages come, gives up on
+/// the silent main stream).
+fn bad_bulk_stream_hellos_are_refused_and_the_migration_goes_on() -> TestResult {
+    let port = free_port();
+    let dir = TempDir::new("bad-bulk");
+    let dj = dir.path("dst.json");
+    let dest = incoming(port, &dj)?;
+    let id = MigrationId([0x53; 16]);
+    let mut p = Peer::new(connect(port, ConnKind::Control, id)?)?;
+    p.send(&ControlMsg::Setup(SetupRequest {
+        streams: 2,
+        ..setup(id)
+    }))?;
+    match p.recv()? {
+        ControlMsg::SetupAccepted(_) => {}
+        other => return Err(format!("expected SetupAccepted, got {other:?}")),
+    }
+    p.keep_beating()?;
+    let refused = |r: Result<TcpStream, String>, what: &str| match r {
+        Ok(_) => Err(format!("{what} was accepted")),
+        Err(e) if e.contains("connection not expected now") => Ok(()),
+        Err(e) => Err(format!("{what}: {e}")),
+    };
+    refused(connect(port, ConnKind::Bulk(5), id), "bulk stream 5 of 2")?;
+    // Stream 0 cannot even be encoded as a bulk hello: write it raw.
+    let mut raw = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let mut h = common::wire::Hello {
+        kind: ConnKind::Bulk(1),
+        migration: id,
+    }
+    .encode();
+    h[7] = 0;
+    raw.write_all(&h).map_err(|e| e.to_string())?;
+    let mut reply = [0u8; 16];
+    raw.read_exact(&mut reply).map_err(|e| e.to_string())?;
+    check(reply[6] == 5, format!("bulk stream 0: status {}", reply[6]))?;
+    let first = connect(port, ConnKind::Bulk(1), id)?;
+    refused(
+        connect(port, ConnKind::Bulk(1), id),
+        "a second bulk stream 1",
+    )?;
+    let mut data: Vec<TcpStream> = [ConnKind::Main, ConnKind::ReturnPath, ConnKind::Urgent]
+        .into_iter()
+        .map(|k| connect(port, k, id))
+        .collect::<Result<_, _>>()?;
+    data.push(first);
+    let out = dest.finish(Duration::from_secs(60))?;
+    let log = out.describe();
+    for needle in [
+        "refused bulk-stream 5 connection",
+        "bulk-stream hello names stream 0, outside 1..16",
+        "refused bulk-stream 1 connection",
+        "sent nothing on the main stream",
+    ] {
+        check(log.contains(needle), format!("no {needle:?} in\n{log}"))?;
+    }
+    let r = report(&dj)?;
+    check(
+        r["streams"].as_u64() == Some(2),
+        format!("streams {}", r["streams"]),
+    )?;
+    // The fault-handler did start: the refusals did not end the migration.
+    let roles = r["roles"].as_array().cloned().unwrap_or_default();
+    check(
+        roles.iter().any(|r| r["name"] == "fault-handler"),
+        format!("no fault-handler: {roles:?}"),
     )
 }
 

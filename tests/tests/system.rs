@@ -42,6 +42,8 @@ fn main() {
         plain("postcopy_ab_two_vcpus", postcopy_ab_two_vcpus),
         plain("postcopy_random_digest", postcopy_random_digest),
         plain("manual_start_postcopy", manual_start_postcopy),
+        plain("three_streams_process", three_streams_process),
+        kvm("three_streams_kvm", three_streams_kvm),
         plain("roles_are_separate_processes", roles_are_separate_processes),
         plain("roles_are_sandboxed", roles_are_sandboxed),
         plain("sandbox_kills_ram_sender", sandbox_kills_ram_sender),
@@ -483,6 +485,60 @@ fn postcopy_random_digest() -> TestResult {
         "digest did not check every page",
     )?;
     Ok(())
+}
+
+// ---------------------------------------------------------------- streams
+
+/// `--streams 3`: a plain precopy, then a postcopy migration (discard,
+/// package, push on all three streams), each with 0 mismatches; the
+/// report says 3 streams and the totals add up.
+fn three_streams(guest: &[&str], verify: &str) -> TestResult {
+    let mut precopy = guest.to_vec();
+    precopy.extend(["--mem", "256M", "--streams", "3", "--postcopy", "never"]);
+    precopy.extend(["--verify", verify]);
+    let r = demo(&precopy, 180)?;
+    completed(&r)?;
+    check(num(&r, "streams")? == 3, "streams is not 3")?;
+    check(r["switched_to_postcopy"] == false, "switched with never")?;
+    let mut post = guest.to_vec();
+    post.extend([
+        "--mem",
+        "256M",
+        "--streams",
+        "3",
+        "--postcopy",
+        "auto",
+        "--max-bandwidth",
+        "64M",
+        "--verify",
+        verify,
+    ]);
+    let r = demo(&post, 240)?;
+    completed(&r)?;
+    postcopied(&r)?;
+    check(num(&r, "streams")? == 3, "streams is not 3")?;
+    check(num(&r, "discarded_pages")? > 0, "nothing was discarded")?;
+    totals_add_up(&r)
+}
+
+fn three_streams_process() -> TestResult {
+    three_streams(
+        &[
+            "--workload",
+            "random",
+            "--write-rate",
+            "0",
+            "--hot-set",
+            "50%",
+        ],
+        "digest",
+    )?;
+    // With TLS every bulk stream has a handshake and session of its own.
+    three_streams(&["--workload", "ab", "--vcpus", "2", "--tls"], "ab")
+}
+
+fn three_streams_kvm() -> TestResult {
+    three_streams(&["--guest", "kvm", "--vcpus", "2"], "auto")
 }
 
 fn manual_start_postcopy() -> TestResult {
@@ -1745,7 +1801,7 @@ fn check_role_nice(name: &str, pid: u32) -> TestResult {
         let tid = task.file_name().to_string_lossy().into_owned();
         let want = match (name, comm) {
             ("page-server", _) | ("fault-handler", "urgent" | "faults") => Some(-10),
-            ("ram-sender", _) => Some(0),
+            ("ram-sender", _) | ("fault-handler", "bulk1" | "bulk2" | "bulk3") => Some(0),
             ("fault-handler", _) if settled && tid == pid.to_string() => Some(0),
             _ => None,
         };

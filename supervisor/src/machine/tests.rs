@@ -91,6 +91,7 @@ fn source_catalogue() -> Vec<Event> {
             postcopy: PostcopyMode::Auto,
             verify: common::control::VerifyMethod::None,
             verify_ranges: vec![],
+            streams: 1,
         })),
         Event::Peer(ControlMsg::SourceDigests {
             first: 0,
