@@ -171,6 +171,12 @@ enum Via {
     Urgent,
 }
 
+/// Set (to anything) in a fault-handler's environment, it exits right
+/// after it placed the last page and told the source, before it tells its
+/// supervisor: the test of a completion that only the shared bitmap
+/// remembers (`tests/tests/faults.rs`).
+pub const DIE_AT_COMPLETION_TEST_ENV: &str = "POSTCOPY_TEST_FAULT_HANDLER_DIES_AT_COMPLETION";
+
 pub fn run(link: RoleLink<ToFaultHandler, FromFaultHandler>) -> Result<(), HandlerError> {
     let setup = match link.recv()? {
         ToFaultHandler::Start(s) => s,
@@ -876,14 +882,27 @@ impl Handler {
         via: Via,
     ) -> Result<(), HandlerError> {
         let uffd = self.uffd.as_ref().expect("postcopy has a uffd");
+        // Every page is in and memory is (being) unregistered: what comes
+        // now is a second copy (the push's and the urgent answer's, of a
+        // frozen source), and the kernel would answer ENOENT.
+        if self.done.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let first = range.first().get();
         let len = range.byte_len();
         let mut off = 0u64;
         while off < len {
             let dst = RemoteAddr(self.dst(first).0 + off);
             let placed = match data {
-                Some(d) => uffd.copy(dst, &d[off as usize..], true)?,
-                None => uffd.zeropage(dst, len - off)?,
+                Some(d) => uffd.copy(dst, &d[off as usize..], true),
+                None => uffd.zeropage(dst, len - off),
+            };
+            let placed = match placed {
+                Ok(p) => p,
+                // Completion unregistered memory between the check above
+                // and this copy: the page was in.
+                Err(_) if self.done.load(Ordering::Acquire) => return Ok(()),
+                Err(e) => return Err(e.into()),
             };
             match placed {
                 Placed::Done => break,
@@ -892,7 +911,12 @@ impl Handler {
                     off += placed;
                     let page = first + off / PAGE_SIZE as u64;
                     log::debug!("page {page} was already placed");
-                    uffd.wake(self.dst(page), PAGE_SIZE as u64)?;
+                    if let Err(e) = uffd.wake(self.dst(page), PAGE_SIZE as u64) {
+                        if self.done.load(Ordering::Acquire) {
+                            return Ok(());
+                        }
+                        return Err(e.into());
+                    }
                     off += PAGE_SIZE as u64;
                 }
             }
@@ -950,6 +974,12 @@ impl Handler {
             ret.write_all(&empty_frame(FrameType::PostcopyDone))
                 .map_err(HandlerError::ReturnPath)?;
             ret.flush().map_err(HandlerError::ReturnPath)?;
+        }
+        if std::env::var_os(DIE_AT_COMPLETION_TEST_ENV).is_some() {
+            // The crash this guards against, on purpose (tests only): every
+            // page is in, the source told, the supervisor not.
+            log::warn!("{DIE_AT_COMPLETION_TEST_ENV}: dying before reporting completion");
+            std::process::exit(1);
         }
         // The whole migration's figures: every fault-handler's, if this one
         // is a successor.

@@ -12,7 +12,7 @@ use common::bitmap::SharedBitmap;
 use common::control::{
     ControlMsg, DestSummary, PostcopyMode, SetupAccepted, SetupRequest, VerifyMethod,
 };
-use common::counters::SharedCounters;
+use common::counters::{Counter, SharedCounters};
 use common::guest::{GuestKind, Workload, KVM_MAX_MEM};
 use common::mem::{create_memfd, Access, Mapping};
 use common::msg::{
@@ -1099,7 +1099,7 @@ impl Dest {
             received: bytes,
         })?;
         if full {
-            return Ok(());
+            return self.complete_without_handler();
         }
         let mut listener = self.listener.take().expect("kept for resyncs");
         let id = self.id;
@@ -1118,6 +1118,39 @@ impl Dest {
         }
         self.note_state();
         Ok(())
+    }
+
+    /// Every page is here but no fault-handler said so: the one that placed
+    /// the last page died before its `PostcopyDone` (or the link went
+    /// first). Completion is judged here from the shared bitmap and
+    /// counters, as that handler would have: without it the source, told
+    /// by the resync that nothing is missing, sends nothing more and waits
+    /// for `DestCompleted`, and this side would wait for pages.
+    fn complete_without_handler(&mut self) -> Result<(), MigError> {
+        if self.done.is_some() || !self.m.state().registered() {
+            return Ok(());
+        }
+        let Some((c, _)) = self.counters.as_ref() else {
+            return Ok(());
+        };
+        log::info!("every page is here after the resync: postcopy complete");
+        let stats = PostcopyStats {
+            requests: c.get(Counter::FaultRequests),
+            faults: c.get(Counter::Faults),
+            faults_local: c.get(Counter::FaultsLocal),
+            pages_urgent: c.get(Counter::PlacedUrgent),
+            pages_background: c.get(Counter::PlacedBackground),
+            blocktime_us: c.get(Counter::BlocktimeUs),
+            vcpu_blocktime: c.thread_blocktimes(),
+            latency: common::latency::summary(&common::latency::histogram(&c.latency_counts())),
+            fault_path: None,
+        };
+        let prog = RecvProgress {
+            pages_received: self.layout.pages(),
+            bytes: c.get(Counter::RecvBytes),
+            ..Default::default()
+        };
+        self.handle(Event::Handler(FromFaultHandler::PostcopyDone(stats, prog)))
     }
 
     /// Reports completion to the source; returns the destination serial

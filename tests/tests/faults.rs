@@ -74,6 +74,10 @@ fn main() {
             link_lost_with_the_package_in_flight_resumes_precopy,
         ),
         plain(
+            "fault_handler_dying_at_completion_still_completes",
+            fault_handler_dying_at_completion_still_completes,
+        ),
+        plain(
             "destination_paused_in_precopy_gives_up_in_time",
             destination_paused_in_precopy_gives_up_in_time,
         ),
@@ -1093,6 +1097,46 @@ fn link_lost_with_the_package_in_flight_resumes_precopy() -> TestResult {
         format!("the destination did not pause: {}", d["events"]),
     )?;
     check(dst.status.success(), format!("destination failed\n{both}"))
+}
+
+/// The fault-handler places the last page and tells the source
+/// (POSTCOPY_DONE), then dies before telling its supervisor (injected with
+/// `POSTCOPY_TEST_FAULT_HANDLER_DIES_AT_COMPLETION`; a late duplicate page
+/// once did it by accident). The resync that follows finds every page
+/// here. It used to start no handler and say nothing more: the source,
+/// told nothing is missing, waited for `DestCompleted`, the destination
+/// for pages, until the destination failed with its guest running and the
+/// source frozen. Now the destination completes from the shared bitmap.
+fn fault_handler_dying_at_completion_still_completes() -> TestResult {
+    let mut cmd = postcopy();
+    cmd.arg("demo")
+        .env("POSTCOPY_TEST_FAULT_HANDLER_DIES_AT_COMPLETION", "1");
+    let (r, ok, out) = demo_with(
+        &mut cmd,
+        &[
+            "--mem",
+            "64M",
+            "--workload",
+            "ab",
+            "--postcopy",
+            "manual",
+            "--postcopy-after-syncs",
+            "1",
+            "--max-bandwidth",
+            "32M",
+            "--verify",
+            "ab",
+        ],
+        90,
+    )?;
+    completed_ok(&r, ok, &out)?;
+    check(
+        r["switched_to_postcopy"] == true && !events(&r, "resync").is_empty(),
+        format!(
+            "no postcopy, or no resync after the handler died: {}\n{out}",
+            r["events"]
+        ),
+    )
 }
 
 /// The link dies in precopy (a ROUND eaten), before any package: the

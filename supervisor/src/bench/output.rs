@@ -554,7 +554,11 @@ fn scale_md(o: &mut String, r: &BenchResult) {
     let rows: Vec<&ScenarioResult> = r
         .scenarios
         .iter()
-        .filter(|s| s.scenario.name.starts_with("load-") && s.summary.contains_key("ours"))
+        .filter(|s| {
+            s.scenario.name.starts_with("load-")
+                && s.scenario.settings.streams == 1
+                && s.summary.contains_key("ours")
+        })
         .collect();
     if rows.len() < 2 {
         return;

@@ -40,6 +40,8 @@ pub struct Settings {
     pub max_postcopy_bandwidth: u64,
     /// `--prefetch-pages`: the page-server's read-ahead (ours only).
     pub prefetch_pages: u32,
+    /// `--streams`: bulk streams, the main stream included (ours only).
+    pub streams: u32,
 }
 
 /// The settings of the side-by-side table (and of the QEMU anchor):
@@ -52,6 +54,7 @@ pub const AS_QEMU_ANCHOR: Settings = Settings {
     max_bandwidth: 128 << 20,
     max_postcopy_bandwidth: 0,
     prefetch_pages: common::msg::PREFETCH_PAGES,
+    streams: 1,
 };
 
 /// Postcopy for certain, after the 2nd dirty sync, no caps: the push then
@@ -64,6 +67,7 @@ pub const ALWAYS_POSTCOPY: Settings = Settings {
     max_bandwidth: 0,
     max_postcopy_bandwidth: 0,
     prefetch_pages: common::msg::PREFETCH_PAGES,
+    streams: 1,
 };
 
 /// Precopy only, no caps.
@@ -74,6 +78,7 @@ pub const PRECOPY_ONLY: Settings = Settings {
     max_bandwidth: 0,
     max_postcopy_bandwidth: 0,
     prefetch_pages: common::msg::PREFETCH_PAGES,
+    streams: 1,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -177,6 +182,24 @@ pub fn all() -> Vec<Scenario> {
         load("load-4G", 4 * GIB, "scale: cost linear in size, pause flat"),
         load("load-8G", 8 * GIB, "scale: cost linear in size, pause flat"),
         precopy("precopy-loopback", GIB, LinkKind::Loopback),
+        Scenario {
+            name: "precopy-loopback-2-streams",
+            about: "precopy-loopback with two bulk streams (--streams 2): what a second stream is worth on this machine",
+            settings: Settings {
+                streams: 2,
+                ..PRECOPY_ONLY
+            },
+            ..precopy("precopy-loopback", GIB, LinkKind::Loopback)
+        },
+        Scenario {
+            name: "load-1G-2-streams",
+            about: "load-1G with two bulk streams (--streams 2), in precopy and after the switch",
+            settings: Settings {
+                streams: 2,
+                ..ALWAYS_POSTCOPY
+            },
+            ..load("load-1G", GIB, "")
+        },
         precopy("precopy-veth", GIB, LinkKind::Veth),
         precopy("precopy-veth-256M", 256 * MIB, LinkKind::Veth),
         Scenario {
@@ -235,6 +258,8 @@ pub fn select(names: &[String], quick: bool, with_8g: bool) -> Result<Vec<Scenar
             "load-4G",
             "load-8G",
             "precopy-loopback",
+            "precopy-loopback-2-streams",
+            "load-1G-2-streams",
             "precopy-veth",
         ]
     };
@@ -288,6 +313,8 @@ impl Scenario {
         push(&s.max_postcopy_bandwidth.to_string());
         push("--prefetch-pages");
         push(&s.prefetch_pages.to_string());
+        push("--streams");
+        push(&s.streams.to_string());
         a
     }
 
@@ -310,7 +337,7 @@ impl Scenario {
             }
         };
         format!(
-            "{guest}, {} MiB, {}; postcopy {}{}, downtime limit {} ms, precopy cap {}, postcopy cap {}, read-ahead {} pages",
+            "{guest}, {} MiB, {}; postcopy {}{}, downtime limit {} ms, precopy cap {}, postcopy cap {}, read-ahead {} pages, {} bulk stream(s)",
             self.mem_bytes >> 20,
             self.link.name(),
             s.postcopy,
@@ -320,7 +347,8 @@ impl Scenario {
             s.downtime_limit_ms,
             cap(s.max_bandwidth),
             cap(s.max_postcopy_bandwidth),
-            s.prefetch_pages
+            s.prefetch_pages,
+            s.streams
         )
     }
 }
