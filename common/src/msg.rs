@@ -260,14 +260,15 @@ pub struct ServerSetup {
     pub prefetch: u32,
 }
 
-/// The page-server's read-ahead by default: none. Measured on the boot
-/// sector guest (`postcopy bench --scenario kvm-loopback --scenario
-/// kvm-loopback-read-ahead`), 16 pages of read-ahead raised blocktime from
-/// 0.5–1.4 ms to 2–127 ms and page requests from 3–33 to 7–3372: a guest
-/// that walks memory in order keeps pace with the urgent connection (one
-/// fault per read-ahead) and stays at the front, where without it the push,
-/// which follows the hint, overtakes it after a few faults and it runs on
-/// placed pages. `--prefetch-pages N` turns it on.
+/// The page-server's read-ahead by default: none. On the boot sector
+/// guest (`postcopy bench --scenario kvm-loopback --scenario
+/// kvm-loopback-read-ahead`) 16 pages measured worse in two runs
+/// (blocktime 2–127 ms and 7–3372 requests, against 0.5–1.4 ms and 3–33)
+/// and better in a third (10.5 against 18.9 ms, medians): the spread
+/// within a scenario is larger than the difference. A guest that walks
+/// memory in order can keep pace with the urgent connection (one fault per
+/// read-ahead) instead of being overtaken by the push, which follows the
+/// hint. `--prefetch-pages N` turns it on.
 pub const PREFETCH_PAGES: u32 = 0;
 
 /// Supervisor → page-server.

@@ -250,9 +250,9 @@ pub struct MigrationArgs {
     pub max_postcopy_bandwidth: u64,
     /// Postcopy read-ahead: after answering a page request, the source also
     /// sends up to this many of the following pages on the urgent
-    /// connection (0 = none, at most 256). Off by default: a guest that
-    /// walks memory in order then keeps pace with it and blocks more often
-    /// (docs/protocol.md, REQUEST).
+    /// connection (0 = none, at most 256). Off by default: measured on a
+    /// guest that walks memory in order, it helped in one run and hurt in
+    /// two (docs/protocol.md, REQUEST).
     #[arg(long, default_value_t = common::msg::PREFETCH_PAGES, value_parser = clap::value_parser!(u32).range(0..=256))]
     pub prefetch_pages: u32,
     /// Bulk streams (TCP connections carrying pages), the main stream
