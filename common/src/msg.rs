@@ -404,6 +404,29 @@ pub struct PostcopyStats {
     pub fault_path: Option<Box<FaultPath>>,
 }
 
+impl PostcopyStats {
+    /// The whole migration's figures from the destination's shared
+    /// counters (every fault-handler's, successors included), with the
+    /// fault path of the handler that saw it (`None` if none did).
+    pub fn from_counters(
+        c: &crate::counters::SharedCounters,
+        fault_path: Option<Box<FaultPath>>,
+    ) -> PostcopyStats {
+        use crate::counters::Counter;
+        PostcopyStats {
+            requests: c.get(Counter::FaultRequests),
+            faults: c.get(Counter::Faults),
+            faults_local: c.get(Counter::FaultsLocal),
+            pages_urgent: c.get(Counter::PlacedUrgent),
+            pages_background: c.get(Counter::PlacedBackground),
+            blocktime_us: c.get(Counter::BlocktimeUs),
+            vcpu_blocktime: c.thread_blocktimes(),
+            latency: crate::latency::summary(&crate::latency::histogram(&c.latency_counts())),
+            fault_path,
+        }
+    }
+}
+
 /// Percentiles of one step of the fault path, µs (from nanosecond stamps,
 /// so fractions of a µs are kept).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -983,18 +983,10 @@ impl Handler {
         }
         // The whole migration's figures: every fault-handler's, if this one
         // is a successor.
-        let c = &self.shared;
-        let stats = PostcopyStats {
-            requests: c.get(Counter::FaultRequests),
-            faults: c.get(Counter::Faults),
-            faults_local: c.get(Counter::FaultsLocal),
-            pages_urgent: c.get(Counter::PlacedUrgent),
-            pages_background: c.get(Counter::PlacedBackground),
-            blocktime_us: c.get(Counter::BlocktimeUs),
-            vcpu_blocktime: c.thread_blocktimes(),
-            latency: common::latency::summary(&common::latency::histogram(&c.latency_counts())),
-            fault_path: self.fault_path.lock().expect("fault path").finish(),
-        };
+        let stats = PostcopyStats::from_counters(
+            &self.shared,
+            self.fault_path.lock().expect("fault path").finish(),
+        );
         log::info!(
             "postcopy complete: {} faults, {} requests, p99 {} µs",
             stats.faults,

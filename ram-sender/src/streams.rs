@@ -78,9 +78,15 @@ impl Streams {
         if stream == 0 {
             return self.main.write_all(bytes);
         }
+        self.queue(stream, |buf| buf.extend_from_slice(bytes))
+    }
+
+    /// Queues on extra `stream` a spare buffer, emptied and then filled by
+    /// `fill`; blocks while its queue is full.
+    fn queue(&mut self, stream: u32, fill: impl FnOnce(&mut Vec<u8>)) -> io::Result<()> {
         let mut buf = self.spare.try_recv().unwrap_or_default();
         buf.clear();
-        buf.extend_from_slice(bytes);
+        fill(&mut buf);
         let w = &mut self.extra[stream as usize - 1];
         let sent = w.tx.as_ref().map(|tx| tx.send(buf));
         match sent {
@@ -105,17 +111,11 @@ impl Streams {
         if stream == 0 {
             return crate::zerocopy::send_run(&mut self.main, prefix, mem, offset, len, scratch);
         }
-        let mut buf = self.spare.try_recv().unwrap_or_default();
-        buf.clear();
-        buf.extend_from_slice(prefix);
-        buf.resize(prefix.len() + len, 0);
-        mem.read(offset, &mut buf[prefix.len()..]);
-        let w = &mut self.extra[stream as usize - 1];
-        let sent = w.tx.as_ref().map(|tx| tx.send(buf));
-        match sent {
-            Some(Ok(())) => Ok(()),
-            _ => Err(w.finish(stream)),
-        }
+        self.queue(stream, |buf| {
+            buf.extend_from_slice(prefix);
+            buf.resize(prefix.len() + len, 0);
+            mem.read(offset, &mut buf[prefix.len()..]);
+        })
     }
 
     pub fn flush_main(&mut self) -> io::Result<()> {

@@ -1134,17 +1134,7 @@ impl Dest {
             return Ok(());
         };
         log::info!("every page is here after the resync: postcopy complete");
-        let stats = PostcopyStats {
-            requests: c.get(Counter::FaultRequests),
-            faults: c.get(Counter::Faults),
-            faults_local: c.get(Counter::FaultsLocal),
-            pages_urgent: c.get(Counter::PlacedUrgent),
-            pages_background: c.get(Counter::PlacedBackground),
-            blocktime_us: c.get(Counter::BlocktimeUs),
-            vcpu_blocktime: c.thread_blocktimes(),
-            latency: common::latency::summary(&common::latency::histogram(&c.latency_counts())),
-            fault_path: None,
-        };
+        let stats = PostcopyStats::from_counters(c, None);
         let prog = RecvProgress {
             pages_received: self.layout.pages(),
             bytes: c.get(Counter::RecvBytes),

@@ -712,6 +712,45 @@ fn destination_paused_before_its_guest_ran_keeps_the_migration() -> TestResult {
     check(d.status.success(), format!("destination\n{}", d.describe()))
 }
 
+/// Resets `s` (RST, not FIN): SO_LINGER 0, then shutdown.
+fn reset(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket this test owns, with a linger struct
+    // of the size given.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+/// A relay's new connection: reads its hello, connects to `to` and passes
+/// the hello on. Returns the hello, both ends and a second handle of each
+/// for the way back (outbound's to read, inbound's to write), or None if
+/// any step failed.
+#[allow(clippy::type_complexity)]
+fn relay_connect(
+    mut inbound: TcpStream,
+    to: &str,
+) -> Option<([u8; HELLO_LEN], TcpStream, TcpStream, TcpStream, TcpStream)> {
+    use std::io::Write;
+    let mut hello = [0u8; HELLO_LEN];
+    inbound.read_exact(&mut hello).ok()?;
+    let mut outbound = TcpStream::connect(to).ok()?;
+    outbound.write_all(&hello).ok()?;
+    let back_r = outbound.try_clone().ok()?;
+    let back_w = inbound.try_clone().ok()?;
+    Some((hello, inbound, outbound, back_r, back_w))
+}
+
 /// A TCP relay to `to` that, once `armed`, resets every main stream (told
 /// by its hello) after it carried `limit` more bytes towards `to`: a
 /// middlebox that cuts long streams while new connections get through.
@@ -728,37 +767,10 @@ fn resetting_relay(
         .local_addr()
         .map_err(|e| e.to_string())?
         .to_string();
-    fn reset(s: &TcpStream) {
-        let l = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt on a socket this test owns, with a linger
-        // struct of the size given.
-        unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(s),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                &l as *const libc::linger as *const libc::c_void,
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        let _ = s.shutdown(std::net::Shutdown::Both);
-    }
     std::thread::spawn(move || {
-        for mut inbound in listener.incoming().flatten() {
-            let mut hello = [0u8; HELLO_LEN];
-            if inbound.read_exact(&mut hello).is_err() {
-                continue;
-            }
-            let Ok(mut outbound) = TcpStream::connect(&to) else {
-                continue;
-            };
-            if outbound.write_all(&hello).is_err() {
-                continue;
-            }
-            let (Ok(mut back_r), Ok(mut back_w)) = (outbound.try_clone(), inbound.try_clone())
+        for inbound in listener.incoming().flatten() {
+            let Some((hello, mut inbound, mut outbound, mut back_r, mut back_w)) =
+                relay_connect(inbound, &to)
             else {
                 continue;
             };
@@ -938,24 +950,6 @@ fn dark_at_frame_relay(to: String, eat: u8, dark: Duration) -> Result<String, St
     let eaten = Arc::new(AtomicBool::new(false));
     let dark_gen = Arc::new(AtomicU64::new(u64::MAX));
     let generation = Arc::new(AtomicU64::new(0));
-    fn reset(s: &TcpStream) {
-        let l = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt on a socket this test owns, with a linger
-        // struct of the size given.
-        unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(s),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                &l as *const libc::linger as *const libc::c_void,
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        let _ = s.shutdown(std::net::Shutdown::Both);
-    }
     // Once this connection's generation went dark: wait it out, reset.
     let go_dark = move |gen: u64, dark_gen: &AtomicU64, a: &TcpStream, b: &TcpStream| -> bool {
         if dark_gen.load(Ordering::SeqCst) != gen {
@@ -967,18 +961,9 @@ fn dark_at_frame_relay(to: String, eat: u8, dark: Duration) -> Result<String, St
         true
     };
     std::thread::spawn(move || {
-        for mut inbound in listener.incoming().flatten() {
-            let mut hello = [0u8; HELLO_LEN];
-            if inbound.read_exact(&mut hello).is_err() {
-                continue;
-            }
-            let Ok(mut outbound) = TcpStream::connect(&to) else {
-                continue;
-            };
-            if outbound.write_all(&hello).is_err() {
-                continue;
-            }
-            let (Ok(mut back_r), Ok(mut back_w)) = (outbound.try_clone(), inbound.try_clone())
+        for inbound in listener.incoming().flatten() {
+            let Some((hello, mut inbound, mut outbound, mut back_r, mut back_w)) =
+                relay_connect(inbound, &to)
             else {
                 continue;
             };
