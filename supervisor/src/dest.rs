@@ -237,7 +237,7 @@ impl EventLoop for Dest {
         self.chaos_tick();
         let link = self.link_timeout();
         if let Err(e) = self.s.keep_alive(self.control.as_mut(), link, "source") {
-            return self.on_link_lost(e);
+            return self.on_link_lost_as(e, true);
         }
         // The main stream must move while pages are due (heartbeats alone
         // do not hold a migration).
@@ -351,6 +351,22 @@ impl Dest {
     /// and the source's new control connection is awaited on the
     /// listener (`accept_control`). Before it, the migration fails.
     fn on_link_lost(&mut self, e: MigError) -> Result<(), MigError> {
+        // The control connection closed or reset is the one loss that is
+        // not silence; data connections that never came are.
+        let silent = !matches!(e, MigError::PeerLost(_));
+        self.on_link_lost_as(e, silent)
+    }
+
+    /// [`Dest::on_link_lost`]; `silent`: the source went quiet (no word
+    /// for the link timeout, or connections that did not come), as a cut
+    /// link looks. In precopy only that pauses: a source that handed the
+    /// package over keeps its control connection open, so one it closed or
+    /// reset means a source that is gone (or failed before the package),
+    /// and the destination fails at once as before.
+    fn on_link_lost_as(&mut self, e: MigError, silent: bool) -> Result<(), MigError> {
+        if !silent && matches!(self.m.state(), DestState::Precopy { .. }) {
+            return Err(e);
+        }
         if !self.m.pause() {
             return Err(e);
         }

@@ -78,6 +78,10 @@ fn main() {
             fault_handler_dying_at_completion_still_completes,
         ),
         plain(
+            "source_killed_in_precopy_ends_the_destination_at_once",
+            source_killed_in_precopy_ends_the_destination_at_once,
+        ),
+        plain(
             "destination_paused_in_precopy_gives_up_in_time",
             destination_paused_in_precopy_gives_up_in_time,
         ),
@@ -1121,6 +1125,65 @@ fn fault_handler_dying_at_completion_still_completes() -> TestResult {
             "no postcopy, or no resync after the handler died: {}\n{out}",
             r["events"]
         ),
+    )
+}
+
+/// The source supervisor is killed (SIGKILL) in precopy: its connections
+/// close, which a source that handed the package over never does, so the
+/// destination does not pause for it but fails at once, naming the lost
+/// control connection (a silent link, as above, is what pauses).
+fn source_killed_in_precopy_ends_the_destination_at_once() -> TestResult {
+    let dir = TempDir::new("source-killed");
+    let port = free_port();
+    let dest = start(
+        postcopy()
+            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--json")
+            .arg(dir.path("dst.json")),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let sctl = dir.path("src.sock");
+    let mut src = start(
+        postcopy()
+            .args(["migrate", "--to", &format!("127.0.0.1:{port}")])
+            .args(["--mem", "64M", "--workload", "ab", "--postcopy", "manual"])
+            .args(["--max-bandwidth", "8M"])
+            .arg("--control")
+            .arg(&sctl),
+    );
+    let t = Instant::now();
+    loop {
+        let o = ctl_cmd(&sctl, &["status", "--json"]);
+        if o.is_ok_and(|o| o.stdout.contains("\"state\":\"precopy\"")) {
+            break;
+        }
+        check(
+            t.elapsed() < Duration::from_secs(30) && src.running(),
+            "the source never reached precopy",
+        )?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(src.pid(), libc::SIGKILL);
+    let t = Instant::now();
+    let d = dest.finish(Duration::from_secs(30))?;
+    let waited = t.elapsed();
+    let r = report(&dir.path("dst.json"))?;
+    check(
+        !d.status.success()
+            && text(&r, "status") == "failed"
+            && text(&r, "error").contains("control connection")
+            && events(&r, "pause").is_empty(),
+        format!(
+            "destination: status {} error {} events {}\n{}",
+            r["status"],
+            r["error"],
+            r["events"],
+            d.describe()
+        ),
+    )?;
+    check(
+        waited < Duration::from_secs(10),
+        format!("the destination took {waited:?} to end"),
     )
 }
 
