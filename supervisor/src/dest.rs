@@ -110,12 +110,13 @@ struct Dest {
     paused_at: Option<Instant>,
 }
 
-/// How long a destination paused in precopy waits for the source:
-/// three link timeouts, at least 30 s. The source comes back only if it
-/// had handed the package over (it then retries every 0.5–5 s); one that
-/// lost the link before that failed and resumed its guest.
+/// How long a destination paused in precopy waits for the source: one
+/// more link timeout, at least 10 s. The source comes back only if it had
+/// handed the package over (it then retries every 0.5–5 s, so 10 s sees at
+/// least three tries); one that lost the link before that failed and
+/// resumed its guest, and the destination should not outlive it by much.
 fn precopy_pause_limit(link_timeout: Duration) -> Duration {
-    (link_timeout * 3).max(Duration::from_secs(30))
+    link_timeout.max(Duration::from_secs(10))
 }
 
 /// What the live figures are made of now (snapshot.rs), borrowing only the
