@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Runs one fuzz target for a while: scripts/fuzz.sh TARGET SECONDS
 #
-# Targets (fuzz/fuzz_targets/): frame, hello, control, package, guest_state.
+# Targets (fuzz/fuzz_targets/): frame, hello, control, package, guest_state,
+# tls_record.
 # Uses cargo-fuzz (libFuzzer) on the nightly toolchain; installs cargo-fuzz
 # when missing. Starts from the seeds in fuzz/seeds/TARGET and keeps what it
 # learns in fuzz/corpus/TARGET (not in git); a crash is saved under
 # fuzz/artifacts/TARGET and makes this script fail. Prints the number of
 # executions at the end.
 set -euo pipefail
-target=${1:?usage: scripts/fuzz.sh TARGET SECONDS (targets: frame hello control package guest_state)}
+target=${1:?usage: scripts/fuzz.sh TARGET SECONDS (targets: frame hello control package guest_state tls_record)}
 secs=${2:-60}
 cd "$(dirname "$0")/../fuzz"
 if ! cargo fuzz --version >/dev/null 2>&1; then
