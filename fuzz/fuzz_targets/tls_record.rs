@@ -85,7 +85,10 @@ fuzz_target!(|data: &[u8]| {
         // A flipped byte is either caught, or (if it fell in what was
         // already read) nothing after it is handed out as if sealed.
         assert!(!clean || out != rest, "a tampered stream read back whole");
-        assert!(rest.starts_with(&out), "the reader handed out bytes that were never sealed");
+        assert!(
+            rest.starts_with(&out),
+            "the reader handed out bytes that were never sealed"
+        );
     } else {
         let mut r = s.reader(Cursor::new(&sealed[..])).expect("reader");
         let (out, clean) = drain(&mut r);
