@@ -52,13 +52,3 @@ pub fn make_bulk() {
         );
     }
 }
-
-/// The calling thread's nice value.
-pub fn nice() -> i32 {
-    // SAFETY: getpriority with integer arguments only; errno is cleared
-    // first because -1 is a valid result.
-    unsafe {
-        *libc::__errno_location() = 0;
-        libc::getpriority(libc::PRIO_PROCESS, 0)
-    }
-}

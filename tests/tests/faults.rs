@@ -145,6 +145,22 @@ fn demo_with(
     Ok((r, out.status.success(), out.describe()))
 }
 
+/// `postcopy incoming` on a free loopback port with `extra` options and
+/// its report at `json`, given 300 ms to listen; returns it and its
+/// address.
+fn listening(extra: &[&str], json: &std::path::Path) -> (tests::Running, String) {
+    let to = format!("127.0.0.1:{}", free_port());
+    let dest = start(
+        postcopy()
+            .args(["incoming", "--listen", &to])
+            .args(extra)
+            .arg("--json")
+            .arg(json),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    (dest, to)
+}
+
 /// A completed migration whose memory check found nothing wrong.
 fn completed_ok(r: &Value, ok: bool, out: &str) -> TestResult {
     check(
@@ -821,16 +837,9 @@ fn resetting_relay(
 /// tore its running guest down, the guest lost on both hosts.
 fn link_resets_in_postcopy_do_not_use_up_the_restarts() -> TestResult {
     let dir = TempDir::new("resets");
-    let port = free_port();
-    let dest = start(
-        postcopy()
-            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--json")
-            .arg(dir.path("dest.json")),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let (dest, to) = listening(&[], &dir.path("dest.json"));
     let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let relay = resetting_relay(format!("127.0.0.1:{port}"), 8 << 20, armed.clone())?;
+    let relay = resetting_relay(to.clone(), 8 << 20, armed.clone())?;
     let ctl = dir.path("src.sock");
     let src = start(
         postcopy()
@@ -892,16 +901,9 @@ fn link_resets_in_postcopy_do_not_use_up_the_restarts() -> TestResult {
 /// for ever).
 fn link_resets_in_precopy_use_up_the_restarts() -> TestResult {
     let dir = TempDir::new("resets-pre");
-    let port = free_port();
-    let dest = start(
-        postcopy()
-            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--json")
-            .arg(dir.path("dest.json")),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let (dest, to) = listening(&[], &dir.path("dest.json"));
     let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let relay = resetting_relay(format!("127.0.0.1:{port}"), 8 << 20, armed)?;
+    let relay = resetting_relay(to.clone(), 8 << 20, armed)?;
     let out = run(
         postcopy()
             .args(["migrate", "--to", &relay])
@@ -1048,16 +1050,8 @@ const ROUND: u8 = 0x03;
 /// guest in precopy, and the migration completes with 0 mismatches.
 fn link_lost_with_the_package_in_flight_resumes_precopy() -> TestResult {
     let dir = TempDir::new("package-lost");
-    let port = free_port();
-    let dest = start(
-        postcopy()
-            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--link-timeout", "2"])
-            .arg("--json")
-            .arg(dir.path("dst.json")),
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let relay = dark_at_frame_relay(format!("127.0.0.1:{port}"), PACKAGE, Duration::from_secs(5))?;
+    let (dest, to) = listening(&["--link-timeout", "2"], &dir.path("dst.json"));
+    let relay = dark_at_frame_relay(to, PACKAGE, Duration::from_secs(5))?;
     let out = run(
         postcopy()
             .args(["migrate", "--to", &relay])
@@ -1134,18 +1128,11 @@ fn fault_handler_dying_at_completion_still_completes() -> TestResult {
 /// control connection (a silent link, as above, is what pauses).
 fn source_killed_in_precopy_ends_the_destination_at_once() -> TestResult {
     let dir = TempDir::new("source-killed");
-    let port = free_port();
-    let dest = start(
-        postcopy()
-            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--json")
-            .arg(dir.path("dst.json")),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let (dest, to) = listening(&[], &dir.path("dst.json"));
     let sctl = dir.path("src.sock");
     let mut src = start(
         postcopy()
-            .args(["migrate", "--to", &format!("127.0.0.1:{port}")])
+            .args(["migrate", "--to", &to])
             .args(["--mem", "64M", "--workload", "ab", "--postcopy", "manual"])
             .args(["--max-bandwidth", "8M"])
             .arg("--control")
@@ -1193,16 +1180,8 @@ fn source_killed_in_precopy_ends_the_destination_at_once() -> TestResult {
 /// its bound (10 s with a 2 s link timeout), naming why.
 fn destination_paused_in_precopy_gives_up_in_time() -> TestResult {
     let dir = TempDir::new("precopy-lost");
-    let port = free_port();
-    let dest = start(
-        postcopy()
-            .args(["incoming", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--link-timeout", "2"])
-            .arg("--json")
-            .arg(dir.path("dst.json")),
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let relay = dark_at_frame_relay(format!("127.0.0.1:{port}"), ROUND, Duration::from_secs(4))?;
+    let (dest, to) = listening(&["--link-timeout", "2"], &dir.path("dst.json"));
+    let relay = dark_at_frame_relay(to, ROUND, Duration::from_secs(4))?;
     let t = Instant::now();
     let out = run(
         postcopy()
